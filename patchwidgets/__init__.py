@@ -1,0 +1,55 @@
+"""patchwidgets: learn and perform activation patching.
+
+The public API, in the order a learner meets it::
+
+    model = patchwidgets.load_model()          # the bundled toy-ioi model, offline
+    result = patchwidgets.patch(model, clean, corrupted, answers=(" John", " Mary"))
+    result.frame; result.grid("normalized"); result.figure("normalized")
+    patchwidgets.PatchingWidget(model)         # the interactive widget
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    AnswerTokenError,
+    DegenerateNormalizationError,
+    EmptyPromptError,
+    IdenticalPromptsError,
+    PatchingCancelled,
+    PatchingInputError,
+    PromptTooLongError,
+    TokenLengthMismatchError,
+    UnknownMetricError,
+    UnknownSiteError,
+)
+from .metrics import BUILTIN_METRICS
+from .patching import PatchUpdate, patch
+from .results import PatchResult
+from .sites import site_names
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_model": ".loading",
+    "list_models": ".loading",
+    "ModelNotAvailableError": ".loading",
+    "UnknownWordError": ".tokenizer",
+    "PatchingWidget": ".widget",
+}
+
+
+def __getattr__(name: str):
+    # Heavy or optional pieces load on first use, so `import patchwidgets` stays fast.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'patchwidgets' has no attribute {name!r}")
+
+
+__all__ = [
+    "patch", "PatchResult", "PatchUpdate", "site_names", "BUILTIN_METRICS", *_LAZY,
+    "PatchingInputError", "EmptyPromptError", "TokenLengthMismatchError", "PromptTooLongError",
+    "IdenticalPromptsError", "AnswerTokenError", "UnknownSiteError", "UnknownMetricError",
+    "DegenerateNormalizationError", "PatchingCancelled",
+]

@@ -1,0 +1,186 @@
+"""Metrics: *how much* a patch moved the model's answer.
+
+Every metric reads only the logits at the answer position (the last real token of each
+prompt), so the engine never unembeds any other position. All metrics are computed from the
+same patched forward pass, so asking for all of them costs nothing extra.
+
+Notation, for one prompt pair, with ``c`` the correct and ``i`` the incorrect answer token:
+
+==============  =====================================================================
+``logit_diff``  ``logit[c] - logit[i]``: the workhorse. Linear in the residual stream,
+                 so it is not saturated by the softmax.
+``normalized``  ``(LD_patched - LD_target) / mean(LD_source - LD_target)``: the fraction
+                 of the gap between the run being patched (*target*) and the run the
+                 activations come from (*source*) that this patch moved. **0 = the patch
+                 did nothing, 1 = the patch gave the source run's behaviour**, in both
+                 directions. Denoising (target = corrupted, source = clean): 0 = corrupted
+                 behaviour, 1 = clean behaviour fully restored, i.e. "sufficient".
+                 Noising (target = clean, source = corrupted): 0 = nothing broke, 1 = the
+                 clean behaviour was fully destroyed, i.e. "necessary". The gap is
+                 averaged over the dataset (the ARENA convention), so the dataset mean is
+                 ``(mean LD_patched - mean LD_target) / (mean LD_source - mean LD_target)``.
+``logit``       ``logit[c]``.
+``logprob``     ``log_softmax(logits)[c]``.
+``prob``        ``softmax(logits)[c]``: bounded and saturating, see the course.
+``rank``        1 + the number of tokens with a larger logit than ``c`` (1 = top).
+``accuracy``    1.0 if ``c`` is the top prediction else 0.0 (discrete: flips or not).
+``kl``          ``KL(clean || patched)`` over the whole vocabulary at the answer
+                 position: the clean run's distribution is the reference in both
+                 directions (0 = the patched run predicts exactly like the clean run).
+==============  =====================================================================
+
+A custom metric is any callable ``fn(logits)`` or ``fn(logits, correct, incorrect)`` with
+``logits`` of shape ``[batch, vocab]`` (answer position only) and token-id tensors
+``correct``/``incorrect`` of shape ``[batch]``, returning a ``[batch]`` tensor (or a scalar).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence, Union
+
+import torch
+
+from .errors import DegenerateNormalizationError, UnknownMetricError
+
+MetricFn = Callable[..., torch.Tensor]
+MetricSpec = Union[str, Sequence[Union[str, MetricFn]], Mapping[str, Union[str, MetricFn]]]
+
+BUILTIN_METRICS = ("logit_diff", "normalized", "logit", "logprob", "prob", "rank", "accuracy", "kl")
+ALIASES = {"normalised": "normalized", "logit_difference": "logit_diff", "ld": "logit_diff",
+           "log_prob": "logprob", "probability": "prob", "top1": "accuracy", "acc": "accuracy"}
+NEEDS_INCORRECT = ("logit_diff", "normalized")
+
+
+@dataclass
+class MetricContext:
+    """What the metrics need besides the patched logits, one entry per prompt pair."""
+
+    correct: torch.Tensor                 # [batch] token ids
+    incorrect: torch.Tensor | None        # [batch] token ids
+    clean_logprobs: torch.Tensor          # [batch, vocab] at the answer position
+    target_logit_diff: torch.Tensor | None = None  # LD of the unpatched run being patched
+    source_logit_diff: torch.Tensor | None = None  # LD of the run the activations come from
+
+    @property
+    def gap(self) -> torch.Tensor:
+        return (self.source_logit_diff - self.target_logit_diff).mean()
+
+
+def resolve_metrics(metrics: MetricSpec) -> dict[str, Union[str, MetricFn]]:
+    """Normalise the ``metrics=`` argument into an ordered ``{column name: metric}`` dict."""
+    if isinstance(metrics, str) or callable(metrics):
+        metrics = [metrics]
+    items = metrics.items() if isinstance(metrics, Mapping) else [
+        (m if isinstance(m, str) else getattr(m, "__name__", f"metric_{k}"), m)
+        for k, m in enumerate(metrics)
+    ]
+    resolved: dict[str, Union[str, MetricFn]] = {}
+    for name, m in items:
+        if isinstance(m, str):
+            key = ALIASES.get(m, m)
+            if key not in BUILTIN_METRICS:
+                raise UnknownMetricError(
+                    f"unknown metric {m!r}. Built-in metrics: {', '.join(BUILTIN_METRICS)}; "
+                    "or pass a callable fn(logits) -> [batch] tensor."
+                )
+            resolved[ALIASES.get(name, name) if name == m else name] = key
+        elif callable(m):
+            resolved[name] = m
+        else:
+            raise UnknownMetricError(f"metric {name!r} must be a name or a callable, got {m!r}")
+    if not resolved:
+        raise UnknownMetricError("metrics is empty: ask for at least one metric")
+    return resolved
+
+
+def logit_diff(logits: torch.Tensor, correct: torch.Tensor, incorrect: torch.Tensor) -> torch.Tensor:
+    """``logit[correct] - logit[incorrect]`` per row; ``logits`` is ``[..., batch, vocab]``."""
+    c = logits.gather(-1, correct.expand(logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    i = logits.gather(-1, incorrect.expand(logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    return c - i
+
+
+def check_normalization(ctx: MetricContext, tol: float = 1e-4) -> None:
+    """Refuse to normalise by a gap that is (almost) zero."""
+    gap = float(ctx.gap)
+    if abs(gap) < tol:
+        raise DegenerateNormalizationError(
+            f"cannot normalise: the clean and corrupted runs give the same logit difference "
+            f"(mean gap {gap:.2e}), so 'fraction of the effect restored' is undefined. Choose a "
+            "corrupted prompt that changes the answer, or use metric 'logit_diff'."
+        )
+
+
+def compute(
+    metrics: Mapping[str, Union[str, MetricFn]], logits: torch.Tensor, ctx: MetricContext
+) -> dict[str, torch.Tensor]:
+    """Every requested metric from one set of answer-position logits.
+
+    ``logits`` is ``[n_patches, batch, vocab]``; each returned tensor is ``[n_patches, batch]``.
+    Shared intermediate results (log-softmax, the logit difference) are computed once.
+    """
+    logits = logits.float()
+    out: dict[str, torch.Tensor] = {}
+    cache: dict[str, torch.Tensor] = {}
+
+    def logprobs() -> torch.Tensor:
+        if "lp" not in cache:
+            cache["lp"] = logits.log_softmax(-1)
+        return cache["lp"]
+
+    def ld() -> torch.Tensor:
+        if "ld" not in cache:
+            cache["ld"] = logit_diff(logits, ctx.correct, ctx.incorrect)
+        return cache["ld"]
+
+    correct = ctx.correct.expand(logits.shape[:-1]).unsqueeze(-1)
+    for name, m in metrics.items():
+        if m == "logit_diff":
+            v = ld()
+        elif m == "normalized":
+            v = (ld() - ctx.target_logit_diff) / ctx.gap
+        elif m == "logit":
+            v = logits.gather(-1, correct).squeeze(-1)
+        elif m == "logprob":
+            v = logprobs().gather(-1, correct).squeeze(-1)
+        elif m == "prob":
+            v = logprobs().gather(-1, correct).squeeze(-1).exp()
+        elif m == "rank":
+            c = logits.gather(-1, correct)
+            v = 1.0 + (logits > c).sum(-1).float()
+        elif m == "accuracy":
+            v = (logits.argmax(-1, keepdim=True) == correct).squeeze(-1).float()
+        elif m == "kl":
+            p_clean = ctx.clean_logprobs
+            v = (p_clean.exp() * (p_clean - logprobs())).sum(-1)
+        else:
+            v = _call_custom(name, m, logits, ctx)
+        out[name] = v
+    return out
+
+
+def _call_custom(name: str, fn: MetricFn, logits: torch.Tensor, ctx: MetricContext) -> torch.Tensor:
+    n, b, vocab = logits.shape
+    flat = logits.reshape(n * b, vocab)
+    try:
+        n_params = len(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        n_params = 1
+    if n_params >= 3:
+        value = fn(flat, ctx.correct.repeat(n), None if ctx.incorrect is None else ctx.incorrect.repeat(n))
+    else:
+        value = fn(flat)
+    value = torch.as_tensor(value, dtype=torch.float32)
+    if value.ndim == 0:
+        raise UnknownMetricError(
+            f"custom metric {name!r} returned a scalar; return one value per row ([batch] tensor) "
+            "so the engine can batch many patches in one forward pass"
+        )
+    if value.shape != (n * b,):
+        raise UnknownMetricError(
+            f"custom metric {name!r} must return shape [{n * b}] (one value per row), got "
+            f"{tuple(value.shape)}"
+        )
+    return value.reshape(n, b)

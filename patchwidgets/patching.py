@@ -1,0 +1,284 @@
+"""Activation patching: the one entry point, :func:`patch`.
+
+Activation patching asks which activations carry the information that makes a model give one
+answer rather than another. Run the model on a *clean* prompt ("When John and Mary went to
+the store, Mary gave a drink to" -> " John") and a *corrupted* one that differs in the detail
+that matters ("..., John gave a drink to" -> " Mary"). Then copy one activation from one run
+into the other and measure how far the answer moves.
+
+* **Denoising** (``direction="denoising"``): run the *corrupted* prompt and paste in a clean
+  activation. If the clean answer comes back, that activation is **sufficient** to carry
+  the information (given the rest of the corrupted run).
+* **Noising** (``direction="noising"``): run the *clean* prompt and paste in a corrupted
+  activation. If the clean answer breaks, that activation is **necessary**.
+
+Instead of a corrupted prompt, an *ablation* can provide the replacement values: ``"zero"``,
+``"mean"`` (mean over the prompts of a dataset) or ``"noise"`` (Gaussian noise added to the
+token embeddings of the clean prompt: ROME's causal tracing, where denoising restores clean
+activations into the noised run).
+
+A sweep reads top to bottom: :func:`patch` checks the inputs (:mod:`.inputs`), picks the sites
+(:mod:`.sites`), runs the target and source runs once, lists the patches with the no-ops
+marked, and hands the rest to :class:`.engine.Engine`, which runs them in batches and calls a
+hook that pastes each patch's slice; :mod:`.metrics` turns the answer logits into numbers.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import metrics as metrics_mod
+from .engine import Engine, Patch
+from .errors import PatchingCancelled, PatchingInputError
+from .inputs import Prompts, prepare
+from .results import PatchResult
+from .sites import enumerate_indices, resolve_sites
+
+DIRECTIONS = ("denoising", "noising")
+ABLATIONS = ("zero", "mean", "noise")
+
+
+@dataclass
+class PatchUpdate:
+    """What a ``callback`` receives after each chunk of patches finishes."""
+
+    result: PatchResult   # the sweep so far (cells not yet computed are NaN in grids)
+    done: int             # patches finished, no-ops included
+    total: int
+
+
+def patch(
+    model: Any,
+    clean: Prompts,
+    corrupted: Prompts | None = None,
+    answers: Any = None,
+    site: str = "resid_pre",
+    direction: str | None = None,
+    metrics: Any = ("logit_diff", "normalized"),
+    *,
+    ablation: str | None = None,
+    noise: float = 3.0,
+    noise_positions: Sequence[int] | None = None,
+    noise_seed: int = 0,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    neurons: Sequence[int] | None = None,
+    index: Sequence[tuple] | None = None,
+    max_batch_tokens: int = 4096,
+    progress: bool | None = None,
+    callback: Callable[[PatchUpdate], Any] | None = None,
+    cancel: threading.Event | None = None,
+) -> PatchResult:
+    """Patch every index of ``site`` and measure each patch with every metric.
+
+    Args:
+        model: a ``TransformerBridge`` (see :func:`patchwidgets.load_model`) or a hand-built
+            ``HookedRootModule`` whose forward returns logits.
+        clean, corrupted: a prompt, a list of prompts (a dataset: one corrupted per clean),
+            or ``[batch, pos]`` token ids. Each clean/corrupted pair must have the same
+            number of tokens.
+        answers: ``(correct, incorrect)`` answer tokens (strings such as ``" Mary"`` or token
+            ids) for every pair, or a list of such pairs, one per prompt pair.
+        site: what to patch: ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``,
+            ``mlp_out``, ``head_out``/``head_q``/``head_k``/``head_v``/``head_pattern`` (all
+            positions, by layer and head) and their ``_by_pos`` variants, ``neuron`` and
+            ``neuron_by_pos``, the groups ``block`` and ``heads_every``, or any hook name of
+            the model with ``index=[...]``. ``patchwidgets.site_names()`` lists them.
+        direction: ``"denoising"`` (run corrupted, paste clean: sufficient?) or ``"noising"``
+            (run clean, paste corrupted: necessary?). Default: denoising, or noising for
+            an ablation.
+        metrics: names from :data:`patchwidgets.metrics.BUILTIN_METRICS`, callables, or a
+            dict of them. ``normalized`` is 0 when the patch did nothing and 1 when it gave
+            the source run's behaviour, in both directions (see :mod:`patchwidgets.metrics`).
+        ablation: ``"zero"``, ``"mean"`` or ``"noise"`` instead of a corrupted prompt.
+        noise, noise_positions, noise_seed: for ``ablation="noise"``: noise standard
+            deviation in units of the embedding matrix's standard deviation (ROME uses 3),
+            the positions to noise (default every position after the first) and the seed.
+        layers, positions, heads, neurons: restrict the sweep to these values of each axis.
+        index: for a hook-name site, the list of index tuples to patch.
+        max_batch_tokens: memory budget (rows x positions) of one forward pass.
+        progress: show a tqdm bar (default: for sweeps of more than 20 forward passes).
+        callback: called with a :class:`PatchUpdate` after every chunk; return ``False`` to
+            cancel.
+        cancel: a ``threading.Event``; setting it stops the sweep after the current chunk.
+
+    Returns:
+        A :class:`PatchResult`.
+
+    Raises:
+        PatchingInputError (a ``ValueError``): bad prompts, answers, site or metric names.
+        PatchingCancelled: the sweep was cancelled; ``err.partial`` holds the result so far.
+    """
+    direction = _check_direction(direction, corrupted, ablation)
+    metric_fns = metrics_mod.resolve_metrics(metrics)
+    inputs = prepare(model, clean, None if ablation else corrupted, answers)
+    needs_incorrect = [m for m in metric_fns.values() if m in metrics_mod.NEEDS_INCORRECT]
+    if needs_incorrect and inputs.incorrect is None:
+        raise PatchingInputError(
+            f"metric {needs_incorrect[0]!r} needs an incorrect answer: answers=(correct, incorrect)",
+            "answers")
+    if ablation == "mean" and inputs.batch < 2:
+        raise PatchingInputError("mean ablation averages over a dataset: give several clean prompts", "clean")
+    if ablation in ("zero", "mean") and "normalized" in metric_fns.values():
+        raise PatchingInputError(
+            "'normalized' needs a corrupted run to normalise against; a zero or mean ablation has "
+            "none. Use 'logit_diff' (or ablation='noise').", "metrics")
+
+    sites = resolve_sites(site, tuple(getattr(model, "hook_dict", {}) or ()))
+    cfg = model.cfg
+    sweep = [
+        enumerate_indices(
+            s, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+            n_kv_heads=getattr(cfg, "n_key_value_heads", None), d_mlp=getattr(cfg, "d_mlp", None),
+            seq_len=inputs.seq_len, layers=layers, positions=positions, heads=heads, neurons=neurons,
+        ) if s.kind != "raw" else _raw_indices(s, index)
+        for s in sites
+    ]
+    indices, shape = sweep[0]
+    _check_ranges(sites[0], indices, inputs.seq_len)
+    hook_names = sorted({s.hook_name(i[0]) if s.kind != "raw" else s.hook_template
+                         for s, (idx, _) in zip(sites, sweep) for i in idx})
+
+    # --- The two unpatched runs. The target is the run we patch into; the source is where
+    # the pasted values come from.
+    noise_hooks = _noise_hooks(model, inputs, noise, noise_positions, noise_seed) if ablation == "noise" else []
+    corrupted_tokens = inputs.clean_tokens if ablation else inputs.corrupted_tokens
+    clean_engine = Engine(model, inputs.clean_tokens, inputs.answer_pos, max_batch_tokens=max_batch_tokens)
+    corrupted_engine = Engine(model, corrupted_tokens, inputs.answer_pos, noise_hooks, max_batch_tokens)
+    target, source = (corrupted_engine, clean_engine) if direction == "denoising" else (clean_engine, corrupted_engine)
+    target_logits, target_acts = target.run_target(hook_names)
+    if ablation in ("zero", "mean"):
+        clean_logits = target_logits
+        source_acts = {n: torch.zeros_like(a) if ablation == "zero" else a.mean(0, keepdim=True).expand_as(a)
+                       for n, a in target_acts.items() if n in hook_names}
+        source_logits = None
+    else:
+        source_logits, source_acts = source.run_target(hook_names, record=False)
+        clean_logits = source_logits if direction == "denoising" else target_logits
+
+    ctx = metrics_mod.MetricContext(
+        correct=inputs.correct, incorrect=inputs.incorrect, clean_logprobs=clean_logits.float().log_softmax(-1))
+    if inputs.incorrect is not None:
+        ctx.target_logit_diff = metrics_mod.logit_diff(target_logits.float(), ctx.correct, ctx.incorrect)
+        if source_logits is not None:
+            ctx.source_logit_diff = metrics_mod.logit_diff(source_logits.float(), ctx.correct, ctx.incorrect)
+    if "normalized" in metric_fns.values():
+        metrics_mod.check_normalization(ctx)
+
+    def measure(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        return metrics_mod.compute(metric_fns, logits, ctx)
+
+    target_values = {k: v[0] for k, v in measure(target_logits[None]).items()}
+    baselines = {("corrupted" if direction == "denoising" else "clean"): target_values}
+    if source_logits is not None:
+        baselines["clean" if direction == "denoising" else "corrupted"] = {
+            k: v[0] for k, v in measure(source_logits[None]).items()}
+
+    # --- List the patches; a patch that pastes identical values is already done.
+    n_cells = len(indices)
+    patches = []
+    for site_idx, (s, (idx, _)) in enumerate(zip(sites, sweep)):
+        for cell, ix in enumerate(idx):
+            name = s.hook_name(ix[0]) if s.kind != "raw" else s.hook_template
+            first = s.first_changed_position(ix, source_acts[name], target_acts[name])
+            patches.append(Patch(s, ix, site_idx * n_cells + cell, first))
+    n_total = len(patches)
+    values = {k: v.expand(n_total, -1).clone() for k, v in target_values.items()}
+    done = torch.tensor([p.first_pos is None for p in patches])
+    result = PatchResult(
+        sites=[s.name for s in sites], axes=sites[0].axes, shape=shape, indices=indices,
+        values={k: v.view(len(sites), n_cells, -1) for k, v in values.items()},
+        direction=direction, baselines=baselines,
+        clean_str_tokens=inputs.clean_str_tokens, corrupted_str_tokens=inputs.corrupted_str_tokens,
+        done=done.view(len(sites), n_cells),
+    )
+
+    # --- Run the rest in chunks, streaming partial results.
+    chunks = target.plan(patches)
+    result.stats = {"patches": n_total, "skipped_noop": int(done.sum()), "forward_passes": len(chunks),
+                    "resumed": int(target.can_resume), "prefix_skipped": int(target.can_skip_prefix)}
+    show = progress if progress is not None else len(chunks) > 20
+    bar = _progress_bar(n_total, int(done.sum()), show)
+    try:
+        for chunk in chunks:
+            if cancel is not None and cancel.is_set():
+                raise PatchingCancelled(result)
+            chunk_values = measure(target.run_chunk(chunk, source_acts))
+            slots = torch.tensor([p.slot for p in chunk.patches])
+            for name, v in chunk_values.items():
+                values[name][slots] = v.to(values[name].dtype)
+            done[slots] = True
+            if bar is not None:
+                bar.update(len(slots))
+            if callback is not None and callback(PatchUpdate(result, int(done.sum()), n_total)) is False:
+                raise PatchingCancelled(result)
+    finally:
+        if bar is not None:
+            bar.close()
+    if callback is not None and not chunks:
+        callback(PatchUpdate(result, n_total, n_total))
+    result.done = None
+    return result
+
+
+def _check_direction(direction: str | None, corrupted: Any, ablation: str | None) -> str:
+    if ablation is not None:
+        if ablation not in ABLATIONS:
+            raise PatchingInputError(f"unknown ablation {ablation!r}; choose from {ABLATIONS}", "corrupted")
+        if corrupted is not None:
+            raise PatchingInputError("give either a corrupted prompt or an ablation, not both", "corrupted")
+        default = "denoising" if ablation == "noise" else "noising"
+        direction = direction or default
+        if ablation != "noise" and direction != "noising":
+            raise PatchingInputError(
+                f"a {ablation} ablation replaces clean activations, so it is noising; "
+                "use direction='noising'", "direction")
+    elif corrupted is None:
+        raise PatchingInputError("give a corrupted prompt (or ablation='zero'|'mean'|'noise')", "corrupted")
+    direction = direction or "denoising"
+    if direction not in DIRECTIONS:
+        raise PatchingInputError(f"direction must be one of {DIRECTIONS}, got {direction!r}", "direction")
+    return direction
+
+
+def _raw_indices(site, index) -> tuple[list[tuple], tuple[int, ...]]:
+    if not index:
+        raise PatchingInputError(
+            f"site {site.name!r} is a hook name: say which slices to patch with index=[(...), ...]", "site")
+    rows = [tuple(i) if isinstance(i, (tuple, list)) else (i,) for i in index]
+    return rows, (len(rows),)
+
+
+def _check_ranges(site, indices, seq_len: int) -> None:
+    if "pos" in site.axes:
+        bad = [i[site.pos_index] for i in indices if not 0 <= i[site.pos_index] < seq_len]
+        if bad:
+            raise PatchingInputError(f"position {bad[0]} is outside the prompt (0..{seq_len - 1})", "site")
+
+
+def _noise_hooks(model, inputs, scale: float, noise_positions, seed: int):
+    positions = list(noise_positions) if noise_positions is not None else list(range(1, inputs.seq_len))
+    d_model = model.cfg.d_model
+    gen = torch.Generator().manual_seed(seed)
+    std = float(model.W_E.detach().float().std()) * scale
+    noise = torch.randn(inputs.batch, len(positions), d_model, generator=gen) * std
+
+    def add_noise(embed: torch.Tensor, hook) -> torch.Tensor:
+        embed = embed.clone()
+        embed[:, positions] += noise.to(embed.device, embed.dtype).repeat(embed.shape[0] // inputs.batch, 1, 1)
+        return embed
+
+    return [("hook_embed", add_noise)]
+
+
+def _progress_bar(total: int, initial: int, show: bool):
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="patching", unit="patch")

@@ -1,0 +1,252 @@
+"""Patch sites: *where* in the model an activation is swapped.
+
+A :class:`Site` names one kind of activation (say the residual stream before each block) and
+knows three things about it:
+
+* the hook that carries it, e.g. ``blocks.{layer}.hook_resid_pre``;
+* the axes a sweep runs over, e.g. ``("layer", "pos")``, so that one *index* such as
+  ``(3, 10)`` means "layer 3, position 10";
+* which slice of the activation tensor an index selects. A patch copies exactly that slice
+  from the source run into the run being patched and leaves everything else alone.
+
+Activation shapes follow TransformerLens' legacy hook names (batch first)::
+
+    resid_pre / resid_mid / resid_post / attn_out / mlp_out   [batch, pos, d_model]
+    head_out (hook_z) / head_q / head_k / head_v              [batch, pos, head, d_head]
+    head_pattern                                              [batch, head, query_pos, key_pos]
+    neuron (mlp.hook_post)                                    [batch, pos, d_mlp]
+
+Group sites run several sites in one sweep: ``"block"`` (resid_pre, attn_out, mlp_out, as in
+``get_act_patch_block_every``) and ``"heads_every"`` (output, q, k, v and pattern of every
+head, as in ``get_act_patch_attn_head_all_pos_every``).
+
+Any hook name of the model is a site too (``"blocks.1.attn.hook_z"``); then ``index=`` lists the
+tuples to patch, each indexing the activation after its batch axis.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .errors import UnknownSiteError
+
+# How an index tuple selects a slice of the activation (batch axis excluded):
+#   "pos"          (layer, pos)         -> act[:, pos]
+#   "head"         (layer, head)        -> act[:, :, head]        every position
+#   "head_pos"     (layer, pos, head)   -> act[:, pos, head]
+#   "pattern"      (layer, head)        -> act[:, head]           every query position
+#   "pattern_pos"  (layer, head, pos)   -> act[:, head, pos]      one query (destination) position
+#   "neuron"       (layer, neuron)      -> act[:, :, neuron]      every position
+#   "neuron_pos"   (layer, pos, neuron) -> act[:, pos, neuron]
+#   "raw"          (*index)             -> act[(slice(None), *index)]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One kind of activation to patch; see the module docstring."""
+
+    name: str
+    hook_template: str
+    axes: tuple[str, ...]
+    kind: str
+    description: str
+    key_value: bool = False  # k and v have n_key_value_heads heads in grouped-query models
+
+    def hook_name(self, layer: int) -> str:
+        return self.hook_template.format(layer=layer)
+
+    @property
+    def pos_axis(self) -> int | None:
+        """Axis of the activation (batch axis = 0) that holds the query / token position."""
+        if self.kind == "raw":
+            return None  # unknown layout: never run on a suffix of positions
+        return 2 if self.kind.startswith("pattern") else 1
+
+    @property
+    def fixed_pos(self) -> bool:
+        """True when the index names the single position it patches."""
+        return "pos" in self.axes
+
+    @property
+    def pos_index(self) -> int:
+        """Where the position sits in an index tuple."""
+        return self.axes.index("pos")
+
+    def layer_of(self, index: tuple) -> int | None:
+        if self.kind == "raw":
+            return _layer_from_hook(self.hook_template)
+        return int(index[0])
+
+    def slice(self, index: tuple, offset: int = 0) -> tuple:
+        """The slice of ``act`` (batch included) that ``index`` selects.
+
+        ``offset`` is the first position present in the activation: the engine may run only
+        positions ``offset..seq_len-1`` (everything earlier is unchanged), so positions in
+        the index are shifted by it.
+        """
+        k, all_ = self.kind, slice(None)
+        if k == "pos":
+            return (all_, index[1] - offset)
+        if k == "head":
+            return (all_, all_, index[1])
+        if k == "head_pos":
+            return (all_, index[1] - offset, index[2])
+        if k == "pattern":
+            return (all_, index[1])
+        if k == "pattern_pos":
+            return (all_, index[1], index[2] - offset)
+        if k == "neuron":
+            return (all_, all_, index[1])
+        if k == "neuron_pos":
+            return (all_, index[1] - offset, index[2])
+        return (all_, *index)
+
+    def first_changed_position(
+        self, index: tuple, source: torch.Tensor, target: torch.Tensor
+    ) -> int | None:
+        """First position the patch changes, or ``None`` when the patch is a no-op.
+
+        ``source`` and ``target`` are the full activations ([batch, ...]) of the run the
+        values come from and of the run being patched. A patch that writes values equal to
+        the ones already there changes nothing, so it need not run at all; and since the
+        model is causal, positions before the first changed one are unchanged everywhere.
+        """
+        sl = self.slice(index)
+        src, tgt = source[sl], target[sl]
+        if torch.equal(src, tgt):
+            return None
+        if self.kind == "raw":
+            return 0
+        if self.fixed_pos:
+            return int(index[self.pos_index])
+        # "every position" kinds: after slicing, axis 1 is the position axis.
+        differs = (src != tgt).reshape(src.shape[0], src.shape[1], -1).any(-1).any(0)
+        return int(differs.nonzero()[0, 0])
+
+
+def _layer_from_hook(hook: str) -> int | None:
+    match = re.match(r"blocks\.(\d+)\.", hook)
+    return int(match.group(1)) if match else None
+
+
+_S = Site
+SITES: dict[str, Site] = {
+    s.name: s
+    for s in [
+        _S("resid_pre", "blocks.{layer}.hook_resid_pre", ("layer", "pos"), "pos",
+           "residual stream entering each block"),
+        _S("resid_mid", "blocks.{layer}.hook_resid_mid", ("layer", "pos"), "pos",
+           "residual stream between attention and MLP"),
+        _S("resid_post", "blocks.{layer}.hook_resid_post", ("layer", "pos"), "pos",
+           "residual stream leaving each block"),
+        _S("attn_out", "blocks.{layer}.hook_attn_out", ("layer", "pos"), "pos",
+           "output of each attention layer"),
+        _S("mlp_out", "blocks.{layer}.hook_mlp_out", ("layer", "pos"), "pos",
+           "output of each MLP layer"),
+        _S("head_out", "blocks.{layer}.attn.hook_z", ("layer", "head"), "head",
+           "each head's output (z), all positions"),
+        _S("head_q", "blocks.{layer}.attn.hook_q", ("layer", "head"), "head",
+           "each head's queries, all positions"),
+        _S("head_k", "blocks.{layer}.attn.hook_k", ("layer", "head"), "head",
+           "each head's keys, all positions", key_value=True),
+        _S("head_v", "blocks.{layer}.attn.hook_v", ("layer", "head"), "head",
+           "each head's values, all positions", key_value=True),
+        _S("head_pattern", "blocks.{layer}.attn.hook_pattern", ("layer", "head"), "pattern",
+           "each head's attention pattern, all positions"),
+        _S("head_out_by_pos", "blocks.{layer}.attn.hook_z", ("layer", "pos", "head"),
+           "head_pos", "each head's output (z) at one position"),
+        _S("head_q_by_pos", "blocks.{layer}.attn.hook_q", ("layer", "pos", "head"),
+           "head_pos", "each head's query at one position"),
+        _S("head_k_by_pos", "blocks.{layer}.attn.hook_k", ("layer", "pos", "head"),
+           "head_pos", "each head's key at one position", key_value=True),
+        _S("head_v_by_pos", "blocks.{layer}.attn.hook_v", ("layer", "pos", "head"),
+           "head_pos", "each head's value at one position", key_value=True),
+        _S("head_pattern_by_pos", "blocks.{layer}.attn.hook_pattern", ("layer", "head", "pos"),
+           "pattern_pos", "each head's attention from one destination position"),
+        _S("neuron", "blocks.{layer}.mlp.hook_post", ("layer", "neuron"), "neuron",
+           "each MLP neuron (post-activation), all positions"),
+        _S("neuron_by_pos", "blocks.{layer}.mlp.hook_post", ("layer", "pos", "neuron"),
+           "neuron_pos", "each MLP neuron (post-activation) at one position"),
+    ]
+}
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "block": ("resid_pre", "attn_out", "mlp_out"),
+    "heads_every": ("head_out", "head_q", "head_k", "head_v", "head_pattern"),
+}
+
+# Names learners bring from TransformerLens or the ARENA course.
+ALIASES: dict[str, str] = {
+    "z": "head_out", "q": "head_q", "k": "head_k", "v": "head_v", "pattern": "head_pattern",
+    "attn_head_out_all_pos": "head_out", "attn_head_q_all_pos": "head_q",
+    "attn_head_k_all_pos": "head_k", "attn_head_v_all_pos": "head_v",
+    "attn_head_pattern_all_pos": "head_pattern",
+    "attn_head_out_by_pos": "head_out_by_pos", "attn_head_q_by_pos": "head_q_by_pos",
+    "attn_head_k_by_pos": "head_k_by_pos", "attn_head_v_by_pos": "head_v_by_pos",
+    "attn_head_pattern_by_pos": "head_pattern_by_pos",
+    "block_every": "block", "attn_head_all_pos_every": "heads_every",
+    "every": "heads_every",
+    "mlp_post": "neuron",
+}
+
+
+def site_names() -> list[str]:
+    """Every built-in site and group name (aliases excluded)."""
+    return [*SITES, *GROUPS]
+
+
+def resolve_sites(site: str | Site, hook_names: Sequence[str] = ()) -> list[Site]:
+    """Turn a site name (or alias, group, hook name) into the list of sites it sweeps."""
+    if isinstance(site, Site):
+        return [site]
+    if not isinstance(site, str):
+        raise UnknownSiteError(f"site must be a string, got {type(site).__name__}")
+    name = ALIASES.get(site, site)
+    if name in SITES:
+        return [SITES[name]]
+    if name in GROUPS:
+        return [SITES[n] for n in GROUPS[name]]
+    if site in hook_names:
+        return [Site(site, site, ("index",), "raw", f"hook {site}")]
+    raise UnknownSiteError(
+        f"unknown site {site!r}. Valid sites: {', '.join(site_names())}; "
+        f"aliases: {', '.join(sorted(ALIASES))}; or any hook name of the model "
+        "(e.g. 'blocks.0.attn.hook_z') together with index=[...]."
+    )
+
+
+def enumerate_indices(
+    site: Site,
+    *,
+    n_layers: int,
+    n_heads: int,
+    n_kv_heads: int | None,
+    d_mlp: int | None,
+    seq_len: int,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    neurons: Sequence[int] | None = None,
+) -> tuple[list[tuple], tuple[int, ...]]:
+    """All index tuples of a sweep over ``site`` in row-major order, and the grid shape.
+
+    The order matches ``transformer_lens.patching`` (layer outermost), so results reshape
+    to the same ``[layer, pos]`` or ``[layer, pos, head]`` grids.
+    """
+    head_count = n_kv_heads if (site.key_value and n_kv_heads) else n_heads
+    ranges = {
+        "layer": list(range(n_layers)) if layers is None else list(layers),
+        "pos": list(range(seq_len)) if positions is None else list(positions),
+        "head": list(range(head_count)) if heads is None else list(heads),
+        "neuron": list(range(d_mlp or 0)) if neurons is None else list(neurons),
+    }
+    axes_ranges = [ranges[a] for a in site.axes]
+    shape = tuple(len(r) for r in axes_ranges)
+    grid = torch.cartesian_prod(*[torch.tensor(r) for r in axes_ranges])
+    if grid.ndim == 1:
+        grid = grid[:, None]
+    return [tuple(int(x) for x in row) for row in grid.tolist()], shape
