@@ -261,12 +261,10 @@ def _ioi_sentence(template: str, io: str, s: str, order: str,
                            PLACE=place, OBJECT=obj)
 
 
-def _ioi_prompt_template(template: str) -> str:
-    """The template without its answer: everything before `` {IO}.``."""
-    suffix = " {IO}."
-    if not template.endswith(suffix):
-        raise ValueError(f"IOI template must end with {suffix!r}: {template!r}")
-    return template[: -len(suffix)]
+def _check_ioi_template(template: str) -> None:
+    """IOI templates must end with the answer, `` {IO}.``, so prompts can cut it off."""
+    if not template.endswith(" {IO}."):
+        raise ValueError(f"IOI template must end with ' {{IO}}.': {template!r}")
 
 
 def _sample_pair(rng: random.Random, split: str, heldout: set[frozenset[str]],
@@ -332,7 +330,7 @@ def ioi_prompts(n: int, *, split: str = "test", seed: int = 0,
         io, s = _sample_pair(rng, split, heldout, heldout_list)
         place, obj = rng.choice(PLACES), rng.choice(OBJECTS)
         answer = f" {io}."
-        _ioi_prompt_template(template)  # validates the template's ending
+        _check_ioi_template(template)
         clean = _ioi_sentence(template, io, s, order, place, obj)[: -len(answer)]
         corrupted = _ioi_sentence(template, io, s, order, place, obj, s2=io)[: -len(answer)]
         items.append({"clean": clean, "corrupted": corrupted,

@@ -29,7 +29,10 @@ applied to ``bridge.tokenizer`` after booting, not to ``tok``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -99,9 +102,49 @@ def _looks_offline(exc: BaseException) -> bool:
     return False
 
 
-def _not_available(name: str, exc: BaseException) -> ModelNotAvailableError:
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                    "ALL_PROXY", "all_proxy")
+
+
+def _hub_unreachable(timeout: float = 3.0) -> bool:
+    """True if a TCP connection to the Hub clearly fails (no DNS, no route).
+
+    Without this, huggingface_hub retries for ~25 s before giving up. Behind
+    a proxy a direct connection proves nothing, so then we never claim
+    "unreachable" and leave it to huggingface_hub.
+    """
+    if any(os.environ.get(var) for var in _PROXY_VARIABLES):
+        return False
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError:
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def _hub_offline_mode():
+    """Temporarily put huggingface_hub in offline mode: cache only, no retries.
+
+    Same effect as ``HF_HUB_OFFLINE=1``, which huggingface_hub only reads
+    when it is imported; ``is_offline_mode()`` reads this module constant.
+    """
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def _not_available(name: str, exc: BaseException,
+                   hub_unreachable: bool = False) -> ModelNotAvailableError:
     bundled = list_models()
-    offline = _looks_offline(exc)
+    offline = hub_unreachable or _looks_offline(exc)
     if offline:
         reason = ("the Hugging Face Hub cannot be reached (this machine seems "
                   "to be offline, or HF_HUB_OFFLINE is set) and it is not in "
@@ -115,6 +158,20 @@ def _not_available(name: str, exc: BaseException) -> ModelNotAvailableError:
     return ModelNotAvailableError(message, name=name, bundled=bundled, offline=offline)
 
 
+@contextlib.contextmanager
+def _quiet_progress_bars():
+    """Temporarily switch off transformers' tqdm bars, restoring the setting after."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _load_bundled(name: str, device: str) -> "TransformerBridge":
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
@@ -123,7 +180,8 @@ def _load_bundled(name: str, device: str) -> "TransformerBridge":
 
     path = model_path(name)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    hf_model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+    with _quiet_progress_bars():  # no "Loading weights" bar for a 3 MB file
+        hf_model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
     hf_model = hf_model.to(device).eval()
     bridge = TransformerBridge.boot_transformers(
         str(path), hf_model=hf_model, tokenizer=tokenizer, device=device)
@@ -159,13 +217,16 @@ def load_model(name: str = "toy-ioi", device: str | None = None) -> "Transformer
 
     from transformer_lens.model_bridge import TransformerBridge
 
+    # Offline, cached models still load; uncached ones fail at once.
+    offline = not Path(name).exists() and _hub_unreachable()
     try:
-        bridge = TransformerBridge.boot_transformers(name, device=device)
+        with _hub_offline_mode() if offline else contextlib.nullcontext():
+            bridge = TransformerBridge.boot_transformers(name, device=device)
     except OSError as exc:  # transformers reports missing files / no network as OSError
-        raise _not_available(name, exc) from exc
+        raise _not_available(name, exc, offline) from exc
     except Exception as exc:  # huggingface_hub / requests errors that are not OSErrors
-        if _looks_offline(exc):
-            raise _not_available(name, exc) from exc
+        if offline or _looks_offline(exc):
+            raise _not_available(name, exc, offline) from exc
         raise
     bridge.eval()
     return bridge

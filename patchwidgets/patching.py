@@ -51,6 +51,7 @@ class PatchUpdate:
     total: int
 
 
+@torch.no_grad()
 def patch(
     model: Any,
     clean: Prompts,
@@ -117,17 +118,7 @@ def patch(
     direction = _check_direction(direction, corrupted, ablation)
     metric_fns = metrics_mod.resolve_metrics(metrics)
     inputs = prepare(model, clean, None if ablation else corrupted, answers)
-    needs_incorrect = [m for m in metric_fns.values() if m in metrics_mod.NEEDS_INCORRECT]
-    if needs_incorrect and inputs.incorrect is None:
-        raise PatchingInputError(
-            f"metric {needs_incorrect[0]!r} needs an incorrect answer: answers=(correct, incorrect)",
-            "answers")
-    if ablation == "mean" and inputs.batch < 2:
-        raise PatchingInputError("mean ablation averages over a dataset: give several clean prompts", "clean")
-    if ablation in ("zero", "mean") and "normalized" in metric_fns.values():
-        raise PatchingInputError(
-            "'normalized' needs a corrupted run to normalise against; a zero or mean ablation has "
-            "none. Use 'logit_diff' (or ablation='noise').", "metrics")
+    check_request(metric_fns, inputs, ablation)
 
     sites = resolve_sites(site, tuple(getattr(model, "hook_dict", {}) or ()))
     cfg = model.cfg
@@ -161,23 +152,11 @@ def patch(
         source_logits, source_acts = source.run_target(hook_names, record=False)
         clean_logits = source_logits if direction == "denoising" else target_logits
 
-    ctx = metrics_mod.MetricContext(
-        correct=inputs.correct, incorrect=inputs.incorrect, clean_logprobs=clean_logits.float().log_softmax(-1))
-    if inputs.incorrect is not None:
-        ctx.target_logit_diff = metrics_mod.logit_diff(target_logits.float(), ctx.correct, ctx.incorrect)
-        if source_logits is not None:
-            ctx.source_logit_diff = metrics_mod.logit_diff(source_logits.float(), ctx.correct, ctx.incorrect)
-    if "normalized" in metric_fns.values():
-        metrics_mod.check_normalization(ctx)
+    ctx, target_values, baselines = metric_context(
+        metric_fns, inputs, direction, target_logits, source_logits, clean_logits)
 
     def measure(logits: torch.Tensor) -> dict[str, torch.Tensor]:
         return metrics_mod.compute(metric_fns, logits, ctx)
-
-    target_values = {k: v[0] for k, v in measure(target_logits[None]).items()}
-    baselines = {("corrupted" if direction == "denoising" else "clean"): target_values}
-    if source_logits is not None:
-        baselines["clean" if direction == "denoising" else "corrupted"] = {
-            k: v[0] for k, v in measure(source_logits[None]).items()}
 
     # --- List the patches; a patch that pastes identical values is already done.
     n_cells = len(indices)
@@ -224,6 +203,45 @@ def patch(
         callback(PatchUpdate(result, n_total, n_total))
     result.done = None
     return result
+
+
+def check_request(metric_fns: dict, inputs, ablation: str | None) -> None:
+    """Checks that need both the metrics and the prepared inputs (shared by every sweep kind)."""
+    needs_incorrect = [m for m in metric_fns.values() if m in metrics_mod.NEEDS_INCORRECT]
+    if needs_incorrect and inputs.incorrect is None:
+        raise PatchingInputError(
+            f"metric {needs_incorrect[0]!r} needs an incorrect answer: answers=(correct, incorrect)",
+            "answers")
+    if ablation == "mean" and inputs.batch < 2:
+        raise PatchingInputError("mean ablation averages over a dataset: give several clean prompts", "clean")
+    if ablation in ("zero", "mean") and "normalized" in metric_fns.values():
+        raise PatchingInputError(
+            "'normalized' needs a corrupted run to normalise against; a zero or mean ablation has "
+            "none. Use 'logit_diff' (or ablation='noise').", "metrics")
+
+
+def metric_context(metric_fns: dict, inputs, direction: str, target_logits: torch.Tensor,
+                   source_logits: torch.Tensor | None, clean_logits: torch.Tensor):
+    """The :class:`MetricContext` of a sweep, the unpatched target's values and the baselines.
+
+    ``target_logits``/``source_logits``/``clean_logits`` are answer-position logits
+    ``[batch, vocab]`` of the run being patched, the run the values come from (``None`` for a
+    zero or mean ablation) and the clean run.
+    """
+    ctx = metrics_mod.MetricContext(
+        correct=inputs.correct, incorrect=inputs.incorrect, clean_logprobs=clean_logits.float().log_softmax(-1))
+    if inputs.incorrect is not None:
+        ctx.target_logit_diff = metrics_mod.logit_diff(target_logits.float(), ctx.correct, ctx.incorrect)
+        if source_logits is not None:
+            ctx.source_logit_diff = metrics_mod.logit_diff(source_logits.float(), ctx.correct, ctx.incorrect)
+    if "normalized" in metric_fns.values():
+        metrics_mod.check_normalization(ctx)
+    target_values = {k: v[0] for k, v in metrics_mod.compute(metric_fns, target_logits[None], ctx).items()}
+    baselines = {("corrupted" if direction == "denoising" else "clean"): target_values}
+    if source_logits is not None:
+        baselines["clean" if direction == "denoising" else "corrupted"] = {
+            k: v[0] for k, v in metrics_mod.compute(metric_fns, source_logits[None], ctx).items()}
+    return ctx, target_values, baselines
 
 
 def _check_direction(direction: str | None, corrupted: Any, ablation: str | None) -> str:

@@ -36,6 +36,8 @@ from typing import Any, Iterable
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from .errors import PatchingInputError
+
 __all__ = [
     "BOS_TOKEN", "UNK_TOKEN", "PRETOKENIZE_PATTERN", "UnknownWordError",
     "pretokenize", "build_vocab", "build_tokenizer", "save_tokenizer",
@@ -54,8 +56,8 @@ PRETOKENIZE_PATTERN = r" ?[A-Za-z0-9']+| ?[^\sA-Za-z0-9']|\s+"
 _PIECE_RE = re.compile(PRETOKENIZE_PATTERN)
 
 
-class UnknownWordError(ValueError):
-    """A word that is not in a word-level vocabulary.
+class UnknownWordError(PatchingInputError):
+    """A word that is not in a word-level vocabulary (a ``ValueError``).
 
     Attributes:
         word: the unknown word as written, without its leading space.

@@ -62,7 +62,7 @@ REFERENCE_PROMPTS = [
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
     model.save_pretrained(str(args.out), safe_serialization=True)
     save_tokenizer(tokenizer, args.out)
     (args.out / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    for path in args.out.iterdir():  # save_pretrained may write owner-only files
+        if path.is_file() and path.name != "MODEL_CARD.md":
+            path.chmod(0o644)
     print(f"saved to {args.out} ({time.time() - start:.1f}s total)", flush=True)
     return results
 
