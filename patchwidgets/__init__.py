@@ -5,6 +5,8 @@ The public API, in the order a learner meets it::
     model = patchwidgets.load_model()          # the bundled toy-ioi model, offline
     result = patchwidgets.patch(model, clean, corrupted, answers=(" John", " Mary"))
     result.frame; result.grid("normalized"); result.figure("normalized")
+    patchwidgets.path_patch(model, clean, corrupted, answers, receivers=[(2, 3)])   # how heads connect
+    patchwidgets.attribution_patch(model, clean, corrupted, answers, site="head_out")  # fast estimate
     patchwidgets.PatchingWidget(model)         # the interactive widget
 """
 
@@ -35,6 +37,10 @@ _LAZY = {
     "ModelNotAvailableError": ".loading",
     "UnknownWordError": ".tokenizer",
     "PatchingWidget": ".widget",
+    "path_patch": ".path_patching",
+    "PathPatchResult": ".path_patching",
+    "attribution_patch": ".attribution",
+    "AttributionResult": ".attribution",
 }
 
 

@@ -190,7 +190,7 @@ def patch(
             chunk_values = measure(target.run_chunk(chunk, source_acts))
             slots = torch.tensor([p.slot for p in chunk.patches])
             for name, v in chunk_values.items():
-                values[name][slots] = v.to(values[name].dtype)
+                values[name][slots] = v.to(values[name].dtype).cpu()  # results live on the CPU
             done[slots] = True
             if bar is not None:
                 bar.update(len(slots))
@@ -236,11 +236,11 @@ def metric_context(metric_fns: dict, inputs, direction: str, target_logits: torc
             ctx.source_logit_diff = metrics_mod.logit_diff(source_logits.float(), ctx.correct, ctx.incorrect)
     if "normalized" in metric_fns.values():
         metrics_mod.check_normalization(ctx)
-    target_values = {k: v[0] for k, v in metrics_mod.compute(metric_fns, target_logits[None], ctx).items()}
+    target_values = {k: v[0].cpu() for k, v in metrics_mod.compute(metric_fns, target_logits[None], ctx).items()}
     baselines = {("corrupted" if direction == "denoising" else "clean"): target_values}
     if source_logits is not None:
         baselines["clean" if direction == "denoising" else "corrupted"] = {
-            k: v[0] for k, v in metrics_mod.compute(metric_fns, source_logits[None], ctx).items()}
+            k: v[0].cpu() for k, v in metrics_mod.compute(metric_fns, source_logits[None], ctx).items()}
     return ctx, target_values, baselines
 
 
