@@ -1,0 +1,617 @@
+// The front end of patchwidgets.PatchingWidget: a plain ES module, no build step.
+//
+// anywidget calls `render({ model, el })` once per view. `model` holds the synced traitlets
+// (model.get / model.set + model.save_changes / model.on("change:x")); Python owns the
+// patching model and does all the computing, this file only draws state and reports clicks.
+//
+// Safety rule: every string that comes from data (prompts, tokens, error messages) reaches
+// the DOM through textContent or setAttribute, never innerHTML, so a prompt such as
+// `<img src=x onerror=alert(1)>` shows up as text.
+//
+// Binary data: the heatmap values and attention patterns arrive as little-endian float32
+// buffers (DataView), NaN marking cells that are not computed yet.
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+/**
+ * @typedef {{layer?: number, head?: number, pos?: number, label: string, token?: string,
+ *            corrupted_token?: string, diff?: boolean}} Cell
+ * @typedef {{run_id: number, site: string, metric: string, direction: string,
+ *            rows: Cell[], cols: Cell[], row_title: string, col_title: string,
+ *            values: DataView, done: number, total: number, complete: boolean,
+ *            baselines: Object<string, number|null>, inputs: Object<string, string>}} Heatmap
+ * @typedef {{tokens: string[], n: number, values: DataView}} PatternView
+ */
+
+/**
+ * Create an HTML element. Strings among `children` become text nodes (never parsed).
+ * @param {string} tag
+ * @param {Object<string, string>} [attrs]
+ * @param {...(Node|string)} children
+ * @returns {HTMLElement}
+ */
+function h(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  for (const c of children) node.append(typeof c === "string" ? document.createTextNode(c) : c);
+  return node;
+}
+
+/**
+ * Create an SVG element with attributes.
+ * @param {string} tag
+ * @param {Object<string, string|number>} [attrs]
+ * @returns {SVGElement}
+ */
+function s(tag, attrs = {}) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+  return node;
+}
+
+/**
+ * Float32 values from whatever the widget manager hands us for a bytes traitlet.
+ * @param {any} buf
+ * @returns {Float32Array}
+ */
+function floats(buf) {
+  if (!buf) return new Float32Array(0);
+  const view = buf instanceof DataView ? buf
+    : buf instanceof ArrayBuffer ? new DataView(buf)
+    : ArrayBuffer.isView(buf) ? new DataView(buf.buffer, buf.byteOffset, buf.byteLength)
+    : null;
+  if (!view) return new Float32Array(0);
+  const out = new Float32Array(Math.floor(view.byteLength / 4));
+  for (let i = 0; i < out.length; i++) out[i] = view.getFloat32(i * 4, true);
+  return out;
+}
+
+const RED = [178, 24, 43], WHITE = [247, 247, 247], BLUE = [33, 102, 172];
+
+/**
+ * Diverging colour centred on 0: red below, white at 0, blue above (as plotly's RdBu in
+ * `w.figure()`). `scale` is the |value| that gets the full colour.
+ * @param {number} v
+ * @param {number} scale
+ */
+function diverging(v, scale) {
+  const t = Math.max(-1, Math.min(1, scale > 0 ? v / scale : 0));
+  const end = t > 0 ? BLUE : RED, a = Math.abs(t);
+  const c = WHITE.map((m, i) => Math.round(m + (end[i] - m) * a));
+  return `rgb(${c[0]},${c[1]},${c[2]})`;
+}
+
+/** Attention weight 0..1 -> white .. deep purple. @param {number} w */
+function sequential(w) {
+  const a = Math.max(0, Math.min(1, w));
+  const end = [63, 0, 125];
+  const c = [255, 255, 255].map((m, i) => Math.round(m + (end[i] - m) * Math.sqrt(a)));
+  return `rgb(${c[0]},${c[1]},${c[2]})`;
+}
+
+/** @param {number} v @param {number} [digits] */
+function fmt(v, digits = 3) {
+  if (v === null || v === undefined || !Number.isFinite(v)) return "n/a";
+  return Math.abs(v) >= 1e-3 || v === 0 ? String(Number(v.toPrecision(digits))) : v.toExponential(2);
+}
+
+/** A token as it should read: quoted, so leading spaces show. @param {string} tok */
+const quote = (tok) => `'${tok}'`;
+
+/** Shorten long labels. @param {string} text @param {number} n */
+const clip = (text, n) => (text.length > n ? text.slice(0, n - 1) + "\u2026" : text);
+
+const METRIC_LABELS = {
+  logit_diff: "logit difference", normalized: "normalized (fraction restored)",
+  logit: "logit of correct answer", logprob: "log-prob of correct answer",
+  prob: "probability of correct answer", rank: "rank of correct answer",
+  accuracy: "top-1 accuracy", kl: "KL(clean || patched)",
+};
+const REMINDER = {
+  denoising: "Denoising: run the corrupted prompt, paste in clean activations. High = this activation is sufficient.",
+  noising: "Noising: run the clean prompt, paste in corrupted activations. High = this activation is necessary.",
+};
+
+/** @param {{ model: any, el: HTMLElement }} ctx */
+function render({ model, el }) {
+  /** @type {Array<() => void>} */
+  const cleanups = [];
+  /** Subscribe to a model event and remember to unsubscribe. */
+  const on = (/** @type {string} */ name, /** @type {Function} */ fn) => {
+    model.on(name, fn);
+    cleanups.push(() => model.off(name, fn));
+  };
+  /** Inputs edited on this page since the last Run (see requestRun). @type {Set<string>} */
+  const edited = new Set();
+  const save = (/** @type {string} */ name, /** @type {any} */ value) => {
+    model.set(name, value);
+    model.save_changes();
+    edited.add(name);
+  };
+
+  const root = h("div", { class: "pw-root" });
+  el.replaceChildren(root);
+  // Keys pressed in our inputs, selects and buttons are ours: keep the notebook's
+  // single-key shortcuts (Shift+Enter runs the cell, "a" inserts a cell, ...) out of them,
+  // but let Ctrl/Cmd combinations such as Ctrl+S (save) through.
+  root.addEventListener("keydown", (e) => {
+    const t = /** @type {Element} */ (e.target);
+    if (!e.ctrlKey && !e.metaKey && t.matches("input, select, button")) e.stopPropagation();
+  });
+
+  // ------------------------------------------------------------ header
+  const statusText = h("span", { class: "pw-status", "aria-live": "polite" });
+  root.append(h("div", { class: "pw-header" },
+    h("span", { class: "pw-title" }, "Activation patching"),
+    h("span", { class: "pw-model" }, String(model.get("model_name") || "")),
+    statusText));
+
+  // ------------------------------------------------------------ prompt and answer inputs
+  /** @type {Object<string, HTMLElement>} */
+  const errorBoxes = {};
+  /** @type {Array<() => void>} */
+  const flushers = [];
+  const errorBox = (/** @type {string} */ field) => {
+    const box = h("div", { class: "pw-error", "data-error-for": field, role: "alert" });
+    errorBoxes[field] = box;
+    return box;
+  };
+
+  /** A text input bound to traitlet `name`, synced while typing (debounced). */
+  const textField = (/** @type {string} */ name, /** @type {string} */ label, /** @type {string} */ cls) => {
+    const input = /** @type {HTMLInputElement} */ (h("input", {
+      type: "text", class: "pw-input", "data-field": name, spellcheck: "false", "aria-label": label,
+    }));
+    input.value = model.get(name);
+    /** @type {any} */ let timer = null;
+    const flush = () => {
+      clearTimeout(timer);
+      timer = null;
+      if (model.get(name) !== input.value) save(name, input.value);
+    };
+    input.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(flush, 250); });
+    input.addEventListener("change", flush);
+    input.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.ctrlKey && !e.metaKey) { e.preventDefault(); flush(); requestRun(); }
+    });
+    on(`change:${name}`, () => {
+      if (timer === null && input.value !== model.get(name)) input.value = model.get(name);
+      markStale();
+    });
+    flushers.push(flush);
+    return h("label", { class: `pw-field ${cls}` }, h("span", { class: "pw-label" }, label), input, errorBox(name));
+  };
+
+  root.append(h("div", { class: "pw-inputs" },
+    textField("clean", "Clean prompt", "pw-prompt"),
+    textField("correct", "Correct answer", "pw-answer"),
+    textField("corrupted", "Corrupted prompt", "pw-prompt"),
+    textField("incorrect", "Incorrect answer", "pw-answer")));
+  root.append(errorBox("answers"));
+
+  // ------------------------------------------------------------ tokenisations + baselines
+  const tokenRows = h("div", { class: "pw-tokens" });
+  const baselineLine = h("div", { class: "pw-baseline" });
+  root.append(tokenRows, baselineLine);
+
+  function drawTokens() {
+    const toks = model.get("tokens") || {};
+    const clean = toks.clean || null, corrupted = toks.corrupted || null;
+    const n = Math.max(clean ? clean.length : 0, corrupted ? corrupted.length : 0);
+    // Highlight positions whose tokens differ (only when both prompts tokenised).
+    const differs = (/** @type {number} */ i) => !!clean && !!corrupted && clean[i] !== corrupted[i];
+    tokenRows.replaceChildren();
+    for (const [name, list] of [["clean", clean], ["corrupted", corrupted]]) {
+      const row = h("div", { class: "pw-token-row", "data-prompt": name }, h("span", { class: "pw-token-name" }, name));
+      if (!list) row.append(h("span", { class: "pw-muted" }, "(not tokenised)"));
+      else list.forEach((tok, i) => {
+        const chip = h("span", { class: "pw-tok" + (differs(i) ? " pw-tok-diff" : ""), title: `position ${i}: ${quote(tok)}`, "data-pos": String(i) }, tok);
+        row.append(chip);
+      });
+      if (list) row.append(h("span", { class: "pw-muted" }, ` ${list.length} tokens`));
+      tokenRows.append(row);
+    }
+    if (!n) tokenRows.append(h("span", { class: "pw-muted" }, "Type two prompts."));
+    const base = model.get("baseline") || {};
+    const c = model.get("correct"), i = model.get("incorrect");
+    baselineLine.replaceChildren(
+      `Logit difference, logit(${quote(c)}) \u2212 logit(${quote(i)}): clean run `,
+      h("b", { "data-baseline": "clean" }, fmt(base.clean)),
+      ", corrupted run ",
+      h("b", { "data-baseline": "corrupted" }, fmt(base.corrupted)),
+      `. Top predictions: clean ${base.clean_top ? quote(base.clean_top) : "n/a"}, corrupted ${base.corrupted_top ? quote(base.corrupted_top) : "n/a"}.`);
+  }
+  for (const name of ["tokens", "baseline", "correct", "incorrect"]) on(`change:${name}`, drawTokens);
+
+  // ------------------------------------------------------------ controls
+  const dirGroup = h("div", { class: "pw-toggle", role: "radiogroup", "aria-label": "direction" });
+  /** @type {Object<string, HTMLButtonElement>} */
+  const dirButtons = {};
+  for (const d of ["denoising", "noising"]) {
+    const b = /** @type {HTMLButtonElement} */ (h("button", { type: "button", class: "pw-toggle-btn", "data-direction": d, role: "radio" }, d));
+    b.addEventListener("click", () => save("direction", d));
+    dirButtons[d] = b;
+    dirGroup.append(b);
+  }
+  const reminder = h("div", { class: "pw-reminder" });
+  const metricSelect = /** @type {HTMLSelectElement} */ (h("select", { class: "pw-select", "data-control": "metric", "aria-label": "metric" }));
+  for (const m of model.get("metric_options") || []) metricSelect.append(h("option", { value: m }, `${m}: ${METRIC_LABELS[m] || m}`));
+  metricSelect.addEventListener("change", () => save("metric", metricSelect.value));
+  const siteSelect = /** @type {HTMLSelectElement} */ (h("select", { class: "pw-select", "data-control": "site", "aria-label": "component" }));
+  for (const [group, options] of model.get("site_options") || []) {
+    const og = h("optgroup", { label: group });
+    for (const [value, label] of options) og.append(h("option", { value }, label));
+    siteSelect.append(og);
+  }
+  siteSelect.addEventListener("change", () => save("site", siteSelect.value));
+  const runButton = h("button", { type: "button", class: "pw-run", "data-action": "run" }, "Run");
+  const cancelButton = /** @type {HTMLButtonElement} */ (h("button", { type: "button", class: "pw-cancel", "data-action": "cancel" }, "Cancel"));
+  const autoBox = /** @type {HTMLInputElement} */ (h("input", { type: "checkbox", "data-control": "auto_run" }));
+  autoBox.addEventListener("change", () => save("auto_run", autoBox.checked));
+  const progress = /** @type {HTMLProgressElement} */ (h("progress", { class: "pw-progress", max: "1", value: "0" }));
+  const progressText = h("span", { class: "pw-progress-text" });
+
+  runButton.addEventListener("click", () => requestRun());
+  cancelButton.addEventListener("click", () => model.send({ type: "cancel" }));
+
+  root.append(h("div", { class: "pw-controls" },
+    h("div", { class: "pw-control" }, h("span", { class: "pw-label" }, "Direction"), dirGroup, errorBox("direction")),
+    h("label", { class: "pw-control" }, h("span", { class: "pw-label" }, "Metric"), metricSelect, errorBox("metric")),
+    h("label", { class: "pw-control" }, h("span", { class: "pw-label" }, "Component"), siteSelect, errorBox("site")),
+    h("div", { class: "pw-control pw-actions" }, runButton, cancelButton,
+      h("label", { class: "pw-auto" }, autoBox, " auto-run"))));
+  root.append(reminder, h("div", { class: "pw-progress-row" }, progress, progressText));
+
+  function drawControls() {
+    const d = model.get("direction");
+    for (const [name, b] of Object.entries(dirButtons)) {
+      b.classList.toggle("pw-on", name === d);
+      b.setAttribute("aria-checked", String(name === d));
+    }
+    reminder.textContent = REMINDER[d] || "";
+    metricSelect.value = model.get("metric");
+    siteSelect.value = model.get("site");
+    autoBox.checked = !!model.get("auto_run");
+    markStale();
+  }
+  for (const name of ["direction", "metric", "site", "auto_run"]) on(`change:${name}`, drawControls);
+
+  // ------------------------------------------------------------ run / latency bookkeeping
+  let clickedAt = 0, runIdAtClick = -1;
+  root.dataset.latencyMs = "";
+  function requestRun() {
+    flushers.forEach((f) => f());
+    clickedAt = performance.now();
+    runIdAtClick = (model.get("heatmap") || {}).run_id ?? -1;
+    root.dataset.status = "running";
+    // Send the inputs edited here with the request: ipywidgets may hold back state updates
+    // while the kernel is busy, and a custom message could overtake them. Only edited ones:
+    // the others may have been changed by Python (pre-filled answers) after we last heard.
+    const state = {};
+    for (const k of edited) state[k] = model.get(k);
+    edited.clear();
+    model.send({ type: "run", state });
+  }
+
+  function drawStatus() {
+    const status = model.get("status");
+    const [done, total] = model.get("progress") || [0, 0];
+    const running = status === "running";
+    root.dataset.status = status;
+    cancelButton.disabled = !running;
+    progress.value = total ? done / total : status === "done" ? 1 : 0;
+    progress.classList.toggle("pw-hidden", !running && status !== "cancelled");
+    const secs = model.get("elapsed");
+    progressText.textContent = running ? `${done}/${total} patches`
+      : status === "done" ? `${total} patches in ${fmt(secs, 2)} s` + (root.dataset.latencyMs ? ` (${root.dataset.latencyMs} ms from click to heatmap)` : "")
+      : status === "cancelled" ? `cancelled after ${done}/${total} patches` : "";
+    statusText.textContent = status;
+    statusText.className = `pw-status pw-status-${status}`;
+  }
+  for (const name of ["status", "progress", "elapsed"]) on(`change:${name}`, drawStatus);
+
+  // ------------------------------------------------------------ errors
+  const generalError = errorBox("general");
+  function drawErrors() {
+    const errors = model.get("errors") || {};
+    for (const [field, box] of Object.entries(errorBoxes)) {
+      const msg = errors[field] || "";
+      box.textContent = msg;
+      box.classList.toggle("pw-hidden", !msg);
+      const input = root.querySelector(`[data-field="${field}"]`);
+      if (input) input.classList.toggle("pw-invalid", !!msg);
+    }
+    root.dataset.errors = Object.keys(errors).join(" ");
+  }
+  on("change:errors", drawErrors);
+
+  // ------------------------------------------------------------ heatmap
+  const caption = h("div", { class: "pw-caption" });
+  const staleNote = h("div", { class: "pw-stale pw-hidden" }, "Inputs changed since this heatmap was computed: press Run.");
+  const plot = h("div", { class: "pw-plot" });
+  const tooltip = h("div", { class: "pw-tooltip pw-hidden", role: "tooltip" });
+  const explanation = h("p", { class: "pw-explanation" });
+  const patternPanel = h("div", { class: "pw-patterns" });
+  const layerSelect = /** @type {HTMLSelectElement} */ (h("select", { class: "pw-select", "data-control": "pattern_layer", "aria-label": "layer" }));
+  const headSelect = /** @type {HTMLSelectElement} */ (h("select", { class: "pw-select", "data-control": "pattern_head", "aria-label": "head" }));
+  const info = model.get("model_info") || { n_layers: 0, n_heads: 0 };
+  for (let l = 0; l < info.n_layers; l++) layerSelect.append(h("option", { value: String(l) }, `layer ${l}`));
+  for (let hh = 0; hh < info.n_heads; hh++) headSelect.append(h("option", { value: String(hh) }, `head ${hh}`));
+  layerSelect.addEventListener("change", () => save("pattern_layer", Number(layerSelect.value)));
+  headSelect.addEventListener("change", () => save("pattern_head", Number(headSelect.value)));
+
+  root.append(h("div", { class: "pw-main" },
+    h("div", { class: "pw-heatmap-panel" }, caption, staleNote, generalError, plot),
+    h("div", { class: "pw-side" },
+      h("div", { class: "pw-side-title" }, "Selected cell"), explanation,
+      h("div", { class: "pw-side-title" }, "Attention pattern of ", layerSelect, headSelect),
+      patternPanel)));
+  root.append(tooltip);
+
+  /** @type {{key: string, rects: SVGRectElement[], svg: SVGSVGElement|null, outline: SVGRectElement|null, cw: number, ch: number, left: number, top: number, legend: any}} */
+  const hm = { key: "", rects: [], svg: null, outline: null, cw: 0, ch: 0, left: 0, top: 0, legend: null };
+
+  /** Build the SVG skeleton (labels, empty cells, legend) for a heatmap's shape. @param {Heatmap} p */
+  function buildHeatmap(p) {
+    const nR = p.rows.length, nC = p.cols.length;
+    // Size cells from the widget's width: the heatmap takes what it needs, and the side
+    // panel (explanation, attention patterns) wraps below it when there is no room left.
+    const width = Math.max(320, root.clientWidth || 800);
+    const rowLabelLen = Math.max(...p.rows.map((r) => r.label.length), p.row_title.length);
+    const left = Math.min(90, 14 + 7 * rowLabelLen);
+    const colLabelLen = Math.max(...p.cols.map((c) => c.label.length + 2));
+    const legendW = 96;
+    const cw = Math.max(6, Math.min(32, Math.floor((width - left - legendW - 8) / nC)));
+    const ch = Math.max(4, Math.min(28, Math.floor(720 / nR), Math.max(cw, 14)));
+    const colFont = Math.min(11, Math.max(7, cw - 1));
+    // Tilt column labels just enough that neighbours do not overlap (steeper when narrow).
+    const angle = Math.max(45, Math.min(90, (Math.asin(Math.min(1, (colFont + 1) / cw)) * 180) / Math.PI));
+    const top = Math.min(120, 16 + colFont * 0.62 * colLabelLen * Math.sin((angle * Math.PI) / 180));
+    const gridW = cw * nC, gridH = ch * nR;
+    const svg = /** @type {SVGSVGElement} */ (s("svg", {
+      width: left + gridW + legendW, height: top + gridH + 24, class: "pw-heatmap",
+      role: "img", "aria-label": `${p.direction} ${p.site} heatmap of ${p.metric}`,
+      "data-rows": nR, "data-cols": nC,
+    }));
+    // Column labels: tokens (diff positions bold) or head numbers; thin out when crowded.
+    const colStride = Math.ceil(9 / cw);
+    p.cols.forEach((c, j) => {
+      if (j % colStride && !c.diff) return;
+      const x = left + j * cw + cw / 2, y = top - 5;
+      const t = s("text", { x: 0, y: 0, transform: `translate(${x},${y}) rotate(${-angle.toFixed(1)})`, class: "pw-col-label" + (c.diff ? " pw-diff" : ""), "font-size": colFont, "dominant-baseline": "middle" });
+      t.textContent = c.token !== undefined ? quote(clip(c.token, 14)) : c.label;
+      svg.append(t);
+    });
+    // Row labels: layers, or "L3 H5"; with many rows, label each layer once.
+    const byHead = p.rows.length > 0 && p.rows[0].head !== undefined;
+    const rowFont = Math.min(11, Math.max(7, ch - 2));
+    const rowStride = Math.ceil(10 / ch);
+    p.rows.forEach((r, i) => {
+      let text = r.label;
+      if (byHead && ch < 10) { if (r.head !== 0) return; text = `L${r.layer}`; }
+      else if (i % rowStride) return;
+      const t = s("text", { x: left - 4, y: top + i * ch + ch / 2, class: "pw-row-label", "font-size": rowFont, "dominant-baseline": "middle", "text-anchor": "end" });
+      t.textContent = text;
+      svg.append(t);
+    });
+    const axisX = s("text", { x: left + gridW / 2, y: top + gridH + 16, class: "pw-axis-title", "text-anchor": "middle" });
+    axisX.textContent = p.col_title;
+    const axisY = s("text", { x: 2, y: top - 5, class: "pw-axis-title" });
+    axisY.textContent = p.row_title;
+    svg.append(axisX, axisY);
+    // Cells.
+    const gap = cw > 8 && ch > 6 ? 1 : 0;
+    const cells = s("g", { class: "pw-cells" });
+    const rects = [];
+    for (let i = 0; i < nR; i++) {
+      for (let j = 0; j < nC; j++) {
+        const r = /** @type {SVGRectElement} */ (s("rect", { x: left + j * cw, y: top + i * ch, width: cw - gap, height: ch - gap, class: "pw-cell", "data-row": i, "data-col": j }));
+        const d = { ...p.rows[i], ...p.cols[j] };
+        for (const k of ["layer", "head", "pos"]) if (d[k] !== undefined) r.setAttribute(`data-${k}`, String(d[k]));
+        rects.push(r);
+        cells.append(r);
+      }
+    }
+    svg.append(cells);
+    if (byHead) { // separators between layers
+      const nHeads = p.rows.filter((r) => r.layer === 0).length;
+      for (let l = 1; l * nHeads < nR; l++) svg.append(s("line", { x1: left, x2: left + gridW, y1: top + l * nHeads * ch, y2: top + l * nHeads * ch, class: "pw-sep" }));
+    }
+    // Legend: a vertical gradient from +scale (blue) to -scale (red).
+    const lx = left + gridW + 16, lh = Math.min(gridH, 160);
+    const gid = `pw-grad-${Math.random().toString(36).slice(2)}`;
+    const defs = s("defs");
+    const grad = s("linearGradient", { id: gid, x1: 0, y1: 0, x2: 0, y2: 1 });
+    [[0, 1], [0.5, 0], [1, -1]].forEach(([off, v]) => grad.append(s("stop", { offset: off, "stop-color": diverging(v, 1) })));
+    defs.append(grad);
+    const legendTexts = [0, 1, 2].map((k) => {
+      const t = s("text", { x: lx + 16, y: top + (k * lh) / 2, "dominant-baseline": "middle", class: "pw-legend-label" });
+      svg.append(t);
+      return t;
+    });
+    const legendTitle = s("text", { x: lx, y: top + lh + 14, class: "pw-legend-label" });
+    svg.append(defs, s("rect", { x: lx, y: top, width: 12, height: lh, fill: `url(#${gid})`, stroke: "#999" }), legendTitle);
+    const outline = /** @type {SVGRectElement} */ (s("rect", { class: "pw-outline pw-hidden", width: cw, height: ch }));
+    svg.append(outline);
+    plot.replaceChildren(svg);
+    Object.assign(hm, { svg, rects, outline, cw, ch, left, top, legend: { legendTexts, legendTitle } });
+  }
+
+  /** Colour the cells from the current values (cheap: runs on every streamed update). */
+  function paintHeatmap() {
+    /** @type {Heatmap} */
+    const p = model.get("heatmap") || {};
+    if (!p.rows || !p.rows.length) {
+      hm.key = "";
+      plot.replaceChildren(h("div", { class: "pw-empty" }, "No heatmap yet: press Run."));
+      caption.textContent = "";
+      delete root.dataset.runId;
+      return;
+    }
+    const key = `${p.run_id}|${p.site}|${p.rows.length}x${p.cols.length}|${Math.round((root.clientWidth || 800) / 40)}`;
+    if (key !== hm.key) { buildHeatmap(p); hm.key = key; }
+    const values = floats(p.values);
+    let top = 0, filled = 0;
+    for (const v of values) if (Number.isFinite(v)) { top = Math.max(top, Math.abs(v)); filled++; }
+    const scale = p.metric === "normalized" ? Math.max(1, top) : top || 1;
+    hm.rects.forEach((r, i) => {
+      const v = values[i];
+      if (Number.isFinite(v)) {
+        r.setAttribute("fill", diverging(v, scale));
+        r.setAttribute("data-value", String(v));
+        r.classList.remove("pw-pending");
+      } else {
+        r.removeAttribute("fill"); // .pw-pending colours it (CSS variables need CSS, not attributes)
+        r.removeAttribute("data-value");
+        r.classList.add("pw-pending");
+      }
+    });
+    const [t0, t1, t2] = hm.legend.legendTexts;
+    t0.textContent = fmt(scale); t1.textContent = "0"; t2.textContent = fmt(-scale);
+    hm.legend.legendTitle.textContent = p.metric;
+    caption.textContent = `${p.direction} \u00b7 ${p.site} \u00b7 ${METRIC_LABELS[p.metric] || p.metric}` +
+      (p.complete ? "" : ` \u00b7 ${p.done}/${p.total} patches`);
+    Object.assign(root.dataset, {
+      runId: String(p.run_id), complete: String(!!p.complete), filled: String(filled),
+      metric: p.metric, direction: p.direction, site: p.site,
+    });
+    drawOutline();
+    markStale();
+    if (p.complete && clickedAt && p.run_id > runIdAtClick) {
+      const t = clickedAt;
+      clickedAt = 0;
+      requestAnimationFrame(() => {
+        root.dataset.latencyMs = String(Math.round(performance.now() - t));
+        drawStatus();
+      });
+    }
+  }
+  on("change:heatmap", paintHeatmap);
+
+  function markStale() {
+    const p = model.get("heatmap") || {};
+    if (!p.inputs) return staleNote.classList.add("pw-hidden");
+    const stale = ["clean", "corrupted", "correct", "incorrect", "direction", "site"].some((k) => p.inputs[k] !== model.get(k));
+    staleNote.classList.toggle("pw-hidden", !stale);
+  }
+
+  function drawOutline() {
+    const sel = model.get("selected") || {};
+    if (!hm.outline) return;
+    const ok = Number.isInteger(sel.row) && Number.isInteger(sel.col) && hm.rects.length > 0;
+    hm.outline.classList.toggle("pw-hidden", !ok);
+    if (ok) {
+      hm.outline.setAttribute("x", String(hm.left + sel.col * hm.cw));
+      hm.outline.setAttribute("y", String(hm.top + sel.row * hm.ch));
+    }
+  }
+  on("change:selected", drawOutline);
+
+  // Tooltip and clicks, delegated from the cells.
+  /** @param {MouseEvent} e @param {string[]} lines */
+  function showTooltip(e, lines) {
+    tooltip.replaceChildren(...lines.map((l, i) => h(i ? "div" : "b", {}, l)));
+    tooltip.classList.remove("pw-hidden");
+    const box = root.getBoundingClientRect();
+    let x = e.clientX - box.left + 14, y = e.clientY - box.top + 14;
+    if (x + 380 > box.width) x = Math.max(0, x - 400);
+    tooltip.style.left = `${x}px`;
+    tooltip.style.top = `${y}px`;
+  }
+  const hideTooltip = () => tooltip.classList.add("pw-hidden");
+
+  plot.addEventListener("mousemove", (e) => {
+    const r = /** @type {Element} */ (e.target);
+    if (!(r instanceof SVGRectElement) || !r.classList.contains("pw-cell")) return hideTooltip();
+    /** @type {Heatmap} */
+    const p = model.get("heatmap");
+    const row = p.rows[Number(r.dataset.row)], col = p.cols[Number(r.dataset.col)];
+    const value = r.dataset.value === undefined ? "not computed yet" : fmt(Number(r.dataset.value), 4);
+    const lines = [`${p.metric} = ${value}`, `layer ${row.layer}`];
+    const head = row.head ?? col.head;
+    if (head !== undefined) lines.push(`head ${head}`);
+    if (col.pos !== undefined) {
+      lines.push(`position ${col.pos}: ${quote(col.token ?? "")}` +
+        (col.diff ? ` (corrupted: ${quote(col.corrupted_token ?? "")})` : ""));
+    }
+    showTooltip(e, lines);
+  });
+  plot.addEventListener("mouseleave", hideTooltip);
+  plot.addEventListener("click", (e) => {
+    const r = /** @type {Element} */ (e.target);
+    if (!(r instanceof SVGRectElement) || !r.classList.contains("pw-cell")) return;
+    save("selected", { row: Number(r.dataset.row), col: Number(r.dataset.col) });
+  });
+  on("change:explanation", () => {
+    explanation.textContent = model.get("explanation") || "Click a cell of the heatmap to see what it means.";
+  });
+
+  // ------------------------------------------------------------ attention patterns
+  /** One query x key grid. @param {string} name @param {PatternView} view */
+  function patternGrid(name, view) {
+    const n = view.n, w = floats(view.values), toks = view.tokens;
+    // Two grids side by side when the panel is wide enough, else one per line.
+    const avail = Math.max(220, patternPanel.clientWidth || 300);
+    const per = avail >= 560 ? avail / 2 - 12 : avail - 4;
+    const labelLen = Math.min(12, Math.max(...toks.map((t) => t.length + 2)));
+    const labelW = 10 + labelLen * 6;
+    const cell = Math.max(3, Math.min(16, Math.floor((per - labelW) / n)));
+    const font = Math.min(10, Math.max(7, cell - 2));
+    const left = 10 + labelLen * font * 0.6, top = 10 + labelLen * font * 0.5;
+    const svg = s("svg", { width: left + n * cell + 4, height: top + n * cell + 4, class: "pw-pattern", "data-prompt": name, "data-n": n });
+    const stride = Math.ceil(8 / cell);
+    toks.forEach((tok, i) => {
+      if (i % stride) return;
+      const label = quote(clip(tok, 10));
+      const q = s("text", { x: left - 3, y: top + i * cell + cell / 2, "font-size": font, "text-anchor": "end", "dominant-baseline": "middle", class: "pw-row-label" });
+      q.textContent = label;
+      const k = s("text", { x: 0, y: 0, transform: `translate(${left + i * cell + cell / 2},${top - 3}) rotate(-55)`, "font-size": font, class: "pw-col-label" });
+      k.textContent = label;
+      svg.append(q, k);
+    });
+    for (let qi = 0; qi < n; qi++) {
+      for (let ki = 0; ki < n; ki++) {
+        const v = w[qi * n + ki];
+        svg.append(s("rect", { x: left + ki * cell, y: top + qi * cell, width: cell, height: cell, fill: sequential(v), class: ki > qi ? "pw-pcell pw-masked" : "pw-pcell", "data-q": qi, "data-k": ki, "data-weight": v.toFixed(4) }));
+      }
+    }
+    svg.addEventListener("mousemove", (e) => {
+      const r = /** @type {Element} */ (e.target);
+      if (!(r instanceof SVGRectElement)) return hideTooltip();
+      const qi = Number(r.dataset.q), ki = Number(r.dataset.k);
+      showTooltip(e, [`attention ${fmt(Number(r.dataset.weight), 3)}`, `${name} prompt`,
+        `query ${qi}: ${quote(toks[qi])}`, `key ${ki}: ${quote(toks[ki])}`]);
+    });
+    svg.addEventListener("mouseleave", hideTooltip);
+    return h("div", { class: "pw-pattern-box" }, h("div", { class: "pw-pattern-title" }, `${name} prompt (rows: queries, columns: keys)`), svg);
+  }
+
+  function drawPattern() {
+    const p = model.get("pattern") || {};
+    layerSelect.value = String(model.get("pattern_layer"));
+    headSelect.value = String(model.get("pattern_head"));
+    patternPanel.replaceChildren();
+    patternPanel.dataset.layer = String(p.layer ?? "");
+    patternPanel.dataset.head = String(p.head ?? "");
+    for (const name of ["clean", "corrupted"]) {
+      if (p[name]) patternPanel.append(patternGrid(name, p[name]));
+      else patternPanel.append(h("div", { class: "pw-muted" }, `${name}: no pattern (fix the prompt first)`));
+    }
+  }
+  for (const name of ["pattern", "pattern_layer", "pattern_head"]) on(`change:${name}`, drawPattern);
+
+  // ------------------------------------------------------------ first draw + resizing
+  drawTokens(); drawControls(); drawStatus(); drawErrors(); paintHeatmap(); drawPattern();
+  explanation.textContent = model.get("explanation") || "Click a cell of the heatmap to see what it means.";
+  let rootWidth = 0, patternWidth = 0;
+  const resize = new ResizeObserver(() => {
+    if (Math.abs(root.clientWidth - rootWidth) > 40) { rootWidth = root.clientWidth; hm.key = ""; paintHeatmap(); }
+    if (Math.abs(patternPanel.clientWidth - patternWidth) > 40) { patternWidth = patternPanel.clientWidth; drawPattern(); }
+  });
+  resize.observe(root);
+  resize.observe(patternPanel);
+  cleanups.push(() => resize.disconnect());
+  return () => cleanups.forEach((f) => f());
+}
+
+export default { render };

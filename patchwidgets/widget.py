@@ -1,0 +1,467 @@
+"""The interactive patching widget: type two prompts, press Run, watch the heatmap fill in.
+
+Quick start (works offline: ``model=None`` loads the bundled ``toy-ioi`` model)::
+
+    w = patchwidgets.PatchingWidget()
+    w                      # display it, then press Run, or from code:
+    w.run(wait=True)       # block until the sweep is done
+    w.result.frame         # the PatchResult behind the heatmap
+    w.figure()             # the same heatmap as a plotly figure
+
+How it works
+------------
+The widget is an `anywidget <https://anywidget.dev>`_: a Python class with synced traitlets
+plus one plain ES module (``static/widget.js``) that draws them. Python owns the model; the
+browser owns nothing but the picture. Every input (``clean``, ``corrupted``, ``correct``,
+``incorrect``, ``direction``, ``metric``, ``site``) is a traitlet, so it can be set from code
+(``w.clean = "..."`` updates the view) or from the page.
+
+Everything that touches the model runs on **one background thread** (a
+:class:`~patchwidgets.widget_state.JobRunner`), so the notebook never blocks and two forward
+passes never overlap (patching attaches hooks to the model; a second pass at the same time
+would see them). Three kinds of job run there:
+
+* *preview*, after any prompt or answer edit: tokenise both prompts, check them with the
+  core's own checks, run each prompt once, pre-fill the answers with the model's top
+  predictions and compute the baseline logit differences;
+* *pattern*: send one head's attention pattern (cached by the preview);
+* *sweep*: :func:`patchwidgets.patch` with a ``callback`` that pushes the partial grid to
+  the ``heatmap`` traitlet after each chunk (at most ~10 times a second) and runs any
+  waiting preview or pattern job, so edits stay responsive during a long sweep.
+
+All built-in metrics are computed in the same sweep (they cost nothing extra), so switching
+the metric redraws at once without rerunning.
+
+Errors never escape: anything the core rejects lands in ``errors`` as ``{field: message}``
+and the page shows it next to that field, while the last good heatmap stays.
+
+Where it runs
+-------------
+JupyterLab 4 and Jupyter Notebook 7 (Notebook 7 is built from JupyterLab components and
+ships the same ipywidgets manager, so the widget behaves identically), VS Code and Colab
+(anywidget's ``export default { render }`` convention). To reopen a saved notebook with its
+last heatmap, turn on *Settings -> Jupyter Widgets -> Save Jupyter widget state in
+notebooks*; the traitlets (heatmap included) are then stored in the notebook. Exported
+notebooks (nbconvert, GitHub) show a static HTML table of the heatmap instead, from
+:meth:`PatchingWidget._repr_mimebundle_`, as of the moment the widget was displayed:
+display it after ``w.run(wait=True)`` to export a filled one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anywidget
+import traitlets as t
+
+from .errors import DegenerateNormalizationError, PatchingCancelled
+from .metrics import BUILTIN_METRICS
+from .patching import patch
+from .widget_state import (
+    INPUT_FIELDS, SITE_GROUPS, WIDGET_SITES, JobRunner, explain_cell, field_of, heatmap_payload,
+    pattern_payload, preview, quiet_load, static_html,
+)
+
+STATIC = Path(__file__).parent / "static"
+DEFAULT_CLEAN = "When Mary and John went to the store, John gave a drink to"
+DEFAULT_CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
+
+
+class PatchingWidget(anywidget.AnyWidget):
+    """Activation patching, interactively. See the module docstring for the design.
+
+    Args:
+        model: a model from :func:`patchwidgets.load_model`, a model name, or ``None`` for
+            the bundled ``toy-ioi`` model (loads offline).
+        clean, corrupted: the two prompts (default: an indirect-object pair).
+        correct, incorrect: answer tokens; left empty, they are filled with the model's
+            top prediction on the clean and the corrupted prompt, and follow the prompts
+            until you type your own.
+        direction, metric, site, auto_run: initial control settings (any traitlet can be
+            passed as a keyword).
+
+    Attributes:
+        result: the last :class:`~patchwidgets.results.PatchResult` (partial after a
+            cancel: ``result.complete`` is False), or ``None``.
+    """
+
+    _esm = STATIC / "widget.js"
+    _css = STATIC / "widget.css"
+
+    # Inputs (set from the page or from code).
+    clean = t.Unicode(DEFAULT_CLEAN).tag(sync=True)
+    corrupted = t.Unicode(DEFAULT_CORRUPTED).tag(sync=True)
+    correct = t.Unicode("").tag(sync=True)
+    incorrect = t.Unicode("").tag(sync=True)
+    direction = t.Unicode("denoising").tag(sync=True)
+    metric = t.Unicode("normalized").tag(sync=True)
+    site = t.Unicode("resid_pre").tag(sync=True)
+    auto_run = t.Bool(False).tag(sync=True)
+    auto_run_delay = t.Float(0.4)  # seconds of quiet before an auto-run starts
+    selected = t.Dict().tag(sync=True)          # {"row": r, "col": c} of the clicked cell
+    pattern_layer = t.Int(0).tag(sync=True)
+    pattern_head = t.Int(0).tag(sync=True)
+
+    # Outputs (set by Python only).
+    model_name = t.Unicode("").tag(sync=True)
+    model_info = t.Dict().tag(sync=True)        # {"n_layers", "n_heads"}
+    metric_options = t.List(list(BUILTIN_METRICS)).tag(sync=True)
+    site_options = t.List([[g, [list(o) for o in opts]] for g, opts in SITE_GROUPS]).tag(sync=True)
+    tokens = t.Dict().tag(sync=True)            # {"clean": [...] | None, "corrupted": ...}
+    baseline = t.Dict().tag(sync=True)          # logit differences and top predictions
+    errors = t.Dict().tag(sync=True)            # {field: message}
+    status = t.Unicode("idle").tag(sync=True)   # idle | running | done | cancelled | error
+    progress = t.List([0, 0]).tag(sync=True)    # [patches done, total]
+    elapsed = t.Float(0.0).tag(sync=True)       # seconds the last sweep took in Python
+    heatmap = t.Dict().tag(sync=True)           # see widget_state.heatmap_payload
+    explanation = t.Unicode("").tag(sync=True)
+    pattern = t.Dict().tag(sync=True)           # one head's pattern on both prompts
+
+    def __init__(self, model: Any = None, **kwargs: Any):
+        self._sync_lock = threading.RLock()  # see hold_sync below
+        if model is None or isinstance(model, str):
+            model = quiet_load(model or "toy-ioi")
+        self.model = model
+        self.result = None
+        self._current = None            # the result being shown (streaming or final)
+        self._current_progress = (0, 0)
+        self._run_id = 0
+        self._cancel: threading.Event | None = None
+        self._timer: threading.Timer | None = None
+        self._timer_lock = threading.Lock()
+        self._quiet = threading.local()  # set while the job thread writes inputs itself
+        self._preview_errors: dict[str, str] = {}
+        self._run_errors: dict[str, str] = {}
+        self._suggested: dict[str, str | None] = {}
+        self._patterns: dict[str, Any] = {}
+        self._dropped: dict[str, str] = {}   # metrics a sweep could not compute, and why
+        self._inputs_used: dict[str, str] = {}
+        self._jobs = JobRunner(("preview", "pattern", "sweep"), self._job_failed)
+        cfg = model.cfg
+        name = str(getattr(cfg, "model_name", "") or type(model).__name__)
+        super().__init__(
+            model_name=Path(name).name if "/" in name else name,
+            model_info={"n_layers": int(cfg.n_layers), "n_heads": int(cfg.n_heads)},
+            **kwargs,
+        )
+        self.observe(self._on_input, names=list(INPUT_FIELDS))
+        self.observe(self._on_control, names=["direction", "site"])
+        self.observe(self._on_metric, names="metric")
+        self.observe(self._on_selected, names="selected")
+        self.observe(self._on_pattern_choice, names=["pattern_layer", "pattern_head"])
+        self.observe(self._on_auto_run, names="auto_run")
+        self.on_msg(self._on_frontend_msg)
+        self._preview()  # nothing else uses the model yet, so this may run right here
+
+    # ------------------------------------------------------------------ public API
+    def run(self, wait: bool = False, timeout: float | None = None):
+        """Start a sweep with the current inputs (cancelling one in progress).
+
+        With ``wait=True``, block until it finishes and return :attr:`result` (``None``
+        if the inputs were rejected: see :attr:`errors`). The page's Run button does the
+        same without waiting.
+        """
+        self._cancel_timer()
+        if self._cancel is not None:
+            self._cancel.set()
+        self.status = "running"
+        self._jobs.submit("sweep", self._sweep)
+        if wait:
+            self.wait(timeout)
+            return self.result if self.status == "done" else None
+        return None
+
+    def cancel(self) -> None:
+        """Stop the running sweep after its current chunk (the Cancel button)."""
+        self._cancel_timer()
+        self._jobs.discard("sweep")
+        if self._cancel is not None:
+            self._cancel.set()
+        if self._jobs.idle() and self.status == "running":
+            self.status = "cancelled"
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until pending auto-runs, previews and sweeps are done; False on timeout."""
+        if threading.current_thread().name == "patchwidgets-jobs":
+            return False  # called from an observer on the job thread: would deadlock
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._timer_lock:
+                timer = self._timer
+            if timer is None:
+                break
+            timer.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if timer.is_alive():
+                return False
+            with self._timer_lock:
+                if self._timer is timer:  # it fired (or was cancelled) without clearing
+                    self._timer = None
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self._jobs.wait(left)
+
+    def figure(self, metric: str | None = None):
+        """The current heatmap as a plotly figure (``result.figure``)."""
+        if self.result is None:
+            raise RuntimeError("no sweep has run yet: press Run or call w.run(wait=True)")
+        return self.result.figure(metric or self.metric)
+
+    def select(self, row: int | None = None, col: int | None = None, **index: int) -> str:
+        """Select a heatmap cell, as a click does, by ``row, col`` or by index values
+        (``layer=3, pos=10``, ``layer=1, head=4``); return its explanation."""
+        if row is None or col is None:
+            rows, cols = self.heatmap.get("rows", []), self.heatmap.get("cols", [])
+
+            def find(items):
+                return next(i for i, d in enumerate(items)
+                            if all(d[k] == v for k, v in index.items() if k in d))
+            row, col = find(rows), find(cols)
+        self.selected = {"row": int(row), "col": int(col)}
+        return self.explanation
+
+    def close(self) -> None:
+        self._cancel_timer()
+        if self._cancel is not None:
+            self._cancel.set()
+        self._jobs.close()
+        super().close()
+
+    # ------------------------------------------------------------------ thread-safe syncing
+    # ipywidgets batches trait updates (hold_sync) in a per-widget queue that is not
+    # thread-safe: an update made by one thread while another flushes the queue can be
+    # lost. Both the kernel's thread and the job thread write traitlets, so every piece of
+    # that bookkeeping runs under one re-entrant lock.
+    @contextmanager
+    def hold_sync(self):
+        with self._sync_lock, super().hold_sync():
+            yield
+
+    def _should_send_property(self, key, value):
+        with self._sync_lock:
+            return super()._should_send_property(key, value)
+
+    def send_state(self, key=None):
+        with self._sync_lock:
+            super().send_state(key)
+
+    def set_state(self, sync_data):
+        with self._sync_lock:  # an update from the page: its property lock is shared state too
+            super().set_state(sync_data)
+
+    # ------------------------------------------------------------------ representations
+    def __repr__(self) -> str:
+        answers = (self.correct, self.incorrect)
+        return (f"PatchingWidget(model={self.model_name!r}, site={self.site!r}, "
+                f"direction={self.direction!r}, metric={self.metric!r}, clean={self.clean!r}, "
+                f"corrupted={self.corrupted!r}, answers={answers!r}, status={self.status!r})")
+
+    def _repr_mimebundle_(self, **kwargs: Any):
+        bundle = super()._repr_mimebundle_(**kwargs)
+        data, meta = bundle if isinstance(bundle, tuple) else (bundle, {})
+        data = dict(data)
+        data["text/html"] = static_html(self.heatmap, f"PatchingWidget ({self.model_name})")
+        return data, meta
+
+    # ------------------------------------------------------------------ observers
+    def _writing(self) -> bool:
+        return getattr(self._quiet, "on", False)
+
+    def _set_quietly(self, **values: Any) -> None:
+        self._quiet.on = True
+        try:
+            for name, value in values.items():
+                setattr(self, name, value)
+        finally:
+            self._quiet.on = False
+
+    def _on_input(self, change) -> None:
+        if self._writing():
+            return
+        self._run_errors = {}
+        self._jobs.submit("preview", self._preview)
+        self._schedule_auto_run()
+
+    def _on_control(self, change) -> None:
+        self._run_errors.pop(change["name"], None)
+        self._set_errors()
+        self._schedule_auto_run()
+
+    def _on_auto_run(self, change) -> None:
+        if change["new"]:
+            self._schedule_auto_run()
+        else:
+            self._cancel_timer()
+
+    def _on_metric(self, change) -> None:
+        self._run_errors.pop("metric", None)
+        result = self._current
+        if result is not None and change["new"] not in result.metrics:
+            reason = self._dropped.get(change["new"], "")
+            self._run_errors["metric"] = (
+                f"metric {change['new']!r} is not available for this sweep. {reason}".strip())
+        elif result is not None:
+            self._push(result, *self._current_progress)
+        self._set_errors()
+
+    def _on_selected(self, change) -> None:
+        sel, payload = change["new"] or {}, self.heatmap
+        try:
+            row, col = int(sel["row"]), int(sel["col"])
+            cell = {**payload["rows"][row], **payload["cols"][col]}
+        except (KeyError, IndexError, TypeError, ValueError):
+            self.explanation = ""
+            return
+        used = payload.get("inputs", {})
+        self.explanation = explain_cell(payload, row, col, (used.get("correct", ""), used.get("incorrect", "")))
+        if "head" in cell and "layer" in cell:
+            with self.hold_sync():
+                self.pattern_layer, self.pattern_head = int(cell["layer"]), int(cell["head"])
+
+    def _on_pattern_choice(self, change) -> None:
+        self._jobs.submit("pattern", self._send_pattern)
+
+    def _on_frontend_msg(self, widget, content, buffers) -> None:
+        kind = content.get("type") if isinstance(content, dict) else None
+        if kind == "run":
+            # The page sends its current inputs along with Run: ipywidgets may still hold
+            # back a state update while the kernel is busy, and custom messages overtake it.
+            state = content.get("state")
+            if isinstance(state, dict):
+                with self.hold_sync():
+                    for name in (*INPUT_FIELDS, "direction", "metric", "site"):
+                        if isinstance(state.get(name), str) and state[name] != getattr(self, name):
+                            setattr(self, name, state[name])
+            self.run()
+        elif kind == "cancel":
+            self.cancel()
+
+    # ------------------------------------------------------------------ auto-run
+    def _schedule_auto_run(self) -> None:
+        if not self.auto_run:
+            return
+        with self._timer_lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(self.auto_run_delay, self._auto_fire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _auto_fire(self) -> None:
+        with self._timer_lock:
+            self._timer = None
+        self.run()
+
+    def _cancel_timer(self) -> None:
+        with self._timer_lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    # ------------------------------------------------------------------ errors
+    def _set_errors(self) -> None:
+        self.errors = {**self._preview_errors, **self._run_errors}
+
+    def _field_of(self, err: BaseException) -> str:
+        return field_of(err, {name: getattr(self, name) for name in INPUT_FIELDS})
+
+    def _job_failed(self, kind: str, err: BaseException) -> None:
+        self._run_errors["general"] = f"Internal error in the {kind} job: {type(err).__name__}: {err}"
+        self._set_errors()
+        if kind == "sweep":
+            self.status = "error"
+
+    # ------------------------------------------------------------------ jobs (job thread)
+    def _preview(self) -> None:
+        """Tokenise and check the prompts, pre-fill the answers, compute the baselines."""
+        texts = {"clean": self.clean, "corrupted": self.corrupted}
+        answers = {"correct": self.correct, "incorrect": self.incorrect}
+        found = preview(self.model, texts, answers, self._suggested)
+        self._patterns = found.patterns
+        self._preview_errors = found.errors
+        with self.hold_sync():
+            self._set_quietly(**found.fills)
+            self.tokens = found.tokens
+            self.baseline = found.baseline
+            self._set_errors()
+        self._send_pattern()
+
+    def _send_pattern(self) -> None:
+        self.pattern = pattern_payload(self._patterns, self.pattern_layer, self.pattern_head)
+
+    def _push(self, result, done: int, total: int) -> None:
+        if self.metric not in result.metrics:
+            return
+        self.heatmap = heatmap_payload(result, self.metric, done, total, self._inputs_used, self._run_id)
+        if self.selected:
+            self._on_selected({"new": self.selected})
+
+    def _sweep(self) -> None:
+        inputs = {name: getattr(self, name) for name in (*INPUT_FIELDS, "direction", "site")}
+        self._run_id += 1
+        self._inputs_used = inputs
+        cancel = self._cancel = threading.Event()
+        self._run_errors = {}
+        self._dropped = {}
+        with self.hold_sync():
+            self.status, self.progress = "running", [0, 0]
+            self._set_errors()
+        if inputs["site"] not in WIDGET_SITES:
+            self._run_errors["site"] = (f"the widget shows these sites: {', '.join(WIDGET_SITES)}; "
+                                        f"use patchwidgets.patch() for {inputs['site']!r}")
+            self._finish("error")
+            return
+        started, last_push = time.perf_counter(), [0.0]
+
+        def on_update(update) -> None:
+            self._current, self._current_progress = update.result, (update.done, update.total)
+            now = time.perf_counter()
+            with self.hold_sync():
+                self.progress = [update.done, update.total]
+                if now - last_push[0] >= 0.1 or update.done >= update.total:
+                    last_push[0] = now
+                    self._push(update.result, update.done, update.total)
+            self._jobs.service(("preview", "pattern"))  # keep edits responsive
+
+        def sweep(metrics):
+            return patch(self.model, inputs["clean"], inputs["corrupted"],
+                         answers=(inputs["correct"], inputs["incorrect"]), site=inputs["site"],
+                         direction=inputs["direction"], metrics=metrics, callback=on_update,
+                         cancel=cancel, progress=False)
+
+        try:
+            try:
+                result = sweep(list(BUILTIN_METRICS))
+            except DegenerateNormalizationError as err:
+                if self.metric == "normalized":
+                    raise
+                self._dropped["normalized"] = str(err)
+                result = sweep([m for m in BUILTIN_METRICS if m != "normalized"])
+        except PatchingCancelled as stop:
+            if stop.partial is not None:
+                self.result = self._current = stop.partial
+                self._push(stop.partial, *self._current_progress)
+            self._finish("cancelled", started)
+            return
+        except ValueError as err:  # every input problem the core reports
+            self._run_errors[self._field_of(err)] = str(err)
+            self._finish("error", started)
+            return
+        self.result = self._current = result
+        n = len(result.indices) * len(result.sites)
+        self._current_progress = (n, n)
+        with self.hold_sync():
+            self.progress = [n, n]
+            self._push(result, n, n)
+        self._finish("done", started)
+
+    def _finish(self, status: str, started: float | None = None) -> None:
+        with self.hold_sync():
+            if started is not None:
+                self.elapsed = round(time.perf_counter() - started, 4)
+            self._set_errors()
+            if not self._jobs.waiting("sweep"):  # a newer sweep keeps "running"
+                self.status = status
+

@@ -1,0 +1,501 @@
+"""Helpers behind :class:`patchwidgets.widget.PatchingWidget` that need no widget.
+
+The widget keeps all of its state in synced traitlets (plain JSON plus raw bytes), so a
+saved notebook can draw the last heatmap without a kernel. This module turns the
+patching core's objects into that state and back into words:
+
+* :func:`heatmap_payload` flattens a :class:`~patchwidgets.results.PatchResult` into a 2-D
+  table (rows x columns) with labels, ready for the front end to draw;
+* :func:`explain_cell` says in plain words what one cell of that table means;
+* :func:`static_html` renders the same table as self-contained HTML, the fallback that
+  exported notebooks (nbconvert, GitHub) show instead of the live widget;
+* :func:`preview` checks and runs the two prompts before any sweep: tokens, errors next to
+  the right field, pre-filled answers, baseline logit differences, attention patterns;
+* :class:`JobRunner` is the single background thread that owns the model, so the notebook
+  never blocks and two forward passes never run at once.
+
+Everything here is deterministic (no ids, no timestamps in text), so ``nbval`` can compare
+the widget's outputs between runs.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import threading
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from . import inputs as inputs_mod
+
+INPUT_FIELDS = ("clean", "corrupted", "correct", "incorrect")
+
+#: The sites the widget offers, grouped as in its component selector: ``(value, label)``.
+SITE_GROUPS: list[tuple[str, list[tuple[str, str]]]] = [
+    ("Residual stream and blocks (layer x position)", [
+        ("resid_pre", "residual stream (before each layer)"),
+        ("resid_mid", "residual stream (between attention and MLP)"),
+        ("resid_post", "residual stream (after each layer)"),
+        ("attn_out", "attention output"),
+        ("mlp_out", "MLP output"),
+    ]),
+    ("Attention heads, all positions (layer x head)", [
+        ("head_out", "head outputs (z)"),
+        ("head_q", "head queries (q)"),
+        ("head_k", "head keys (k)"),
+        ("head_v", "head values (v)"),
+        ("head_pattern", "head attention patterns"),
+    ]),
+    ("Attention heads, by position (layer.head x position)", [
+        ("head_out_by_pos", "head outputs (z) by position"),
+        ("head_q_by_pos", "head queries (q) by position"),
+        ("head_k_by_pos", "head keys (k) by position"),
+        ("head_v_by_pos", "head values (v) by position"),
+        ("head_pattern_by_pos", "head patterns by destination position"),
+    ]),
+]
+WIDGET_SITES = [value for _, options in SITE_GROUPS for value, _ in options]
+
+#: What each site patches, as a phrase: ``{layer}``, ``{head}`` are filled in.
+_SITE_PHRASES = {
+    "resid_pre": "the residual stream entering layer {layer}",
+    "resid_mid": "the residual stream between attention and MLP of layer {layer}",
+    "resid_post": "the residual stream leaving layer {layer}",
+    "attn_out": "the attention output of layer {layer}",
+    "mlp_out": "the MLP output of layer {layer}",
+    "head_out": "the output of head {layer}.{head}",
+    "head_q": "the queries of head {layer}.{head}",
+    "head_k": "the keys of head {layer}.{head}",
+    "head_v": "the values of head {layer}.{head}",
+    "head_pattern": "the attention pattern of head {layer}.{head}",
+}
+
+#: Metric names as words, for explanations; ``{c}`` is the correct answer.
+METRIC_WORDS = {
+    "logit_diff": "logit difference",
+    "normalized": "fraction of the logit difference restored",
+    "logit": "logit of {c}",
+    "logprob": "log-probability of {c}",
+    "prob": "probability of {c}",
+    "rank": "rank of {c}",
+    "accuracy": "top-1 accuracy (is {c} the top prediction?)",
+    "kl": "KL divergence from the clean run's prediction",
+}
+
+
+# --------------------------------------------------------------------------- heatmap payload
+def _finite(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _token_label(token: str) -> str:
+    return token if len(token) <= 14 else token[:12] + "\u2026"
+
+
+def table_2d(result, metric: str) -> tuple[torch.Tensor, list[dict], list[dict], str, str]:
+    """The sweep's grid as a 2-D table: ``values [rows, cols]``, row and column descriptors,
+    and the two axis titles.
+
+    ``(layer, pos)`` and ``(layer, head)`` grids are already 2-D; the ``by_pos`` head sites,
+    ``(layer, pos, head)`` and ``(layer, head, pos)``, become one row per (layer, head)
+    with the positions as columns. Each descriptor carries the indices of its cells
+    (``layer``, ``head``, ``pos``), a short ``label`` and, for positions, the clean and
+    corrupted ``token`` there.
+    """
+    grid = result.grid(metric).float()
+    axes, shape = tuple(result.axes), tuple(result.shape)
+    clean = result.clean_str_tokens[0] if result.clean_str_tokens else None
+    corrupted = result.corrupted_str_tokens[0] if result.corrupted_str_tokens else None
+
+    def pos_cols(n: int) -> list[dict]:
+        cols = []
+        for p in range(n):
+            tok = clean[p] if clean and p < len(clean) else str(p)
+            col = {"pos": p, "label": _token_label(tok), "token": tok}
+            if corrupted and p < len(corrupted):
+                col["corrupted_token"] = corrupted[p]
+                col["diff"] = corrupted[p] != tok
+            cols.append(col)
+        return cols
+
+    if axes == ("layer", "pos"):
+        rows = [{"layer": l, "label": str(l)} for l in range(shape[0])]
+        return grid, rows, pos_cols(shape[1]), "layer", "position"
+    if axes == ("layer", "head"):
+        rows = [{"layer": l, "label": str(l)} for l in range(shape[0])]
+        cols = [{"head": h, "label": str(h)} for h in range(shape[1])]
+        return grid, rows, cols, "layer", "head"
+    if axes in (("layer", "pos", "head"), ("layer", "head", "pos")):
+        if axes == ("layer", "pos", "head"):
+            grid = grid.permute(0, 2, 1)
+        n_layers, n_heads, n_pos = grid.shape
+        rows = [{"layer": l, "head": h, "label": f"L{l} H{h}"}
+                for l in range(n_layers) for h in range(n_heads)]
+        return grid.reshape(n_layers * n_heads, n_pos), rows, pos_cols(n_pos), "layer.head", "position"
+    raise ValueError(f"the widget cannot draw a sweep with axes {axes}")
+
+
+def heatmap_payload(result, metric: str, done: int, total: int, inputs: dict, run_id: int) -> dict:
+    """The ``heatmap`` traitlet: everything the front end needs to draw one metric.
+
+    ``values`` is the row-major ``[rows, cols]`` table as little-endian float32 bytes
+    (ipywidgets ships bytes as binary buffers; NaN marks cells not computed yet).
+    """
+    values, rows, cols, row_title, col_title = table_2d(result, metric)
+    baselines = {name: _finite(float(b[metric].float().mean())) if metric in b else None
+                 for name, b in result.baselines.items()}
+    return {
+        "run_id": run_id,
+        "site": result.sites[0],
+        "metric": metric,
+        "direction": result.direction,
+        "rows": rows,
+        "cols": cols,
+        "row_title": row_title,
+        "col_title": col_title,
+        "values": values.contiguous().numpy().astype("<f4").tobytes(),
+        "done": int(done),
+        "total": int(total),
+        "complete": bool(done >= total),
+        "baselines": baselines,
+        "inputs": dict(inputs),
+    }
+
+
+def payload_values(payload: dict) -> torch.Tensor:
+    """Decode ``payload["values"]`` back into a ``[rows, cols]`` float tensor."""
+    raw = payload["values"]
+    flat = torch.frombuffer(bytearray(bytes(raw)), dtype=torch.float32) if len(raw) else torch.zeros(0)
+    return flat.reshape(len(payload["rows"]), len(payload["cols"]))
+
+
+# --------------------------------------------------------------------------- words
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return f"{x:.{digits}g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+
+
+def describe_cell(site: str, cell: dict) -> str:
+    """What one cell patches: "the output of head 3.2 at ' Mary' (position 10)"."""
+    base = site[: -len("_by_pos")] if site.endswith("_by_pos") else site
+    phrase = _SITE_PHRASES.get(base, f"{site} at layer {{layer}}")
+    text = phrase.format(layer=cell.get("layer", "?"), head=cell.get("head", "?"))
+    if "pos" in cell:
+        where = "from destination position" if base == "head_pattern" else "at"
+        tok = cell.get("token")
+        text += f" {where} {tok!r} (position {cell['pos']})" if tok is not None else f" {where} position {cell['pos']}"
+    return text
+
+
+def explain_cell(payload: dict, row: int, col: int, answers: tuple[str, str]) -> str:
+    """One or two sentences saying what cell ``(row, col)`` of a heatmap means."""
+    values = payload_values(payload)
+    cell = {**payload["rows"][row], **payload["cols"][col]}
+    cell.pop("label", None)
+    value = float(values[row, col])
+    denoising = payload["direction"] == "denoising"
+    what = describe_cell(payload["site"], cell)
+    source, target = ("clean", "corrupted") if denoising else ("corrupted", "clean")
+    lead = f"Patching {what} from the {source} run into the {target} run"
+    if not math.isfinite(value):
+        return f"{lead}: not computed yet."
+    metric = payload["metric"]
+    base = payload.get("baselines", {})
+    correct = answers[0]
+    if metric == "normalized":
+        verb = "restores" if denoising else "destroys"
+        goal = "the clean answer" if denoising else "the clean answer's lead"
+        sentence = f"{lead} {verb} {value:.0%} of the clean logit difference"
+        if value < -0.05:
+            sentence += " (negative: it pushes the other way)"
+        meaning = ("sufficient" if denoising else "necessary")
+        return (f"{sentence}. 0% means no effect, 100% means {goal} is fully "
+                f"{'back' if denoising else 'gone'}: high values mark activations that are {meaning}.")
+    words = METRIC_WORDS.get(metric, metric).format(c=repr(correct))
+    return (f"{lead} gives a {words} of {_fmt(value)} (unpatched: {target} run "
+            f"{_fmt(base.get(target))}, {source} run {_fmt(base.get(source))}).")
+
+
+# --------------------------------------------------------------------------- static HTML
+def _rgb(value: float, scale: float) -> str:
+    """The diverging colour of ``value``: red below 0, white at 0, blue above (RdBu)."""
+    if not math.isfinite(value):
+        return "#e0e0e0"
+    t = max(-1.0, min(1.0, value / scale)) if scale > 0 else 0.0
+    lo, mid, hi = (178, 24, 43), (247, 247, 247), (33, 102, 172)
+    end = hi if t > 0 else lo
+    a = abs(t)
+    r, g, b = (round(m + (e - m) * a) for m, e in zip(mid, end))
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def color_scale(values: torch.Tensor, metric: str) -> float:
+    """Half-width of the colour scale: the largest |value| (at least 1 for ``normalized``)."""
+    finite = values[torch.isfinite(values)]
+    top = float(finite.abs().max()) if finite.numel() else 0.0
+    if metric == "normalized":
+        top = max(top, 1.0)
+    return top or 1.0
+
+
+def static_html(payload: dict | None, title: str) -> str:
+    """A self-contained HTML table of the heatmap (no scripts), for exported notebooks."""
+    esc = html.escape
+    if not payload or not payload.get("rows"):
+        return (f"<div><b>{esc(title)}</b><br><i>No heatmap yet: press Run in the widget, or "
+                f"call <code>w.run(wait=True)</code>.</i></div>")
+    values = payload_values(payload)
+    scale = color_scale(values, payload["metric"])
+    cell = "padding:0;width:28px;height:18px;font-size:9px;text-align:center;color:#222"
+    head = "".join(
+        f'<th style="font-size:10px;font-weight:{"bold" if c.get("diff") else "normal"};'
+        f'writing-mode:vertical-rl;transform:rotate(180deg)">{esc(c["label"])}</th>'
+        for c in payload["cols"])
+    body = []
+    for r, row in enumerate(payload["rows"]):
+        cells = "".join(
+            f'<td style="{cell};background:{_rgb(float(v), scale)}" title="{esc(_fmt(float(v), 4))}">'
+            f'{"" if not math.isfinite(float(v)) else f"{float(v):.2f}"}</td>'
+            for v in values[r].tolist())
+        body.append(f'<tr><th style="font-size:10px;text-align:right">{esc(row["label"])}</th>{cells}</tr>')
+    status = "" if payload.get("complete") else f" (partial: {payload['done']}/{payload['total']} patches)"
+    caption = (f"{payload['direction']} {payload['site']}, {payload['metric']}{status}; "
+               f"colour scale \u00b1{scale:.3g}, blue &gt; 0 &gt; red")
+    return (f'<div><b>{esc(title)}</b><div style="font-size:11px">{caption}</div>'
+            f'<table style="border-collapse:collapse"><tr><th>{esc(payload["row_title"])}</th>{head}</tr>'
+            f'{"".join(body)}</table></div>')
+
+
+# --------------------------------------------------------------------------- model side
+def quiet_load(name: str):
+    """``load_model(name)`` without transformers' "Loading weights" bar in the cell output."""
+    from .loading import load_model
+
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        return load_model(name)
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load_model(name)
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def field_of(err: BaseException, values: dict[str, str]) -> str:
+    """Which input an error is about: the core's ``err.field``, made more precise.
+
+    ``values`` maps the input fields to their text. An unknown word names the text it was
+    found in (``err.text``); answer errors say "correct" or "incorrect" answer.
+    """
+    name = getattr(err, "field", None)
+    text = getattr(err, "text", None)
+    if name in (None, "answers") and text is not None:
+        for field_name, value in values.items():
+            if text == value:
+                return field_name
+    if name == "answers":
+        msg = str(err)
+        return "incorrect" if "incorrect answer" in msg else "correct" if "correct answer" in msg else "answers"
+    return {"metrics": "metric"}.get(name, name) or "general"
+
+
+@dataclass
+class Preview:
+    """What :func:`preview` found out about the current inputs."""
+
+    tokens: dict[str, list[str] | None]
+    errors: dict[str, str]
+    fills: dict[str, str]                 # answers to pre-fill with the model's prediction
+    baseline: dict[str, Any]              # logit differences and top predictions
+    patterns: dict[str, Any] = field(default_factory=dict)  # [layer, head, q, k] per prompt
+
+
+def _device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration, TypeError):
+        return torch.device("cpu")
+
+
+def preview(model: Any, texts: dict[str, str], answers: dict[str, str],
+            suggested: dict[str, str | None]) -> Preview:
+    """Check and run the prompts once, before any sweep.
+
+    Each prompt is tokenised on its own, so both can show an error at once; then the core's
+    own checks run (lengths, identical prompts, context window). Each prompt that tokenises
+    is run once, giving its top prediction and attention patterns. An answer that is empty
+    or still equal to the last suggestion (``suggested``, updated in place) follows the
+    prediction: the *correct* answer the clean prompt's, the *incorrect* the corrupted's.
+    """
+    errors: dict[str, str] = {}
+    ids: dict[str, torch.Tensor] = {}
+    for name, text in texts.items():
+        if not text.strip():
+            errors[name] = f"The {name} prompt is empty: type a sentence for the model to complete."
+            continue
+        try:
+            ids[name] = inputs_mod._tokenize(model, [text], name)[0]
+        except ValueError as err:
+            errors[name] = str(err)
+    if len(ids) == 2:
+        try:  # the core's prompt checks; token id 0 stands in for (valid) answers
+            inputs_mod.prepare(model, texts["clean"], texts["corrupted"], (0, 0))
+        except ValueError as err:
+            errors[field_of(err, {**texts, **answers})] = str(err)
+    tokens = {n: (inputs_mod.str_tokens(model, ids[n]) if n in ids else None) for n in texts}
+
+    logits, patterns = {}, {"tokens": tokens}
+    n_ctx = getattr(model.cfg, "n_ctx", None) or 10**9
+    with torch.no_grad():
+        for name, toks in ids.items():
+            if len(toks) > n_ctx:
+                continue
+            out, cache = model.run_with_cache(
+                toks[None].to(_device(model)), names_filter=lambda n: n.endswith("attn.hook_pattern"))
+            logits[name] = out[0, -1].float().cpu()
+            patterns[name] = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][0].float().cpu()
+                                          for l in range(model.cfg.n_layers)])
+    top = {n: inputs_mod.str_tokens(model, logits[n].argmax()[None])[0] for n in logits}
+
+    fills = {}
+    for answer, prompt in (("correct", "clean"), ("incorrect", "corrupted")):
+        current = answers[answer]
+        if prompt in top and (not current or current == suggested.get(answer)):
+            fills[answer] = suggested[answer] = top[prompt]
+    answer_ids = {}
+    for answer in ("correct", "incorrect"):
+        value = fills.get(answer, answers[answer])
+        if not value:
+            errors[answer] = f"Type the {answer} answer token, e.g. ' Mary'."
+            continue
+        try:
+            answer_ids[answer] = inputs_mod._answer_id(model, value, answer)
+        except ValueError as err:
+            errors[answer] = str(err)
+    baseline: dict[str, Any] = {f"{n}_top": top.get(n) for n in texts}
+    for name in texts:
+        baseline[name] = None
+        if name in logits and len(answer_ids) == 2:
+            ld = float(logits[name][answer_ids["correct"]] - logits[name][answer_ids["incorrect"]])
+            baseline[name] = ld if math.isfinite(ld) else None
+    return Preview(tokens, errors, fills, baseline, patterns)
+
+
+def pattern_payload(patterns: dict[str, Any], layer: int, head: int) -> dict:
+    """The ``pattern`` traitlet: head ``layer.head``'s attention on both prompts, as float32
+    bytes (row = query position, column = key position)."""
+    payload: dict[str, Any] = {"layer": layer, "head": head}
+    for name in ("clean", "corrupted"):
+        grids = patterns.get(name)
+        if grids is None:
+            continue
+        if not (0 <= layer < grids.shape[0] and 0 <= head < grids.shape[1]):
+            payload["error"] = f"no head {layer}.{head} in this model"
+            continue
+        grid = grids[layer, head]
+        payload[name] = {"tokens": patterns["tokens"][name], "n": int(grid.shape[0]),
+                         "values": grid.contiguous().numpy().astype("<f4").tobytes()}
+    return payload
+
+
+# --------------------------------------------------------------------------- background jobs
+class JobRunner:
+    """One daemon thread that runs every job touching the model, one at a time.
+
+    Jobs have a *kind*; submitting a kind that is already waiting replaces the waiting
+    job (only the newest preview or sweep matters). Waiting jobs run in a fixed priority
+    order, ``priority[0]`` first, so a preview of new inputs always runs before the sweep
+    that reads them. A long job may call :meth:`service` between its steps to run waiting
+    jobs of the light kinds right away (the widget does so between chunks of a sweep).
+    """
+
+    def __init__(self, priority: tuple[str, ...], on_error: Callable[[str, BaseException], Any]):
+        self.priority = priority
+        self.on_error = on_error
+        self._cond = threading.Condition()
+        self._pending: dict[str, Callable[[], Any]] = {}
+        self._busy = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, kind: str, fn: Callable[[], Any]) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._pending[kind] = fn
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="patchwidgets-jobs", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def discard(self, kind: str) -> None:
+        with self._cond:
+            self._pending.pop(kind, None)
+            self._cond.notify_all()
+
+    def _take(self, kinds) -> tuple[str, Callable] | None:
+        for kind in kinds:
+            if kind in self._pending:
+                return kind, self._pending.pop(kind)
+        return None
+
+    def _run(self, kind: str, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except BaseException as err:  # never let a job kill the thread
+            try:
+                self.on_error(kind, err)
+            except Exception:
+                traceback.print_exc()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                kind, fn = self._take(self.priority)
+                self._busy += 1
+            try:
+                self._run(kind, fn)
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._cond.notify_all()
+
+    def service(self, kinds: tuple[str, ...]) -> None:
+        """Run waiting jobs of ``kinds`` now, on the calling (job) thread."""
+        while True:
+            with self._cond:
+                job = self._take(kinds)
+            if job is None:
+                return
+            self._run(*job)
+
+    def waiting(self, kind: str) -> bool:
+        """Whether a job of ``kind`` is waiting to start."""
+        with self._cond:
+            return kind in self._pending
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._pending and not self._busy
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until no job is waiting or running; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._pending.clear()
+            self._cond.notify_all()

@@ -1,0 +1,337 @@
+"""Python-side tests of PatchingWidget: state, runs from code, errors, cancel, exactness.
+
+The widget is driven the way the page drives it (``set_state`` for edits, custom
+``{"type": "run"}`` messages for the Run button) and the way code drives it (traitlets,
+``run(wait=True)``). No browser is needed; ``test_widget_browser.py`` covers the page.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+import patchwidgets
+from patchwidgets.metrics import BUILTIN_METRICS
+from patchwidgets.widget import DEFAULT_CLEAN, DEFAULT_CORRUPTED, STATIC, PatchingWidget
+from patchwidgets.widget_state import WIDGET_SITES, payload_values, static_html, table_2d
+
+S2, END = 10, 14  # positions of the changed name and of the final token in the IOI prompts
+
+
+@pytest.fixture(scope="session")
+def model():
+    return patchwidgets.load_model("toy-ioi")
+
+
+@pytest.fixture
+def widget(model):
+    w = PatchingWidget(model)
+    yield w
+    w.close()
+
+
+def frontend_edit(w: PatchingWidget, **state) -> None:
+    """Apply an edit as if it came from the page (a comm ``update`` message)."""
+    w.set_state(state)
+
+
+def press_run(w: PatchingWidget) -> None:
+    """What the Run button sends."""
+    w._handle_custom_msg({"type": "run"}, [])
+
+
+# --------------------------------------------------------------------------- defaults
+def test_no_argument_widget_loads_bundled_model_offline():
+    w = PatchingWidget()
+    try:
+        assert w.model_name == "toy-ioi"
+        assert w.model_info == {"n_layers": 4, "n_heads": 8}
+    finally:
+        w.close()
+
+
+def test_defaults_prefill_answers_tokens_and_baselines(widget):
+    assert widget.clean == DEFAULT_CLEAN and widget.corrupted == DEFAULT_CORRUPTED
+    assert (widget.correct, widget.incorrect) == (" Mary", " John")  # the model's top predictions
+    assert len(widget.tokens["clean"]) == len(widget.tokens["corrupted"]) == 15
+    diff = [i for i, (a, b) in enumerate(zip(widget.tokens["clean"], widget.tokens["corrupted"])) if a != b]
+    assert diff == [S2]
+    assert widget.baseline["clean"] > 0 > widget.baseline["corrupted"]
+    assert widget.errors == {} and widget.status == "idle"
+    assert set(widget.metric_options) == set(BUILTIN_METRICS)
+    assert [s for _, opts in widget.site_options for s, _ in opts] == WIDGET_SITES
+
+
+def test_prefilled_answers_follow_prompts_until_typed(widget):
+    widget.clean, widget.corrupted = DEFAULT_CORRUPTED, DEFAULT_CLEAN  # swap the names
+    widget.wait()
+    assert (widget.correct, widget.incorrect) == (" John", " Mary")
+    widget.correct = " Mary"  # typed by the user: no longer follows the prompt
+    widget.clean = DEFAULT_CLEAN
+    widget.wait()
+    assert widget.correct == " Mary" and widget.incorrect == " Mary"
+
+
+# --------------------------------------------------------------------------- state round trips
+def test_state_round_trip_code_and_frontend(widget):
+    widget.clean = "When Lisa and Sarah went to the cinema, Lisa gave the ticket to"
+    state = widget.get_state()
+    assert state["clean"] == widget.clean  # what the page receives
+    frontend_edit(widget, corrupted="When Lisa and Sarah went to the cinema, Sarah gave the ticket to",
+                  direction="noising", metric="logit_diff", site="attn_out", auto_run=False)
+    widget.wait()
+    assert widget.direction == "noising" and widget.site == "attn_out" and widget.metric == "logit_diff"
+    assert widget.tokens["corrupted"][10] == " Sarah"
+    assert (widget.correct, widget.incorrect) == (" Sarah", " Lisa")
+
+    press_run(widget)
+    assert widget.wait(60)
+    assert widget.status == "done"
+    heatmap = widget.heatmap
+    assert heatmap["site"] == "attn_out" and heatmap["direction"] == "noising" and heatmap["complete"]
+    assert heatmap["inputs"]["clean"] == widget.clean
+
+    # The synced state is JSON once ipywidgets has moved the bytes into binary buffers
+    # (no NaN, no tensors), and a view restored from it shows the same heatmap.
+    from ipywidgets.widgets.widget import _remove_buffers
+
+    state, paths, buffers = _remove_buffers(widget.get_state())
+    json.dumps(state, allow_nan=False)
+    assert ["heatmap", "values"] in paths
+    restored = dict(heatmap, values=bytes(buffers[paths.index(["heatmap", "values"])]))
+    assert torch.equal(payload_values(restored), widget.result.grid("logit_diff"))
+
+
+def test_setting_inputs_from_code_updates_view(widget):
+    widget.clean = "When Mary and John went to the store, John gave a bottle of milk to"
+    widget.wait()
+    assert widget.tokens["clean"][-4:] == [" bottle", " of", " milk", " to"]
+    assert len(widget.tokens["clean"]) == 17
+    assert "corrupted" in widget.errors and "different token lengths" in widget.errors["corrupted"]
+
+
+# --------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("site,direction", [
+    ("resid_pre", "denoising"), ("resid_pre", "noising"), ("head_out", "denoising"),
+    ("head_v_by_pos", "denoising"), ("head_pattern_by_pos", "noising"), ("mlp_out", "noising"),
+])
+def test_result_equals_patch_exactly(widget, model, site, direction):
+    widget.site, widget.direction = site, direction
+    result = widget.run(wait=True)
+    assert result is not None and widget.status == "done"
+    ref = patchwidgets.patch(model, DEFAULT_CLEAN, DEFAULT_CORRUPTED, answers=(" Mary", " John"),
+                             site=site, direction=direction, metrics=list(BUILTIN_METRICS))
+    for metric in BUILTIN_METRICS:
+        assert torch.equal(result.grid(metric), ref.grid(metric)), metric
+    table = table_2d(ref, widget.metric)[0]
+    assert torch.equal(payload_values(widget.heatmap), table)
+    assert result.frame.equals(ref.frame)
+
+
+def test_ioi_heatmap_pattern(widget):
+    widget.run(wait=True)
+    grid = widget.result.grid("normalized")
+    assert grid.shape == (4, 15)
+    assert int(grid[0].abs().argmax()) == S2
+    assert int(grid[-1].abs().argmax()) == END
+
+
+# --------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("edit,field,words", [
+    ({"corrupted": "When Mary and John went to the store, Mary gave a drink"}, "corrupted", "different token lengths"),
+    ({"clean": "When Marry and John went to the store, John gave a drink to"}, "clean", "not in the"),
+    ({"clean": "   "}, "clean", "empty"),
+    ({"corrupted": ""}, "corrupted", "empty"),
+    ({"corrupted": DEFAULT_CLEAN}, "corrupted", "identical"),
+    ({"correct": " Mary John"}, "correct", "2 tokens"),
+    ({"incorrect": " Jhon"}, "incorrect", "not in the"),
+    ({"site": "block"}, "site", "the widget shows"),
+    ({"site": "no_such_site"}, "site", "the widget shows"),
+    ({"direction": "sideways"}, "direction", "direction must be"),
+    ({"metric": "accuracy", "correct": " John", "incorrect": " John"}, None, None),
+])
+def test_errors_surface_as_state_and_keep_last_heatmap(widget, edit, field, words):
+    widget.run(wait=True)
+    good = dict(widget.heatmap)
+    frontend_edit(widget, **edit)
+    widget.wait()
+    result = widget.run(wait=True)
+    if field is None:  # equal answers: normalized is undefined but other metrics work
+        assert result is not None and "normalized" not in result.metrics
+        widget.metric = "normalized"
+        assert "not available" in widget.errors["metric"]
+        return
+    assert result is None and widget.status == "error"
+    assert field in widget.errors, widget.errors
+    assert words in widget.errors[field]
+    assert widget.heatmap["values"] == good["values"] and widget.heatmap["run_id"] == good["run_id"]
+    assert widget.result is not None  # the last good result stays too
+
+
+def test_degenerate_normalization_reported_for_normalized(widget):
+    widget.correct = widget.incorrect = " John"
+    assert widget.run(wait=True) is None
+    assert "cannot normalise" in widget.errors["corrupted"]
+
+
+def test_internal_error_never_escapes(widget, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("kaboom")
+    monkeypatch.setattr("patchwidgets.widget.patch", boom)
+    assert widget.run(wait=True) is None
+    assert widget.status == "error" and "kaboom" in widget.errors["general"]
+
+
+# --------------------------------------------------------------------------- streaming, cancel
+def test_streams_partial_heatmaps(widget):
+    seen = []
+    widget.observe(lambda ch: seen.append(ch["new"]), names="heatmap")
+    widget.run(wait=True)
+    partial = [p for p in seen if not p["complete"]]
+    assert partial, "the first chunk is pushed before the sweep ends"
+    values = payload_values(partial[0])
+    assert torch.isnan(values).any() and torch.isfinite(values).any()
+    assert seen[-1]["complete"] and not torch.isnan(payload_values(seen[-1])).any()
+
+
+def test_cancel_mid_sweep(widget):
+    widget.site = "head_out_by_pos"
+
+    def cancel_after_first_chunk(change):
+        done, total = change["new"]
+        if 0 < done < total:
+            widget.cancel()
+    widget.observe(cancel_after_first_chunk, names="progress")
+    assert widget.run(wait=True) is None
+    widget.unobserve(cancel_after_first_chunk, names="progress")
+    assert widget.status == "cancelled"
+    assert widget.result is not None and not widget.result.complete
+    values = payload_values(widget.heatmap)
+    assert torch.isnan(values).any() and torch.isfinite(values).any()
+    assert not widget.heatmap["complete"]
+    # A cancelled widget runs again normally.
+    assert widget.run(wait=True) is not None and widget.status == "done"
+
+
+def test_run_does_not_block_and_cancel_button(widget):
+    widget.site = "head_pattern_by_pos"
+    assert widget.run() is None  # returns at once; the sweep runs on the job thread
+    widget._handle_custom_msg({"type": "cancel"}, [])
+    assert widget.wait(60)
+    assert widget.status in ("cancelled", "done")
+
+
+def test_auto_run_debounces_edits(widget):
+    completed = []
+    widget.observe(lambda ch: completed.append(ch["new"]["run_id"]) if ch["new"].get("complete") else None,
+                   names="heatmap")
+    widget.auto_run_delay = 0.2
+    widget.auto_run = True  # switching it on runs once, so the heatmap matches the inputs
+    assert widget.wait(60) and widget.status == "done"
+    first = len(set(completed))
+    widget.direction = "noising"  # a burst of edits ...
+    widget.site = "attn_out"
+    widget.direction = "denoising"
+    assert widget.wait(60)  # ... gives one sweep, after the last edit
+    assert len(set(completed)) == first + 1
+    assert widget.heatmap["inputs"]["site"] == "attn_out"
+    assert widget.heatmap["inputs"]["direction"] == "denoising"
+
+
+# --------------------------------------------------------------------------- views of the result
+def test_metric_switch_redraws_without_rerun(widget):
+    widget.run(wait=True)
+    run_id = widget.heatmap["run_id"]
+    widget.metric = "logit_diff"
+    assert widget.heatmap["metric"] == "logit_diff" and widget.heatmap["run_id"] == run_id
+    assert torch.equal(payload_values(widget.heatmap), widget.result.grid("logit_diff"))
+    assert widget.heatmap["baselines"]["clean"] == pytest.approx(widget.baseline["clean"], abs=1e-4)
+
+
+def test_select_cell_explains_and_head_cell_shows_pattern(widget):
+    widget.run(wait=True)
+    text = widget.select(layer=0, pos=S2)
+    value = float(widget.result.grid("normalized")[0, S2])
+    assert f"restores {value:.0%} of the clean logit difference" in text
+    assert "' John' (position 10)" in text
+
+    widget.site = "head_out"
+    widget.run(wait=True)
+    text = widget.select(layer=3, head=1)
+    assert "head 3.1" in text
+    widget.wait()
+    assert (widget.pattern_layer, widget.pattern_head) == (3, 1)
+    pattern = widget.pattern
+    assert pattern["layer"] == 3 and pattern["head"] == 1
+    for name in ("clean", "corrupted"):
+        view = pattern[name]
+        weights = torch.frombuffer(bytearray(view["values"]), dtype=torch.float32).reshape(view["n"], view["n"])
+        assert view["n"] == 15 and torch.allclose(weights.sum(-1), torch.ones(15), atol=1e-4)
+        assert torch.equal(weights.triu(1), torch.zeros(15, 15))  # causal
+    # The pattern matches a plain run of the model.
+    _, cache = widget.model.run_with_cache(widget.model.to_tokens(DEFAULT_CLEAN))
+    expected = cache["blocks.3.attn.hook_pattern"][0, 1]
+    got = torch.frombuffer(bytearray(pattern["clean"]["values"]), dtype=torch.float32).reshape(15, 15)
+    assert torch.allclose(got, expected.float(), atol=1e-6)
+
+
+def test_noising_explanation(widget):
+    widget.direction = "noising"
+    widget.run(wait=True)
+    assert "destroys" in widget.select(layer=3, pos=END)
+
+
+def test_figure(widget):
+    with pytest.raises(RuntimeError, match="run"):
+        widget.figure()
+    widget.run(wait=True)
+    fig = widget.figure()
+    assert fig.data[0].z.shape == (4, 15)
+    assert widget.figure("kl").layout.title.text.endswith("kl")
+
+
+# --------------------------------------------------------------------------- representations
+def test_repr_is_deterministic(model):
+    a, b = PatchingWidget(model), PatchingWidget(model)
+    try:
+        assert repr(a) == repr(b)
+        assert not re.search(r"0x[0-9a-f]+", repr(a))
+        a.run(wait=True)
+        b.run(wait=True)
+        html_a = a._repr_mimebundle_()[0]["text/html"]
+        assert html_a == b._repr_mimebundle_()[0]["text/html"]
+        assert html_a.count("<td") == 4 * 15 and "> John</th>" in html_a
+        data, _ = a._repr_mimebundle_()
+        assert "application/vnd.jupyter.widget-view+json" in data and data["text/plain"] == repr(a)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_static_html_escapes_tokens():
+    payload = {
+        "run_id": 1, "site": "resid_pre", "metric": "logit_diff", "direction": "denoising",
+        "rows": [{"layer": 0, "label": "0"}],
+        "cols": [{"pos": 0, "label": "<img src=x onerror=alert(1)>", "token": "<img>"}],
+        "row_title": "layer", "col_title": "position", "done": 1, "total": 1, "complete": True,
+        "values": torch.tensor([0.5]).numpy().astype("<f4").tobytes(), "baselines": {}, "inputs": {},
+    }
+    html = static_html(payload, "<b>title</b>")
+    assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "&lt;b&gt;title" in html
+    assert "No heatmap yet" in static_html({}, "t")
+
+
+def test_front_end_files_follow_anywidget_conventions():
+    js = (STATIC / "widget.js").read_text()
+    assert "export default { render }" in js
+    assert ".innerHTML" not in js and "insertAdjacentHTML" not in js  # data only via textContent
+    assert "http://" not in js.replace("http://www.w3.org/2000/svg", "") and "https://" not in js
+    assert (STATIC / "widget.css").read_text().strip()

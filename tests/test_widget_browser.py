@@ -1,0 +1,383 @@
+"""End-to-end test of PatchingWidget in a real browser: JupyterLab 4 + headless Chromium.
+
+What it does, like a learner would:
+
+1. start JupyterLab on 127.0.0.1 (free port, no token, no browser) in a temporary root
+   holding a one-cell notebook that displays ``patchwidgets.PatchingWidget()``;
+2. open it in headless Chromium (Python playwright), click into the cell editor and press
+   Shift+Enter;
+3. type a clean and a corrupted prompt, press Run, wait for the heatmap and check it: one
+   cell per (layer, position), the strongest cell at the changed name (S2) in the first
+   layer and at the final position (END) in the last layer, read from the ``data-value``
+   attributes of the SVG cells;
+4. toggle noising, switch metric, click a head cell and see its attention pattern, enter
+   bad inputs and see the errors in place, and check that markup in a prompt stays text.
+
+Screenshots go to ``test-artifacts/`` at the repository root (gitignored). The server is
+always stopped, even when a step fails. :class:`JupyterLab` and :func:`open_widget` are
+reused by ``benchmarks/bench_widget_latency.py``.
+
+Skipped, with the reason, when Chromium (``/usr/bin/chromium``), playwright or JupyterLab
+is missing. CI installs all three, so it runs there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+WIDGET_CELL = """\
+import os
+os.environ["HF_HUB_OFFLINE"] = "1"
+import patchwidgets
+w = patchwidgets.PatchingWidget()
+w"""
+
+
+def missing_requirement() -> str | None:
+    """Why the browser test cannot run here, or None."""
+    if not Path(CHROMIUM).exists():
+        return f"needs Chromium at {CHROMIUM} (apt-get install chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "needs the playwright Python package (pip install playwright)"
+    try:
+        import jupyterlab  # noqa: F401
+    except ImportError:
+        return "needs JupyterLab (pip install jupyterlab)"
+    return None
+
+
+if missing_requirement() is not None and os.environ.get("PATCHWIDGETS_REQUIRE_BROWSER") == "1":
+    # CI installs Chromium and sets this: there a missing browser is a failure, not a skip.
+    raise RuntimeError(f"browser test required but cannot run: {missing_requirement()}")
+
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(missing_requirement() is not None, reason=str(missing_requirement()))]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class JupyterLab:
+    """A throw-away JupyterLab server serving one notebook; use as a context manager."""
+
+    def __init__(self, cells: list[str], notebook: str = "widget_e2e.ipynb"):
+        self.cells, self.notebook = cells, notebook
+        self.root: Path | None = None
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/lab/tree/{self.notebook}"
+
+    def _write_files(self) -> None:
+        import nbformat
+
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in self.cells])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, self.root / "nb" / self.notebook)
+        # User settings: no news/update toasts (there is no internet) and save widget state.
+        settings = self.root / "settings"
+        for plugin, values in {
+            "@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
+            "@jupyter-widgets/jupyterlab-manager/plugin": {"saveState": True},
+        }.items():
+            path = settings / f"{plugin}.jupyterlab-settings"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(values))
+
+    def __enter__(self) -> "JupyterLab":
+        self.root = Path(tempfile.mkdtemp(prefix="pw-lab-"))
+        (self.root / "nb").mkdir()
+        self._write_files()
+        self.port = _free_port()
+        env = dict(os.environ, HF_HUB_OFFLINE="1", JUPYTER_RUNTIME_DIR=str(self.root / "runtime"),
+                   PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p))
+        cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={self.port}",
+               *(["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),
+               "--ip=127.0.0.1", "--ServerApp.port_retries=0", "--IdentityProvider.token=",
+               "--ServerApp.password=", "--LabApp.extension_manager=readonly",
+               f"--ServerApp.root_dir={self.root / 'nb'}",
+               f"--LabApp.user_settings_dir={self.root / 'settings'}",
+               f"--LabApp.workspaces_dir={self.root / 'workspaces'}"]
+        self.log = open(self.root / "server.log", "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"JupyterLab exited early:\n{self.server_log()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/status", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"JupyterLab did not start in {timeout}s:\n{self.server_log()}")
+
+    def server_log(self) -> str:
+        try:
+            return (self.root / "server.log").read_text()[-4000:]
+        except OSError:
+            return ""
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            # The server and its kernels run in the session we created: stop that group.
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=5)
+        if getattr(self, "log", None):
+            self.log.close()
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def launch_browser(playwright):
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+def open_widget(page, lab: JupyterLab, timeout_ms: int = 120_000) -> None:
+    """Open the notebook, run its first cell (click in the editor, Shift+Enter) and wait
+    until the widget has drawn itself."""
+    page.goto(lab.url)
+    page.wait_for_selector(".jp-Notebook .jp-Cell .cm-content", timeout=timeout_ms)
+    # The kernel is ready once the status bar reads "... | Idle".
+    page.wait_for_selector(".jp-StatusBar-TextItem:has-text('| Idle')", timeout=timeout_ms)
+    first_cell = ".jp-Notebook .jp-Cell >> nth=0"
+    for _ in range(3):  # a Shift+Enter that races the kernel connection can get lost: retry
+        page.click(f"{first_cell} >> .cm-content")
+        page.keyboard.press("Shift+Enter")
+        try:
+            page.wait_for_function(
+                """() => { const p = document.querySelector('.jp-Notebook .jp-Cell .jp-InputPrompt');
+                           return p && /\\[(\\*|\\d+)\\]/.test(p.textContent); }""", timeout=10_000)
+            break
+        except Exception:
+            continue
+    page.wait_for_selector(".pw-root[data-status]", timeout=timeout_ms)
+    page.wait_for_function(
+        "() => document.querySelectorAll('.pw-token-row .pw-tok').length > 0", timeout=timeout_ms)
+
+
+def wait_for_run(page, previous_run_id: int, timeout_ms: int = 60_000) -> int:
+    """Wait until a heatmap newer than ``previous_run_id`` is complete; return its run id."""
+    page.wait_for_function(
+        """(before) => {
+            const r = document.querySelector('.pw-root');
+            return r && r.dataset.status === 'done' && r.dataset.complete === 'true'
+                   && Number(r.dataset.runId) > before;
+        }""", arg=previous_run_id, timeout=timeout_ms)
+    return run_id(page)
+
+
+def run_id(page) -> int:
+    value = page.get_attribute(".pw-root", "data-run-id")
+    return int(value) if value else -1
+
+
+def cell_values(page) -> list[dict]:
+    return page.eval_on_selector_all("rect.pw-cell", """els => els.map(e => ({
+        layer: e.dataset.layer === undefined ? null : Number(e.dataset.layer),
+        pos: e.dataset.pos === undefined ? null : Number(e.dataset.pos),
+        head: e.dataset.head === undefined ? null : Number(e.dataset.head),
+        value: e.dataset.value === undefined ? null : Number(e.dataset.value)}))""")
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator(".pw-root").screenshot(path=str(ARTIFACTS / name))
+
+
+# --------------------------------------------------------------------------- the test
+CLEAN = "When Lisa and Sarah went to the cinema, Lisa gave the ticket to"
+CORRUPTED = "When Lisa and Sarah went to the cinema, Sarah gave the ticket to"
+
+
+@pytest.fixture(scope="module")
+def page():
+    from playwright.sync_api import sync_playwright
+
+    dialogs: list[str] = []
+    with JupyterLab([WIDGET_CELL]) as lab, sync_playwright() as p:
+        browser = launch_browser(p)
+        try:
+            pg = browser.new_page(viewport={"width": 1400, "height": 1600})
+            pg.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            pg.dialogs, pg.lab = dialogs, lab
+            open_widget(pg, lab)
+            yield pg
+        finally:
+            browser.close()
+
+
+def test_run_fills_heatmap_with_ioi_pattern(page):
+    page.fill("input[data-field='clean']", CLEAN)
+    page.fill("input[data-field='corrupted']", CORRUPTED)
+    before = run_id(page)
+    page.click("button[data-action='run']")
+    wait_for_run(page, before)
+    # The answers were pre-filled with the model's predictions on the new prompts.
+    assert page.input_value("input[data-field='correct']") == " Sarah"
+    assert page.input_value("input[data-field='incorrect']") == " Lisa"
+
+    n_tokens = page.locator(".pw-token-row[data-prompt='clean'] .pw-tok").count()
+    diff = [int(p) for p in page.eval_on_selector_all(
+        ".pw-token-row[data-prompt='clean'] .pw-tok-diff", "els => els.map(e => e.dataset.pos)")]
+    assert n_tokens == 15 and diff == [10]
+    cells = cell_values(page)
+    n_layers = int(page.get_attribute("svg.pw-heatmap", "data-rows"))
+    assert len(cells) == n_layers * n_tokens == 4 * 15
+    assert all(c["value"] is not None for c in cells)
+    assert page.get_attribute(".pw-root", "data-metric") == "normalized"
+
+    def strongest(layer: int) -> int:
+        row = [c for c in cells if c["layer"] == layer]
+        return max(row, key=lambda c: abs(c["value"]))["pos"]
+
+    s2, end = diff[0], n_tokens - 1
+    assert strongest(0) == s2, "early layers: the information sits at the changed name (S2)"
+    assert strongest(n_layers - 1) == end, "late layers: it has moved to the final position"
+    shot(page, "01-heatmap-denoising.png")
+
+    # Hover shows the exact value; clicking a residual cell explains it in words.
+    page.hover(f"rect.pw-cell[data-layer='0'][data-pos='{s2}']")
+    tip = page.inner_text(".pw-tooltip")
+    assert "normalized" in tip and "layer 0" in tip and "' Lisa'" in tip
+    page.click(f"rect.pw-cell[data-layer='0'][data-pos='{s2}']")
+    page.wait_for_function("() => document.querySelector('.pw-explanation').textContent.includes('restores')")
+    assert "of the clean logit difference" in page.inner_text(".pw-explanation")
+    shot(page, "02-tooltip-and-explanation.png")
+
+
+def test_noising_and_metric_switch(page):
+    before = run_id(page)
+    page.click("button[data-direction='noising']")
+    assert "necessary" in page.inner_text(".pw-reminder")
+    page.click("button[data-action='run']")
+    rid = wait_for_run(page, before)
+    assert page.get_attribute(".pw-root", "data-direction") == "noising"
+    normalized = [c["value"] for c in cell_values(page)]
+    page.select_option("select[data-control='metric']", "logit_diff")
+    page.wait_for_selector(".pw-root[data-metric='logit_diff']")
+    assert run_id(page) == rid, "switching the metric redraws without rerunning"
+    logit_diff = [c["value"] for c in cell_values(page)]
+    assert len(logit_diff) == len(normalized) and logit_diff != normalized
+    shot(page, "03-noising-logit-diff.png")
+
+
+def test_click_head_cell_shows_attention_pattern(page):
+    page.click("button[data-direction='denoising']")
+    page.select_option("select[data-control='metric']", "normalized")
+    page.select_option("select[data-control='site']", "head_out")
+    before = run_id(page)
+    page.click("button[data-action='run']")
+    wait_for_run(page, before)
+    cells = cell_values(page)
+    assert len(cells) == 4 * 8 and all(c["head"] is not None for c in cells)
+    top = max(cells, key=lambda c: abs(c["value"]))
+    page.click(f"rect.pw-cell[data-layer='{top['layer']}'][data-head='{top['head']}']")
+    page.wait_for_function(
+        "(name) => document.querySelector('.pw-explanation').textContent.includes(name)",
+        arg=f"head {top['layer']}.{top['head']}")
+    page.wait_for_selector(f".pw-patterns[data-layer='{top['layer']}'][data-head='{top['head']}'] "
+                           "svg.pw-pattern[data-prompt='clean']")
+    weights = page.eval_on_selector_all(
+        "svg.pw-pattern[data-prompt='clean'] rect.pw-pcell", "els => els.map(e => Number(e.dataset.weight))")
+    assert len(weights) == 15 * 15
+    last_row = weights[-15:]
+    assert abs(sum(last_row) - 1) < 0.01, "each query's attention sums to 1"
+    shot(page, "04-head-attention-pattern.png")
+
+
+def test_bad_inputs_show_errors_in_place(page):
+    cells_before = cell_values(page)
+    error = "[data-error-for='{}']"
+    page.fill("input[data-field='corrupted']", CORRUPTED.replace(" the ticket", " ticket"))
+    page.wait_for_function(f"() => document.querySelector(\"{error.format('corrupted')}\").textContent.includes('different token lengths')")
+    page.click("button[data-action='run']")
+    page.wait_for_selector(".pw-root[data-status='error']")
+    assert cell_values(page) == cells_before, "the last good heatmap stays"
+    shot(page, "05-error-token-lengths.png")
+
+    page.fill("input[data-field='corrupted']", CORRUPTED)
+    page.fill("input[data-field='correct']", " Sarah Lisa")
+    page.wait_for_function(f"() => document.querySelector(\"{error.format('correct')}\").textContent.includes('2 tokens')")
+    page.fill("input[data-field='correct']", " Sarah")
+    page.fill("input[data-field='clean']", "When Lisa and Sarahh went")
+    page.wait_for_function(f"() => document.querySelector(\"{error.format('clean')}\").textContent.includes('not in the')")
+    page.fill("input[data-field='clean']", "   ")
+    page.wait_for_function(f"() => document.querySelector(\"{error.format('clean')}\").textContent.includes('empty')")
+    assert page.locator("[data-error-for='corrupted']").inner_text() == ""
+
+    # Markup typed into the inputs is shown as text, never parsed.
+    markup = "<img src=x onerror=alert(1)>"
+    page.fill("input[data-field='clean']", markup)
+    page.fill("input[data-field='correct']", markup)
+    page.wait_for_function(f"() => document.querySelector(\"{error.format('correct')}\").textContent.includes('not in the')")
+    assert markup in page.inner_text(".pw-baseline")  # the answer, echoed as text
+    assert page.locator(".pw-root img").count() == 0
+    assert page.dialogs == []
+    shot(page, "06-error-escaped-markup.png")
+
+
+def test_saved_notebook_stores_last_heatmap(page):
+    """With widget state saving on, Ctrl+S stores the traitlets, heatmap bytes included."""
+    import base64
+    import struct
+
+    shown = [c["value"] for c in cell_values(page)]
+    page.click("input[data-field='incorrect']")  # Ctrl+S works with the focus in the widget
+    page.keyboard.press("Control+s")
+    path = page.lab.root / "nb" / page.lab.notebook
+    deadline = time.monotonic() + 20
+    state = None
+    while state is None and time.monotonic() < deadline:
+        time.sleep(0.25)
+        widgets = json.loads(path.read_text()).get("metadata", {}).get("widgets")
+        if widgets:
+            models = widgets["application/vnd.jupyter.widget-state+json"]["state"].values()
+            state = next(m for m in models if "heatmap" in m["state"])
+    assert state is not None, "the notebook was not saved with its widget state"
+    buffer = next(b for b in state["buffers"] if b["path"] == ["heatmap", "values"])
+    raw = base64.b64decode(buffer["data"])
+    saved = list(struct.unpack(f"<{len(raw) // 4}f", raw))
+    assert saved == pytest.approx(shown, abs=0, nan_ok=True)
+    assert state["state"]["heatmap"]["site"] == "head_out"
