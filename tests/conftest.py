@@ -38,13 +38,17 @@ def make_random_bridge(tmp_path_factory):
 
     tokenizer = _tiny_tokenizer(tmp_path_factory.mktemp("tok"))
 
-    def make(n_layers=3, n_heads=4, d_model=64, vocab=64, n_ctx=32, gqa_kv_heads=None, seed=0):
+    def make(n_layers=3, n_heads=4, d_model=64, vocab=64, n_ctx=32, gqa_kv_heads=None, seed=0,
+             initializer_range=0.02, dtype=torch.float32, word_tokenizer=False):
+        """``word_tokenizer=True`` attaches the bundled toy-ioi tokenizer (vocab 366), so
+        string prompts work on the random model too."""
         torch.manual_seed(seed)
         if gqa_kv_heads is None:
             from transformers import GPT2Config, GPT2LMHeadModel
 
             hf = GPT2LMHeadModel(GPT2Config(n_layer=n_layers, n_head=n_heads, n_embd=d_model,
-                                            vocab_size=vocab, n_positions=n_ctx))
+                                            vocab_size=vocab, n_positions=n_ctx,
+                                            initializer_range=initializer_range))
         else:
             from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -52,9 +56,16 @@ def make_random_bridge(tmp_path_factory):
                 num_hidden_layers=n_layers, num_attention_heads=n_heads,
                 num_key_value_heads=gqa_kv_heads, hidden_size=d_model, intermediate_size=2 * d_model,
                 vocab_size=vocab, max_position_embeddings=n_ctx))
-        bridge = TransformerBridge.boot_transformers("gpt2", hf_model=hf.eval(), tokenizer=tokenizer)
+        tok = tokenizer
+        if word_tokenizer:
+            from transformers import AutoTokenizer
+
+            from patchwidgets.loading import model_path
+
+            tok = AutoTokenizer.from_pretrained(model_path("toy-ioi"))
+        bridge = TransformerBridge.boot_transformers("gpt2", hf_model=hf.eval(), tokenizer=tok)
         bridge.eval()
-        return bridge
+        return bridge.to(dtype) if dtype != torch.float32 else bridge
 
     return make
 

@@ -26,24 +26,10 @@ N_LAYERS, N_HEADS, VOCAB, SEQ, BATCH, CHANGED = 3, 4, 366, 8, 3, 4
 
 
 @pytest.fixture(scope="session")
-def model(tmp_path_factory):
+def model(make_random_bridge):
     """A small random GPT-2 in float64, so finite differences are precise."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-    from transformer_lens.model_bridge import TransformerBridge
-
-    from patchwidgets.datasets import coverage_sentences
-    from patchwidgets.tokenizer import build_tokenizer, save_tokenizer
-
-    tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
-    save_tokenizer(build_tokenizer(coverage_sentences()), tokenizer_dir)
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=N_LAYERS, n_head=N_HEADS, n_embd=64, vocab_size=VOCAB, n_positions=32,
-                        initializer_range=0.2)
-    bridge = TransformerBridge.boot_transformers(
-        "gpt2", hf_model=GPT2LMHeadModel(config).eval(), tokenizer=AutoTokenizer.from_pretrained(str(tokenizer_dir)))
-    bridge.eval()
-    bridge.to(torch.float64)
-    return bridge
+    return make_random_bridge(n_layers=N_LAYERS, n_heads=N_HEADS, vocab=VOCAB, word_tokenizer=True,
+                              initializer_range=0.2, dtype=torch.float64)
 
 
 @pytest.fixture(scope="session")

@@ -19,22 +19,10 @@ N_LAYERS, N_HEADS, VOCAB, SEQ, BATCH, CHANGED = 3, 4, 366, 9, 4, 5
 
 
 @pytest.fixture(scope="session")
-def model(tmp_path_factory):
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-    from transformer_lens.model_bridge import TransformerBridge
-
-    from patchwidgets.datasets import coverage_sentences
-    from patchwidgets.tokenizer import build_tokenizer, save_tokenizer
-
-    tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
-    save_tokenizer(build_tokenizer(coverage_sentences()), tokenizer_dir)
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=N_LAYERS, n_head=N_HEADS, n_embd=64, vocab_size=VOCAB, n_positions=32,
-                        initializer_range=0.2)  # large weights: a nonlinear, interesting random model
-    bridge = TransformerBridge.boot_transformers(
-        "gpt2", hf_model=GPT2LMHeadModel(config).eval(), tokenizer=AutoTokenizer.from_pretrained(str(tokenizer_dir)))
-    bridge.eval()
-    return bridge
+def model(make_random_bridge):
+    """A small random GPT-2 with large weights: nonlinear enough to be interesting."""
+    return make_random_bridge(n_layers=N_LAYERS, n_heads=N_HEADS, vocab=VOCAB, word_tokenizer=True,
+                              initializer_range=0.2)
 
 
 @pytest.fixture(scope="session")
