@@ -17,7 +17,7 @@ browser owns nothing but the picture. Every input (``clean``, ``corrupted``, ``c
 (``w.clean = "..."`` updates the view) or from the page.
 
 Everything that touches the model runs on **one background thread** (a
-:class:`~patchwidgets.widget_state.JobRunner`), so the notebook never blocks and two forward
+:class:`~patchwidgets.widget_jobs.JobRunner`), so the notebook never blocks and two forward
 passes never overlap (patching attaches hooks to the model; a second pass at the same time
 would see them). Three kinds of job run there:
 
@@ -25,9 +25,19 @@ would see them). Three kinds of job run there:
   core's own checks, run each prompt once, pre-fill the answers with the model's top
   predictions and compute the baseline logit differences;
 * *pattern*: send one head's attention pattern (cached by the preview);
-* *sweep*: :func:`patchwidgets.patch` with a ``callback`` that pushes the partial grid to
-  the ``heatmap`` traitlet after each chunk (at most ~10 times a second) and runs any
-  waiting preview or pattern job, so edits stay responsive during a long sweep.
+* *sweep* (:class:`~patchwidgets.widget_jobs.SweepJobs`): first, with ``fast_preview`` on,
+  an attribution-patching estimate of every cell (:func:`patchwidgets.attribution_patch`,
+  one backward pass), painted at once and marked *approximate*; then the exact sweep,
+  :func:`patchwidgets.patch`, with a ``callback`` that pushes the partial grid to the
+  ``heatmap`` traitlet after each chunk (at most ~10 times a second), each exact value
+  replacing its estimate, and runs any waiting preview or pattern job, so edits stay
+  responsive during a long sweep.
+
+The component ``"path"`` is the path-patching view: :func:`patchwidgets.path_patch` sweeps
+every sender head, its effect restricted to the path into the ``receivers`` (``"logits"``,
+or heads such as ``"3.1, 3.5"``; Shift+click a head cell on the page to add or remove one)
+through their ``receiver_input`` (``q``, ``k``, ``v`` or a combination); the heatmap is
+sender layer x sender head.
 
 All built-in metrics are computed in the same sweep (they cost nothing extra), so switching
 the metric redraws at once without rerunning.
@@ -58,12 +68,10 @@ from typing import Any
 import anywidget
 import traitlets as t
 
-from .errors import DegenerateNormalizationError, PatchingCancelled
 from .metrics import BUILTIN_METRICS
-from .patching import patch
+from .widget_jobs import JobRunner, SweepJobs, parse_receivers
 from .widget_state import (
-    INPUT_FIELDS, SITE_GROUPS, WIDGET_SITES, JobRunner, explain_cell, field_of, heatmap_payload,
-    pattern_payload, preview, quiet_load, static_html,
+    INPUT_FIELDS, SITE_GROUPS, explain_cell, field_of, pattern_payload, preview, quiet_load, static_html,
 )
 
 STATIC = Path(__file__).parent / "static"
@@ -71,7 +79,7 @@ DEFAULT_CLEAN = "When Mary and John went to the store, John gave a drink to"
 DEFAULT_CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
 
 
-class PatchingWidget(anywidget.AnyWidget):
+class PatchingWidget(SweepJobs, anywidget.AnyWidget):
     """Activation patching, interactively. See the module docstring for the design.
 
     Args:
@@ -83,6 +91,14 @@ class PatchingWidget(anywidget.AnyWidget):
             until you type your own.
         direction, metric, site, auto_run: initial control settings (any traitlet can be
             passed as a keyword).
+        fast_preview: paint an attribution-patching estimate first, marked approximate,
+            then replace it cell by cell with the exact sweep (default on; skipped for
+            ``rank``/``accuracy`` and for path patching, which AtP cannot estimate).
+        receivers, receiver_input: the path-patching view (``site="path"``): ``"logits"``
+            (or ``""``) or heads such as ``"3.1, 3.5"``, and ``"q"``, ``"k"``, ``"v"`` or a
+            combination such as ``"kv"``.
+        step_delay: seconds to pause after the estimate and after each exact chunk (slow
+            motion, to watch the heatmap fill in; 0 by default).
 
     Attributes:
         result: the last :class:`~patchwidgets.results.PatchResult` (partial after a
@@ -100,6 +116,10 @@ class PatchingWidget(anywidget.AnyWidget):
     direction = t.Unicode("denoising").tag(sync=True)
     metric = t.Unicode("normalized").tag(sync=True)
     site = t.Unicode("resid_pre").tag(sync=True)
+    receivers = t.Unicode("").tag(sync=True)        # path view: "" / "logits", or "3.1, 3.5"
+    receiver_input = t.Unicode("q").tag(sync=True)  # path view: q, k, v or a combination
+    fast_preview = t.Bool(True).tag(sync=True)      # attribution-patching estimate first
+    step_delay = t.Float(0.0)                       # seconds of pause per stage (slow motion)
     auto_run = t.Bool(False).tag(sync=True)
     auto_run_delay = t.Float(0.4)  # seconds of quiet before an auto-run starts
     selected = t.Dict().tag(sync=True)          # {"row": r, "col": c} of the clicked cell
@@ -127,8 +147,8 @@ class PatchingWidget(anywidget.AnyWidget):
             model = quiet_load(model or "toy-ioi")
         self.model = model
         self.result = None
-        self._current = None            # the result being shown (streaming or final)
-        self._current_progress = (0, 0)
+        self.preview_skipped = ""       # why the last fast preview was skipped, if it was
+        self._view = None               # the sweep on screen (a widget_jobs.View)
         self._run_id = 0
         self._cancel: threading.Event | None = None
         self._timer: threading.Timer | None = None
@@ -149,7 +169,7 @@ class PatchingWidget(anywidget.AnyWidget):
             **kwargs,
         )
         self.observe(self._on_input, names=list(INPUT_FIELDS))
-        self.observe(self._on_control, names=["direction", "site"])
+        self.observe(self._on_control, names=["direction", "site", "receivers", "receiver_input"])
         self.observe(self._on_metric, names="metric")
         self.observe(self._on_selected, names="selected")
         self.observe(self._on_pattern_choice, names=["pattern_layer", "pattern_head"])
@@ -286,8 +306,19 @@ class PatchingWidget(anywidget.AnyWidget):
 
     def _on_control(self, change) -> None:
         self._run_errors.pop(change["name"], None)
+        if change["name"] in ("receivers", "site"):
+            self._check_receivers()
         self._set_errors()
         self._schedule_auto_run()
+
+    def _check_receivers(self) -> None:
+        """Check the receivers field as it is typed (only while the path view is chosen)."""
+        self._run_errors.pop("receivers", None)
+        if self.site == "path":
+            try:
+                parse_receivers(self.receivers, self.model.cfg.n_layers, self.model.cfg.n_heads)
+            except ValueError as err:
+                self._run_errors["receivers"] = str(err)
 
     def _on_auto_run(self, change) -> None:
         if change["new"]:
@@ -297,13 +328,13 @@ class PatchingWidget(anywidget.AnyWidget):
 
     def _on_metric(self, change) -> None:
         self._run_errors.pop("metric", None)
-        result = self._current
+        result = None if self._view is None else self._view.result
         if result is not None and change["new"] not in result.metrics:
             reason = self._dropped.get(change["new"], "")
             self._run_errors["metric"] = (
                 f"metric {change['new']!r} is not available for this sweep. {reason}".strip())
-        elif result is not None:
-            self._push(result, *self._current_progress)
+        else:  # (before the first exact chunk, only the estimate's own metric can be shown)
+            self._push()
         self._set_errors()
 
     def _on_selected(self, change) -> None:
@@ -331,7 +362,7 @@ class PatchingWidget(anywidget.AnyWidget):
             state = content.get("state")
             if isinstance(state, dict):
                 with self.hold_sync():
-                    for name in (*INPUT_FIELDS, "direction", "metric", "site"):
+                    for name in (*INPUT_FIELDS, "direction", "metric", "site", "receivers", "receiver_input"):
                         if isinstance(state.get(name), str) and state[name] != getattr(self, name):
                             setattr(self, name, state[name])
             self.run()
@@ -390,78 +421,3 @@ class PatchingWidget(anywidget.AnyWidget):
 
     def _send_pattern(self) -> None:
         self.pattern = pattern_payload(self._patterns, self.pattern_layer, self.pattern_head)
-
-    def _push(self, result, done: int, total: int) -> None:
-        if self.metric not in result.metrics:
-            return
-        self.heatmap = heatmap_payload(result, self.metric, done, total, self._inputs_used, self._run_id)
-        if self.selected:
-            self._on_selected({"new": self.selected})
-
-    def _sweep(self) -> None:
-        inputs = {name: getattr(self, name) for name in (*INPUT_FIELDS, "direction", "site")}
-        self._run_id += 1
-        self._inputs_used = inputs
-        cancel = self._cancel = threading.Event()
-        self._run_errors = {}
-        self._dropped = {}
-        with self.hold_sync():
-            self.status, self.progress = "running", [0, 0]
-            self._set_errors()
-        if inputs["site"] not in WIDGET_SITES:
-            self._run_errors["site"] = (f"the widget shows these sites: {', '.join(WIDGET_SITES)}; "
-                                        f"use patchwidgets.patch() for {inputs['site']!r}")
-            self._finish("error")
-            return
-        started, last_push = time.perf_counter(), [0.0]
-
-        def on_update(update) -> None:
-            self._current, self._current_progress = update.result, (update.done, update.total)
-            now = time.perf_counter()
-            with self.hold_sync():
-                self.progress = [update.done, update.total]
-                if now - last_push[0] >= 0.1 or update.done >= update.total:
-                    last_push[0] = now
-                    self._push(update.result, update.done, update.total)
-            self._jobs.service(("preview", "pattern"))  # keep edits responsive
-
-        def sweep(metrics):
-            return patch(self.model, inputs["clean"], inputs["corrupted"],
-                         answers=(inputs["correct"], inputs["incorrect"]), site=inputs["site"],
-                         direction=inputs["direction"], metrics=metrics, callback=on_update,
-                         cancel=cancel, progress=False)
-
-        try:
-            try:
-                result = sweep(list(BUILTIN_METRICS))
-            except DegenerateNormalizationError as err:
-                if self.metric == "normalized":
-                    raise
-                self._dropped["normalized"] = str(err)
-                result = sweep([m for m in BUILTIN_METRICS if m != "normalized"])
-        except PatchingCancelled as stop:
-            if stop.partial is not None:
-                self.result = self._current = stop.partial
-                self._push(stop.partial, *self._current_progress)
-            self._finish("cancelled", started)
-            return
-        except ValueError as err:  # every input problem the core reports
-            self._run_errors[self._field_of(err)] = str(err)
-            self._finish("error", started)
-            return
-        self.result = self._current = result
-        n = len(result.indices) * len(result.sites)
-        self._current_progress = (n, n)
-        with self.hold_sync():
-            self.progress = [n, n]
-            self._push(result, n, n)
-        self._finish("done", started)
-
-    def _finish(self, status: str, started: float | None = None) -> None:
-        with self.hold_sync():
-            if started is not None:
-                self.elapsed = round(time.perf_counter() - started, 4)
-            self._set_errors()
-            if not self._jobs.waiting("sweep"):  # a newer sweep keeps "running"
-                self.status = status
-

@@ -10,9 +10,11 @@ patching core's objects into that state and back into words:
 * :func:`static_html` renders the same table as self-contained HTML, the fallback that
   exported notebooks (nbconvert, GitHub) show instead of the live widget;
 * :func:`preview` checks and runs the two prompts before any sweep: tokens, errors next to
-  the right field, pre-filled answers, baseline logit differences, attention patterns;
-* :class:`JobRunner` is the single background thread that owns the model, so the notebook
-  never blocks and two forward passes never run at once.
+  the right field, pre-filled answers, baseline logit differences, attention patterns.
+
+The background thread that runs all of this, and the sweep job itself (attribution
+estimate first, then the exact sweep or the path-patching sweep), live in
+:mod:`patchwidgets.widget_jobs`.
 
 Everything here is deterministic (no ids, no timestamps in text), so ``nbval`` can compare
 the widget's outputs between runs.
@@ -22,14 +24,13 @@ from __future__ import annotations
 
 import html
 import math
-import threading
-import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from . import inputs as inputs_mod
+from .path_patching import PathPatchResult
 
 INPUT_FIELDS = ("clean", "corrupted", "correct", "incorrect")
 
@@ -55,6 +56,9 @@ SITE_GROUPS: list[tuple[str, list[tuple[str, str]]]] = [
         ("head_k_by_pos", "head keys (k) by position"),
         ("head_v_by_pos", "head values (v) by position"),
         ("head_pattern_by_pos", "head patterns by destination position"),
+    ]),
+    ("Paths between heads (sender layer x sender head)", [
+        ("path", "path patching: senders \u2192 receivers"),
     ]),
 ]
 WIDGET_SITES = [value for _, options in SITE_GROUPS for value, _ in options]
@@ -138,31 +142,56 @@ def table_2d(result, metric: str) -> tuple[torch.Tensor, list[dict], list[dict],
     raise ValueError(f"the widget cannot draw a sweep with axes {axes}")
 
 
-def heatmap_payload(result, metric: str, done: int, total: int, inputs: dict, run_id: int) -> dict:
+def _f32(values: torch.Tensor) -> bytes:
+    return values.contiguous().numpy().astype("<f4").tobytes()
+
+
+def heatmap_payload(result, metric: str, done: int, total: int, inputs: dict, run_id: int,
+                    estimate=None) -> dict:
     """The ``heatmap`` traitlet: everything the front end needs to draw one metric.
 
     ``values`` is the row-major ``[rows, cols]`` table as little-endian float32 bytes
     (ipywidgets ships bytes as binary buffers; NaN marks cells not computed yet).
+
+    ``estimate`` (an :class:`~patchwidgets.attribution.AttributionResult` of the same site,
+    or ``None``) adds the fast preview: ``estimate`` holds its table in the same layout, and
+    the page paints a cell from it, marked *approximate*, until ``values`` has the exact
+    number. ``result`` may be ``None`` before the first exact chunk: the layout then comes
+    from the estimate and every exact value is NaN. A path-patching sweep adds ``path``
+    (its receivers, for words and captions) and names its axes after the senders.
     """
-    values, rows, cols, row_title, col_title = table_2d(result, metric)
+    has_estimate = estimate is not None and metric in estimate.metrics
+    layout = result if result is not None else estimate
+    values, rows, cols, row_title, col_title = table_2d(layout, metric)
+    if result is None:
+        values = torch.full_like(values, float("nan"))
     baselines = {name: _finite(float(b[metric].float().mean())) if metric in b else None
-                 for name, b in result.baselines.items()}
-    return {
+                 for name, b in layout.baselines.items()}
+    payload = {
         "run_id": run_id,
-        "site": result.sites[0],
+        "site": layout.sites[0],
         "metric": metric,
-        "direction": result.direction,
+        "direction": layout.direction,
         "rows": rows,
         "cols": cols,
         "row_title": row_title,
         "col_title": col_title,
-        "values": values.contiguous().numpy().astype("<f4").tobytes(),
+        "values": _f32(values),
         "done": int(done),
         "total": int(total),
         "complete": bool(done >= total),
         "baselines": baselines,
         "inputs": dict(inputs),
     }
+    if isinstance(layout, PathPatchResult):
+        recv = layout.receivers
+        payload.update(site="path", row_title="sender layer", col_title="sender head", path={
+            "label": layout.sites[0], "receiver_input": "".join(layout.receiver_input),
+            "receivers": None if recv is None else [[int(l), int(h)] for l, h in recv]})
+    if has_estimate:
+        payload["estimate"] = _f32(table_2d(estimate, metric)[0])
+        payload["estimate_method"] = getattr(estimate, "method", "atp")
+    return payload
 
 
 def payload_values(payload: dict) -> torch.Tensor:
@@ -172,6 +201,13 @@ def payload_values(payload: dict) -> torch.Tensor:
     return flat.reshape(len(payload["rows"]), len(payload["cols"]))
 
 
+def payload_estimate(payload: dict) -> torch.Tensor | None:
+    """Decode the fast preview's estimates (``payload["estimate"]``), or ``None``."""
+    if not payload.get("estimate"):
+        return None
+    return payload_values({**payload, "values": payload["estimate"]})
+
+
 # --------------------------------------------------------------------------- words
 def _fmt(x: float | None, digits: int = 3) -> str:
     if x is None or not math.isfinite(x):
@@ -179,8 +215,28 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
 
 
-def describe_cell(site: str, cell: dict) -> str:
-    """What one cell patches: "the output of head 3.2 at ' Mary' (position 10)"."""
+_INPUT_WORDS = {"q": "queries", "k": "keys", "v": "values"}
+
+
+def describe_path(cell: dict, path: dict) -> str:
+    """What one cell of a path-patching sweep patches: the sender's output, along one path."""
+    sender = f"the output of head {cell.get('layer', '?')}.{cell.get('head', '?')}"
+    receivers = path.get("receivers")
+    if not receivers:
+        return f"{sender} (only along its direct path to the logits; every later head frozen)"
+    words = [_INPUT_WORDS[c] for c in path.get("receiver_input", "q") if c in _INPUT_WORDS]
+    inputs = ", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else "".join(words)
+    heads = ", ".join(f"{l}.{h}" for l, h in receivers)
+    return f"{sender} (only along its path into the {inputs} of head{'s' if len(receivers) > 1 else ''} {heads})"
+
+
+def describe_cell(site: str, cell: dict, path: dict | None = None) -> str:
+    """What one cell patches: "the output of head 3.2 at ' Mary' (position 10)".
+
+    ``path`` is a path-patching payload's ``path`` entry (its receivers), for ``site="path"``.
+    """
+    if site == "path":
+        return describe_path(cell, path or {})
     base = site[: -len("_by_pos")] if site.endswith("_by_pos") else site
     phrase = _SITE_PHRASES.get(base, f"{site} at layer {{layer}}")
     text = phrase.format(layer=cell.get("layer", "?"), head=cell.get("head", "?"))
@@ -192,30 +248,43 @@ def describe_cell(site: str, cell: dict) -> str:
 
 
 def explain_cell(payload: dict, row: int, col: int, answers: tuple[str, str]) -> str:
-    """One or two sentences saying what cell ``(row, col)`` of a heatmap means."""
+    """One or two sentences saying what cell ``(row, col)`` of a heatmap means.
+
+    A cell that has no exact value yet but an attribution-patching estimate (the fast
+    preview) is explained from the estimate, and says that it is one.
+    """
     values = payload_values(payload)
     cell = {**payload["rows"][row], **payload["cols"][col]}
     cell.pop("label", None)
     value = float(values[row, col])
     denoising = payload["direction"] == "denoising"
-    what = describe_cell(payload["site"], cell)
+    what = describe_cell(payload["site"], cell, payload.get("path"))
     source, target = ("clean", "corrupted") if denoising else ("corrupted", "clean")
     lead = f"Patching {what} from the {source} run into the {target} run"
-    if not math.isfinite(value):
-        return f"{lead}: not computed yet."
     metric = payload["metric"]
+    words = METRIC_WORDS.get(metric, metric).format(c=repr(answers[0]))
+    verb = "restores" if denoising else "destroys"
+
+    def percent(x: float) -> str:  # (no "-0%" for a tiny negative number)
+        return f"{x if abs(x) >= 0.005 else 0.0:.0%}"
+    if not math.isfinite(value):
+        estimates = payload_estimate(payload)
+        guess = float(estimates[row, col]) if estimates is not None else float("nan")
+        if not math.isfinite(guess):
+            return f"{lead}: not computed yet."
+        said = (f"it {verb} about {percent(guess)} of the clean logit difference" if metric == "normalized"
+                else f"a {words} of about {_fmt(guess)}")
+        return (f"{lead}: not computed exactly yet. Attribution patching estimates {said}; this is a "
+                f"first-order approximation, replaced by the exact value when the sweep reaches this cell.")
     base = payload.get("baselines", {})
-    correct = answers[0]
     if metric == "normalized":
-        verb = "restores" if denoising else "destroys"
         goal = "the clean answer" if denoising else "the clean answer's lead"
-        sentence = f"{lead} {verb} {value:.0%} of the clean logit difference"
+        sentence = f"{lead} {verb} {percent(value)} of the clean logit difference"
         if value < -0.05:
             sentence += " (negative: it pushes the other way)"
         meaning = ("sufficient" if denoising else "necessary")
         return (f"{sentence}. 0% means no effect, 100% means {goal} is fully "
                 f"{'back' if denoising else 'gone'}: high values mark activations that are {meaning}.")
-    words = METRIC_WORDS.get(metric, metric).format(c=repr(correct))
     return (f"{lead} gives a {words} of {_fmt(value)} (unpatched: {target} run "
             f"{_fmt(base.get(target))}, {source} run {_fmt(base.get(source))}).")
 
@@ -263,7 +332,8 @@ def static_html(payload: dict | None, title: str) -> str:
             for v in values[r].tolist())
         body.append(f'<tr><th style="font-size:10px;text-align:right">{esc(row["label"])}</th>{cells}</tr>')
     status = "" if payload.get("complete") else f" (partial: {payload['done']}/{payload['total']} patches)"
-    caption = (f"{payload['direction']} {payload['site']}, {payload['metric']}{status}; "
+    where = (payload.get("path") or {}).get("label") or payload["site"]
+    caption = (f"{payload['direction']} {esc(where)}, {payload['metric']}{status}; "
                f"colour scale \u00b1{scale:.3g}, blue &gt; 0 &gt; red")
     return (f'<div><b>{esc(title)}</b><div style="font-size:11px">{caption}</div>'
             f'<table style="border-collapse:collapse"><tr><th>{esc(payload["row_title"])}</th>{head}</tr>'
@@ -403,99 +473,3 @@ def pattern_payload(patterns: dict[str, Any], layer: int, head: int) -> dict:
         payload[name] = {"tokens": patterns["tokens"][name], "n": int(grid.shape[0]),
                          "values": grid.contiguous().numpy().astype("<f4").tobytes()}
     return payload
-
-
-# --------------------------------------------------------------------------- background jobs
-class JobRunner:
-    """One daemon thread that runs every job touching the model, one at a time.
-
-    Jobs have a *kind*; submitting a kind that is already waiting replaces the waiting
-    job (only the newest preview or sweep matters). Waiting jobs run in a fixed priority
-    order, ``priority[0]`` first, so a preview of new inputs always runs before the sweep
-    that reads them. A long job may call :meth:`service` between its steps to run waiting
-    jobs of the light kinds right away (the widget does so between chunks of a sweep).
-    """
-
-    def __init__(self, priority: tuple[str, ...], on_error: Callable[[str, BaseException], Any]):
-        self.priority = priority
-        self.on_error = on_error
-        self._cond = threading.Condition()
-        self._pending: dict[str, Callable[[], Any]] = {}
-        self._busy = 0
-        self._closed = False
-        self._thread: threading.Thread | None = None
-
-    def submit(self, kind: str, fn: Callable[[], Any]) -> None:
-        with self._cond:
-            if self._closed:
-                return
-            self._pending[kind] = fn
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="patchwidgets-jobs", daemon=True)
-                self._thread.start()
-            self._cond.notify_all()
-
-    def discard(self, kind: str) -> None:
-        with self._cond:
-            self._pending.pop(kind, None)
-            self._cond.notify_all()
-
-    def _take(self, kinds) -> tuple[str, Callable] | None:
-        for kind in kinds:
-            if kind in self._pending:
-                return kind, self._pending.pop(kind)
-        return None
-
-    def _run(self, kind: str, fn: Callable[[], Any]) -> None:
-        try:
-            fn()
-        except BaseException as err:  # never let a job kill the thread
-            try:
-                self.on_error(kind, err)
-            except Exception:
-                traceback.print_exc()
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                kind, fn = self._take(self.priority)
-                self._busy += 1
-            try:
-                self._run(kind, fn)
-            finally:
-                with self._cond:
-                    self._busy -= 1
-                    self._cond.notify_all()
-
-    def service(self, kinds: tuple[str, ...]) -> None:
-        """Run waiting jobs of ``kinds`` now, on the calling (job) thread."""
-        while True:
-            with self._cond:
-                job = self._take(kinds)
-            if job is None:
-                return
-            self._run(*job)
-
-    def waiting(self, kind: str) -> bool:
-        """Whether a job of ``kind`` is waiting to start."""
-        with self._cond:
-            return kind in self._pending
-
-    def idle(self) -> bool:
-        with self._cond:
-            return not self._pending and not self._busy
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until no job is waiting or running; False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._pending.clear()
-            self._cond.notify_all()

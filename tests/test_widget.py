@@ -1,4 +1,5 @@
-"""Python-side tests of PatchingWidget: state, runs from code, errors, cancel, exactness.
+"""Python-side tests of PatchingWidget: state, runs from code, errors, cancel, exactness,
+the fast (attribution-patching) preview and the path-patching view.
 
 The widget is driven the way the page drives it (``set_state`` for edits, custom
 ``{"type": "run"}`` messages for the Run button) and the way code drives it (traitlets,
@@ -20,9 +21,14 @@ import torch
 import patchwidgets
 from patchwidgets.metrics import BUILTIN_METRICS
 from patchwidgets.widget import DEFAULT_CLEAN, DEFAULT_CORRUPTED, STATIC, PatchingWidget
-from patchwidgets.widget_state import WIDGET_SITES, payload_values, static_html, table_2d
+from patchwidgets.errors import PatchingInputError
+from patchwidgets.widget_jobs import parse_receivers
+from patchwidgets.widget_state import (
+    WIDGET_SITES, explain_cell, payload_estimate, payload_values, static_html, table_2d,
+)
 
 S2, END = 10, 14  # positions of the changed name and of the final token in the IOI prompts
+ANSWERS = (" Mary", " John")
 
 
 @pytest.fixture(scope="session")
@@ -184,18 +190,21 @@ def test_degenerate_normalization_reported_for_normalized(widget):
 def test_internal_error_never_escapes(widget, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("kaboom")
-    monkeypatch.setattr("patchwidgets.widget.patch", boom)
+    monkeypatch.setattr("patchwidgets.widget_jobs.patch", boom)
     assert widget.run(wait=True) is None
     assert widget.status == "error" and "kaboom" in widget.errors["general"]
 
 
 # --------------------------------------------------------------------------- streaming, cancel
-def test_streams_partial_heatmaps(widget):
+@pytest.mark.parametrize("fast_preview", [True, False])
+def test_streams_partial_heatmaps(widget, fast_preview):
+    widget.fast_preview = fast_preview
     seen = []
     widget.observe(lambda ch: seen.append(ch["new"]), names="heatmap")
     widget.run(wait=True)
-    partial = [p for p in seen if not p["complete"]]
+    partial = [p for p in seen if not p["complete"] and torch.isfinite(payload_values(p)).any()]
     assert partial, "the first chunk is pushed before the sweep ends"
+    assert all(("estimate" in p) == fast_preview for p in seen)
     values = payload_values(partial[0])
     assert torch.isnan(values).any() and torch.isfinite(values).any()
     assert seen[-1]["complete"] and not torch.isnan(payload_values(seen[-1])).any()
@@ -295,6 +304,182 @@ def test_figure(widget):
     fig = widget.figure()
     assert fig.data[0].z.shape == (4, 15)
     assert widget.figure("kl").layout.title.text.endswith("kl")
+
+
+# --------------------------------------------------------------------------- fast preview
+def record_heatmaps(w: PatchingWidget) -> list[dict]:
+    seen: list[dict] = []
+    w.observe(lambda ch: seen.append(ch["new"]), names="heatmap")
+    return seen
+
+
+@pytest.mark.parametrize("site,direction,metric", [
+    ("resid_pre", "denoising", "normalized"), ("head_out", "noising", "logit_diff"),
+    ("head_q_by_pos", "denoising", "logprob"), ("mlp_out", "denoising", "kl"),
+])
+def test_fast_preview_paints_estimate_then_exact(widget, model, site, direction, metric):
+    widget.site, widget.direction, widget.metric = site, direction, metric
+    assert widget.fast_preview  # on by default
+    seen = record_heatmaps(widget)
+    result = widget.run(wait=True)
+    assert result is not None and widget.status == "done" and widget.errors == {}
+
+    # The first picture of the run is the estimate alone: no exact value yet.
+    first = seen[0]
+    assert first["done"] == 0 and not first["complete"]
+    assert torch.isnan(payload_values(first)).all()
+    estimate = patchwidgets.attribution_patch(model, DEFAULT_CLEAN, DEFAULT_CORRUPTED, answers=ANSWERS,
+                                              site=site, direction=direction, metrics=[metric])
+    expected = table_2d(estimate, metric)[0]
+    assert torch.allclose(payload_estimate(first), expected, atol=1e-5, rtol=1e-4)
+    assert first["rows"] == table_2d(estimate, metric)[1]
+
+    # Exact values come later and replace the estimate; the final grid is patch()'s.
+    exact_at = next(i for i, p in enumerate(seen) if torch.isfinite(payload_values(p)).any())
+    assert exact_at > 0
+    assert all("estimate" in p for p in seen), "every picture of the run carries the estimate"
+    final = seen[-1]
+    assert final["complete"] and final["run_id"] == first["run_id"]
+    ref = patchwidgets.patch(model, DEFAULT_CLEAN, DEFAULT_CORRUPTED, answers=ANSWERS, site=site,
+                             direction=direction, metrics=list(BUILTIN_METRICS))
+    assert torch.equal(payload_values(final), table_2d(ref, metric)[0])
+    for m in BUILTIN_METRICS:
+        assert torch.equal(result.grid(m), ref.grid(m)), m
+
+
+def test_fast_preview_explains_approximate_cells(widget):
+    seen = record_heatmaps(widget)
+    widget.run(wait=True)
+    first = seen[0]
+    text = explain_cell(first, 0, S2, ANSWERS)
+    assert "not computed exactly yet" in text and "Attribution patching estimates" in text
+    assert "clean logit difference" in text
+    # Once exact, the words are the exact ones.
+    assert "estimates" not in widget.select(layer=0, pos=S2)
+
+
+@pytest.mark.parametrize("metric", ["rank", "accuracy"])
+def test_fast_preview_skipped_silently_for_discrete_metrics(widget, metric):
+    widget.metric = metric
+    seen = record_heatmaps(widget)
+    assert widget.run(wait=True) is not None
+    assert widget.errors == {} and widget.status == "done"
+    assert seen and not any("estimate" in p for p in seen)
+    assert "gradient" in widget.preview_skipped
+
+
+def test_fast_preview_failure_is_silent(widget, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("no estimate today")
+    monkeypatch.setattr("patchwidgets.widget_jobs.attribution_patch", boom)
+    seen = record_heatmaps(widget)
+    assert widget.run(wait=True) is not None and widget.errors == {}
+    assert not any("estimate" in p for p in seen)
+    assert "no estimate today" in widget.preview_skipped
+
+
+def test_estimate_taken_back_when_exact_sweep_rejects_inputs(widget, monkeypatch):
+    widget.run(wait=True)
+    good = dict(widget.heatmap)
+
+    def reject(*args, **kwargs):
+        raise PatchingInputError("rejected by the exact sweep", "site")
+    monkeypatch.setattr("patchwidgets.widget_jobs.patch", reject)
+    seen = record_heatmaps(widget)
+    assert widget.run(wait=True) is None and widget.status == "error"
+    assert "estimate" in seen[0], "the estimate was shown first ..."
+    assert widget.heatmap == good, "... and the last good heatmap is back after the error"
+    assert widget.errors["site"] == "rejected by the exact sweep"
+
+
+def test_cancel_leaves_estimates_on_unreached_cells(widget):
+    widget.site = "head_out_by_pos"
+
+    def cancel_after_first_chunk(change):
+        done, total = change["new"]
+        if 0 < done < total:
+            widget.cancel()
+    widget.observe(cancel_after_first_chunk, names="progress")
+    assert widget.run(wait=True) is None and widget.status == "cancelled"
+    exact, guess = payload_values(widget.heatmap), payload_estimate(widget.heatmap)
+    missing = torch.isnan(exact)
+    assert missing.any() and torch.isfinite(guess[missing]).all()
+    row, col = (int(i) for i in missing.nonzero()[0])
+    assert "Attribution patching estimates" in widget.select(row, col)
+
+
+def test_step_delay_slows_each_stage(widget):
+    progress = []
+    widget.observe(lambda ch: progress.append(tuple(ch["new"])), names="progress")
+    widget.step_delay = 0.15  # a pause after the estimate and after each exact chunk
+    widget.run(wait=True)
+    stages = len({p for p in progress if p[1]})  # (0, n) after the estimate, then one per chunk
+    assert stages >= 3 and widget.elapsed >= 0.15 * stages - 0.01
+
+
+# --------------------------------------------------------------------------- path patching view
+def test_parse_receivers():
+    assert parse_receivers("", 4, 8) is None and parse_receivers(" Logits ", 4, 8) is None
+    assert parse_receivers("3.1, L3H5 2:0 3.1", 4, 8) == [(3, 1), (3, 5), (2, 0)]
+    with pytest.raises(ValueError, match="no head 4.0"):
+        parse_receivers("4.0", 4, 8)
+    with pytest.raises(ValueError, match="could not read 'x'"):
+        parse_receivers("3.1, x", 4, 8)
+
+
+@pytest.mark.parametrize("receivers,receiver_input,heads,direction", [
+    ("", "q", None, "denoising"), ("logits", "k", None, "noising"),
+    ("3.1, L3H5", "k", [(3, 1), (3, 5)], "denoising"), ("2.3", "qkv", [(2, 3)], "noising"),
+])
+def test_path_view_equals_path_patch(widget, model, receivers, receiver_input, heads, direction):
+    seen = record_heatmaps(widget)
+    # As the page does it: the edited fields travel with the Run message.
+    widget._handle_custom_msg({"type": "run", "state": {
+        "site": "path", "receivers": receivers, "receiver_input": receiver_input, "direction": direction}}, [])
+    assert widget.wait(60) and widget.status == "done" and widget.errors == {}
+    ref = patchwidgets.path_patch(model, DEFAULT_CLEAN, DEFAULT_CORRUPTED, answers=ANSWERS, receivers=heads,
+                                  receiver_input=receiver_input, direction=direction,
+                                  metrics=list(BUILTIN_METRICS))
+    for m in BUILTIN_METRICS:
+        assert torch.equal(widget.result.grid(m), ref.grid(m)), m
+    hm = widget.heatmap
+    assert hm["site"] == "path" and hm["complete"] and (hm["row_title"], hm["col_title"]) == ("sender layer", "sender head")
+    assert hm["path"]["receivers"] == (None if heads is None else [list(h) for h in heads])
+    assert (len(hm["rows"]), len(hm["cols"])) == (4, 8)
+    assert torch.equal(payload_values(hm), ref.grid("normalized"))
+    assert not any("estimate" in p for p in seen), "attribution patching has no path estimate"
+    text = widget.select(layer=0, head=1)
+    assert text.startswith("Patching the output of head 0.1 (only along its ")
+    if heads is None:
+        assert "direct path to the logits; every later head frozen)" in text
+    else:
+        inputs = {"k": "keys", "qkv": "queries, keys and values"}[receiver_input]
+        names = ", ".join(f"{l}.{h}" for l, h in heads)
+        assert f"into the {inputs} of head{'s' if len(heads) > 1 else ''} {names})" in text
+    assert "path: senders -&gt;" in static_html(hm, "t")
+
+
+@pytest.mark.parametrize("receivers,words", [
+    ("9.1", "no head 9.1"), ("3.x", "could not read '3.x'"), ("1.8", "no head 1.8"),
+])
+def test_path_receiver_errors_in_place(widget, receivers, words):
+    widget.site = "head_out"
+    widget.run(wait=True)
+    good = dict(widget.heatmap)
+    widget.receivers = receivers  # not checked while another component is chosen
+    assert "receivers" not in widget.errors
+    widget.site = "path"
+    assert words in widget.errors["receivers"], "checked as soon as the path view is chosen"
+    assert widget.run(wait=True) is None and widget.status == "error"
+    assert words in widget.errors["receivers"]
+    assert widget.heatmap == good
+    widget.receivers = "3.1"
+    assert "receivers" not in widget.errors
+    widget.receiver_input = "qx"
+    assert widget.run(wait=True) is None
+    assert "receiver_input must be" in widget.errors["receiver_input"]
+    widget.receiver_input = "v"
+    assert widget.run(wait=True) is not None and widget.errors == {}
 
 
 # --------------------------------------------------------------------------- representations

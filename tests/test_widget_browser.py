@@ -10,8 +10,15 @@ What it does, like a learner would:
    cell per (layer, position), the strongest cell at the changed name (S2) in the first
    layer and at the final position (END) in the last layer, read from the ``data-value``
    attributes of the SVG cells;
-4. toggle noising, switch metric, click a head cell and see its attention pattern, enter
-   bad inputs and see the errors in place, and check that markup in a prompt stays text.
+4. slow the sweep down (a second cell sets ``w.step_delay``) and catch the fast preview:
+   every cell first painted from the attribution-patching estimate and marked approximate
+   (hatched, ``data-approx``), then turning exact as the sweep streams in;
+5. toggle noising, switch metric, click a head cell and see its attention pattern;
+6. switch to the path-patching view: sender heads to the logits, then Shift+click a head to
+   make it the receiver and run again, each heatmap checked against
+   :func:`patchwidgets.path_patch` in this process; a receiver that does not exist shows
+   its error in place;
+7. enter bad inputs and see the errors in place, and check that markup in a prompt stays text.
 
 Screenshots go to ``test-artifacts/`` at the repository root (gitignored). The server is
 always stopped, even when a step fails. :class:`JupyterLab` and :func:`open_widget` are
@@ -49,6 +56,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import patchwidgets
 w = patchwidgets.PatchingWidget()
 w"""
+SLOW_CELL = "w.step_delay = 0.6  # slow motion: pause after the estimate and after each chunk"
+FAST_CELL = "w.step_delay = 0.0"
 
 
 def missing_requirement() -> str | None:
@@ -221,6 +230,22 @@ def cell_values(page) -> list[dict]:
         value: e.dataset.value === undefined ? null : Number(e.dataset.value)}))""")
 
 
+def run_cell(page, index: int, timeout_ms: int = 30_000) -> None:
+    """Run notebook cell ``index`` (click into its editor, Shift+Enter) and wait until done."""
+    cell = f".jp-Notebook .jp-Cell >> nth={index}"
+    before = page.inner_text(f"{cell} >> .jp-InputPrompt")
+    page.click(f"{cell} >> .cm-content")
+    page.keyboard.press("Shift+Enter")
+    page.wait_for_function(
+        """([i, before]) => { const p = document.querySelectorAll('.jp-Notebook .jp-Cell')[i].querySelector('.jp-InputPrompt');
+                              return p && p.textContent !== before && /\\[\\d+\\]/.test(p.textContent); }""",
+        arg=[index, before], timeout=timeout_ms)
+
+
+def root_data(page, key: str) -> str | None:
+    return page.get_attribute(".pw-root", f"data-{key}")
+
+
 def shot(page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.locator(".pw-root").screenshot(path=str(ARTIFACTS / name))
@@ -236,7 +261,7 @@ def page():
     from playwright.sync_api import sync_playwright
 
     dialogs: list[str] = []
-    with JupyterLab([WIDGET_CELL]) as lab, sync_playwright() as p:
+    with JupyterLab([WIDGET_CELL, SLOW_CELL, FAST_CELL]) as lab, sync_playwright() as p:
         browser = launch_browser(p)
         try:
             pg = browser.new_page(viewport={"width": 1400, "height": 1600})
@@ -287,6 +312,48 @@ def test_run_fills_heatmap_with_ioi_pattern(page):
     shot(page, "02-tooltip-and-explanation.png")
 
 
+def test_fast_preview_approximate_then_exact(page):
+    """The heatmap is first painted from attribution patching, hatched and labelled
+    approximate; each cell loses the mark when its exact value streams in."""
+    assert page.is_checked("input[data-control='fast_preview']"), "on by default"
+    run_cell(page, 1)  # w.step_delay = 0.6: time to look at each stage
+    try:
+        before = run_id(page)
+        page.click("button[data-action='run']")
+        page.wait_for_function(
+            """(before) => { const r = document.querySelector('.pw-root');
+                return Number(r.dataset.runId) > before && r.dataset.approx === '60'; }""", arg=before)
+        cells = page.eval_on_selector_all("rect.pw-cell", """els => els.map(e => ({
+            approx: e.dataset.approx === 'true', estimate: e.dataset.estimate, value: e.dataset.value,
+            hatched: e.classList.contains('pw-approx'), fill: e.getAttribute('fill')}))""")
+        assert len(cells) == 60 and all(c["approx"] and c["hatched"] for c in cells)
+        assert all(c["value"] is None and c["estimate"] is not None and c["fill"] for c in cells)
+        assert page.is_visible(".pw-approx-note")
+        assert "approximate (attribution patching)" in page.inner_text(".pw-approx-note")
+        assert page.get_attribute("path.pw-hatch", "d").count("M") == 60
+        page.hover("rect.pw-cell[data-layer='3'][data-pos='14']")
+        assert "approximate: attribution patching" in page.inner_text(".pw-tooltip")
+        shot(page, "07-fast-preview-approximate.png")
+
+        # Part exact, part approximate: the exact sweep is on its way.
+        page.wait_for_function("""() => { const r = document.querySelector('.pw-root');
+            return Number(r.dataset.filled) > 0 && Number(r.dataset.approx) > 0; }""")
+        mixed = page.eval_on_selector_all("rect.pw-cell", """els => els.map(e => ({
+            approx: e.classList.contains('pw-approx'), exact: e.dataset.value !== undefined}))""")
+        assert all(c["approx"] != c["exact"] for c in mixed), "a cell is either exact or approximate"
+        shot(page, "08-fast-preview-turning-exact.png")
+
+        wait_for_run(page, before)
+        assert root_data(page, "approx") == "0" and page.locator("rect.pw-cell.pw-approx").count() == 0
+        assert page.get_attribute("path.pw-hatch", "d") == ""
+        assert not page.is_visible(".pw-approx-note")
+        assert all(c["value"] is not None for c in cell_values(page))
+        page.hover("rect.pw-cell[data-layer='3'][data-pos='14']")
+        assert "attribution estimate was" in page.inner_text(".pw-tooltip")
+    finally:
+        run_cell(page, 2)  # w.step_delay = 0.0
+
+
 def test_noising_and_metric_switch(page):
     before = run_id(page)
     page.click("button[data-direction='noising']")
@@ -325,6 +392,80 @@ def test_click_head_cell_shows_attention_pattern(page):
     last_row = weights[-15:]
     assert abs(sum(last_row) - 1) < 0.01, "each query's attention sums to 1"
     shot(page, "04-head-attention-pattern.png")
+
+
+def path_reference(receivers, receiver_input: str = "q"):
+    """``path_patch`` on the prompts of this test, computed here, for comparing with the page."""
+    import patchwidgets
+
+    model = patchwidgets.load_model("toy-ioi")
+    result = patchwidgets.path_patch(model, CLEAN, CORRUPTED, answers=(" Sarah", " Lisa"), receivers=receivers,
+                                     receiver_input=receiver_input, direction="denoising", metrics=["normalized"])
+    return result.grid("normalized")
+
+
+def assert_heatmap_is(page, grid) -> None:
+    cells = cell_values(page)
+    assert len(cells) == grid.numel() == 4 * 8
+    for c in cells:
+        assert c["value"] == pytest.approx(float(grid[c["layer"], c["head"]]), abs=1e-6), c
+
+
+def test_path_patching_view(page):
+    """Senders to the logits, then Shift+click a head to make it the receiver; a receiver
+    that does not exist is reported in place."""
+    assert page.locator("[data-panel='path']").is_hidden()
+    page.select_option("select[data-control='site']", "path")
+    assert page.locator("[data-panel='path']").is_visible()
+    assert page.is_disabled("input[data-control='fast_preview']"), "no AtP estimate for paths"
+    assert page.is_disabled("select[data-control='receiver_input']"), "the logits have no q/k/v"
+
+    before = run_id(page)
+    page.click("button[data-action='run']")
+    before = wait_for_run(page, before)
+    assert page.get_attribute("svg.pw-heatmap", "data-rows") == "4"
+    assert page.get_attribute("svg.pw-heatmap", "data-cols") == "8"
+    assert "path: senders -> logits" in page.inner_text(".pw-caption")
+    assert root_data(page, "approx") == "0"
+    assert_heatmap_is(page, path_reference(None))
+    shot(page, "09-path-to-logits.png")
+
+    # The strongest direct effect on the logits after layer 0 becomes the receiver (Shift+click),
+    # and the path into its inputs shows which earlier heads feed it.
+    later = [c for c in cell_values(page) if c["layer"] > 0]
+    top = max(later, key=lambda c: abs(c["value"]))
+    receiver = f"{top['layer']}.{top['head']}"
+    page.click(f"rect.pw-cell[data-layer='{top['layer']}'][data-head='{top['head']}']", modifiers=["Shift"])
+    page.wait_for_function("(r) => document.querySelector('.pw-root').dataset.receivers === r", arg=receiver)
+    assert page.input_value("input[data-field='receivers']") == receiver
+    assert page.get_attribute("path.pw-receiver-marks", "d").count("M") == 1
+    assert page.is_visible(".pw-stale"), "the heatmap no longer matches the receivers"
+    assert page.is_enabled("select[data-control='receiver_input']")
+    page.select_option("select[data-control='receiver_input']", "qkv")
+    page.click("button[data-action='run']")
+    before = wait_for_run(page, before)
+    assert f"L{top['layer']}H{top['head']} (qkv)" in page.inner_text(".pw-caption")
+    expected = path_reference([(top["layer"], top["head"])], "qkv")
+    assert_heatmap_is(page, expected)
+    sender = max(cell_values(page), key=lambda c: abs(c["value"]))
+    assert sender["layer"] < top["layer"] and abs(sender["value"]) > 0.1, "an earlier head feeds the receiver"
+    page.click(f"rect.pw-cell[data-layer='{sender['layer']}'][data-head='{sender['head']}']")
+    page.wait_for_function(
+        "(r) => document.querySelector('.pw-explanation').textContent.includes('into the queries, keys and values of head ' + r)",
+        arg=receiver)
+    shot(page, "10-path-to-receiver.png")
+
+    # A receiver the model does not have: the error shows at the field, the heatmap stays.
+    cells_before = cell_values(page)
+    page.fill("input[data-field='receivers']", f"{receiver}, 9.9")
+    page.wait_for_function("() => document.querySelector(\"[data-error-for='receivers']\").textContent.includes('no head 9.9')")
+    page.click("button[data-action='run']")
+    page.wait_for_selector(".pw-root[data-status='error']")
+    assert cell_values(page) == cells_before
+    assert "pw-invalid" in page.get_attribute("input[data-field='receivers']", "class")
+    shot(page, "11-path-receiver-error.png")
+    page.fill("input[data-field='receivers']", receiver)
+    page.wait_for_function("() => document.querySelector(\"[data-error-for='receivers']\").textContent === ''")
 
 
 def test_bad_inputs_show_errors_in_place(page):
@@ -380,4 +521,4 @@ def test_saved_notebook_stores_last_heatmap(page):
     raw = base64.b64decode(buffer["data"])
     saved = list(struct.unpack(f"<{len(raw) // 4}f", raw))
     assert saved == pytest.approx(shown, abs=0, nan_ok=True)
-    assert state["state"]["heatmap"]["site"] == "head_out"
+    assert state["state"]["heatmap"]["site"] == "path"  # the last good heatmap: the path view

@@ -10,6 +10,11 @@
 //
 // Binary data: the heatmap values and attention patterns arrive as little-endian float32
 // buffers (DataView), NaN marking cells that are not computed yet.
+//
+// Fast preview: a heatmap may also carry `estimate`, the attribution-patching estimate of
+// every cell in the same layout. A cell without its exact value yet is painted from the
+// estimate and marked approximate (class pw-approx, data-approx, a hatched overlay); it
+// loses the mark as soon as its exact value arrives.
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 
@@ -19,7 +24,9 @@ const SVG_NS = "http://www.w3.org/2000/svg";
  * @typedef {{run_id: number, site: string, metric: string, direction: string,
  *            rows: Cell[], cols: Cell[], row_title: string, col_title: string,
  *            values: DataView, done: number, total: number, complete: boolean,
- *            baselines: Object<string, number|null>, inputs: Object<string, string>}} Heatmap
+ *            baselines: Object<string, number|null>, inputs: Object<string, string>,
+ *            estimate?: DataView, estimate_method?: string,
+ *            path?: {label: string, receivers: number[][]|null, receiver_input: string}}} Heatmap
  * @typedef {{tokens: string[], n: number, values: DataView}} PatternView
  */
 
@@ -100,6 +107,22 @@ const quote = (tok) => `'${tok}'`;
 
 /** Shorten long labels. @param {string} text @param {number} n */
 const clip = (text, n) => (text.length > n ? text.slice(0, n - 1) + "\u2026" : text);
+
+/**
+ * The heads named in the receivers field ("3.1, L3H5" -> ["3.1", "3.5"]); [] for logits.
+ * Only for marking and toggling cells: Python parses the field for real and reports errors.
+ * @param {string} text
+ */
+function receiverHeads(text) {
+  const heads = [];
+  for (const item of String(text || "").split(/[\s,;]+/)) {
+    const m = /^l?(\d+)(?:[.:]|h)(\d+)$/i.exec(item);
+    if (m && !heads.includes(`${Number(m[1])}.${Number(m[2])}`)) heads.push(`${Number(m[1])}.${Number(m[2])}`);
+  }
+  return heads;
+}
+
+const RECEIVER_INPUTS = [["q", "queries (q)"], ["k", "keys (k)"], ["v", "values (v)"], ["kv", "keys and values (kv)"], ["qkv", "all inputs (qkv)"]];
 
 const METRIC_LABELS = {
   logit_diff: "logit difference", normalized: "normalized (fraction restored)",
@@ -248,6 +271,10 @@ function render({ model, el }) {
   const cancelButton = /** @type {HTMLButtonElement} */ (h("button", { type: "button", class: "pw-cancel", "data-action": "cancel" }, "Cancel"));
   const autoBox = /** @type {HTMLInputElement} */ (h("input", { type: "checkbox", "data-control": "auto_run" }));
   autoBox.addEventListener("change", () => save("auto_run", autoBox.checked));
+  const previewBox = /** @type {HTMLInputElement} */ (h("input", { type: "checkbox", "data-control": "fast_preview" }));
+  previewBox.addEventListener("change", () => save("fast_preview", previewBox.checked));
+  const previewLabel = h("label", { class: "pw-auto", title: "Paint a first-order estimate of every cell at once (one backward pass), then replace it with the exact values as the sweep runs. Not for rank, accuracy or path patching." },
+    previewBox, " fast preview (attribution patching)");
   const progress = /** @type {HTMLProgressElement} */ (h("progress", { class: "pw-progress", max: "1", value: "0" }));
   const progressText = h("span", { class: "pw-progress-text" });
 
@@ -259,7 +286,23 @@ function render({ model, el }) {
     h("label", { class: "pw-control" }, h("span", { class: "pw-label" }, "Metric"), metricSelect, errorBox("metric")),
     h("label", { class: "pw-control" }, h("span", { class: "pw-label" }, "Component"), siteSelect, errorBox("site")),
     h("div", { class: "pw-control pw-actions" }, runButton, cancelButton,
-      h("label", { class: "pw-auto" }, autoBox, " auto-run"))));
+      h("label", { class: "pw-auto" }, autoBox, " auto-run"), previewLabel)));
+
+  // ------------------------------------------------------------ path patching: receivers
+  const receiversField = textField("receivers", "Receivers: logits, or heads (layer.head)", "pw-receivers");
+  const receiversInput = /** @type {HTMLInputElement} */ (receiversField.querySelector("input"));
+  receiversInput.setAttribute("placeholder", "logits   (or heads: 3.1, 3.5)");
+  const receiverInputSelect = /** @type {HTMLSelectElement} */ (h("select", { class: "pw-select", "data-control": "receiver_input", "aria-label": "receiver input" }));
+  for (const [value, label] of RECEIVER_INPUTS) receiverInputSelect.append(h("option", { value }, label));
+  receiverInputSelect.addEventListener("change", () => save("receiver_input", receiverInputSelect.value));
+  const pathRow = h("div", { class: "pw-path pw-hidden", "data-panel": "path" },
+    receiversField,
+    h("label", { class: "pw-control" }, h("span", { class: "pw-label" }, "Receiver input"), receiverInputSelect, errorBox("receiver_input")),
+    h("div", { class: "pw-path-help" },
+      "Each cell is a sender head: its output is patched only along the path into the receivers ",
+      "(the logits: its direct effect; heads: the chosen input of those heads), every other head frozen. ",
+      "Shift+click a head cell to add or remove it as a receiver."));
+  root.append(pathRow);
   root.append(reminder, h("div", { class: "pw-progress-row" }, progress, progressText));
 
   function drawControls() {
@@ -272,9 +315,17 @@ function render({ model, el }) {
     metricSelect.value = model.get("metric");
     siteSelect.value = model.get("site");
     autoBox.checked = !!model.get("auto_run");
+    const path = model.get("site") === "path";
+    previewBox.checked = !!model.get("fast_preview");
+    previewBox.disabled = path; // AtP has no estimate for path patching
+    previewLabel.classList.toggle("pw-disabled", path);
+    pathRow.classList.toggle("pw-hidden", !path);
+    receiverInputSelect.value = model.get("receiver_input");
+    receiverInputSelect.disabled = receiverHeads(model.get("receivers")).length === 0;
     markStale();
+    markReceivers();
   }
-  for (const name of ["direction", "metric", "site", "auto_run"]) on(`change:${name}`, drawControls);
+  for (const name of ["direction", "metric", "site", "auto_run", "fast_preview", "receivers", "receiver_input"]) on(`change:${name}`, drawControls);
 
   // ------------------------------------------------------------ run / latency bookkeeping
   let clickedAt = 0, runIdAtClick = -1;
@@ -327,6 +378,10 @@ function render({ model, el }) {
 
   // ------------------------------------------------------------ heatmap
   const caption = h("div", { class: "pw-caption" });
+  const approxNote = h("div", { class: "pw-approx-note pw-hidden", "data-note": "approximate" },
+    h("span", { class: "pw-approx-swatch" }),
+    h("b", {}, "approximate (attribution patching)"),
+    h("span", { class: "pw-approx-count" }));
   const staleNote = h("div", { class: "pw-stale pw-hidden" }, "Inputs changed since this heatmap was computed: press Run.");
   const plot = h("div", { class: "pw-plot" });
   const tooltip = h("div", { class: "pw-tooltip pw-hidden", role: "tooltip" });
@@ -341,15 +396,15 @@ function render({ model, el }) {
   headSelect.addEventListener("change", () => save("pattern_head", Number(headSelect.value)));
 
   root.append(h("div", { class: "pw-main" },
-    h("div", { class: "pw-heatmap-panel" }, caption, staleNote, generalError, plot),
+    h("div", { class: "pw-heatmap-panel" }, caption, approxNote, staleNote, generalError, plot),
     h("div", { class: "pw-side" },
       h("div", { class: "pw-side-title" }, "Selected cell"), explanation,
       h("div", { class: "pw-side-title" }, "Attention pattern of ", layerSelect, headSelect),
       patternPanel)));
   root.append(tooltip);
 
-  /** @type {{key: string, rects: SVGRectElement[], svg: SVGSVGElement|null, outline: SVGRectElement|null, cw: number, ch: number, left: number, top: number, legend: any}} */
-  const hm = { key: "", rects: [], svg: null, outline: null, cw: 0, ch: 0, left: 0, top: 0, legend: null };
+  /** @type {{key: string, rects: SVGRectElement[], svg: SVGSVGElement|null, outline: SVGRectElement|null, hatch: SVGPathElement|null, receivers: SVGPathElement|null, cw: number, ch: number, left: number, top: number, legend: any}} */
+  const hm = { key: "", rects: [], svg: null, outline: null, hatch: null, receivers: null, cw: 0, ch: 0, left: 0, top: 0, legend: null };
 
   /** Build the SVG skeleton (labels, empty cells, legend) for a heatmap's shape. @param {Heatmap} p */
   function buildHeatmap(p) {
@@ -423,7 +478,10 @@ function render({ model, el }) {
     const defs = s("defs");
     const grad = s("linearGradient", { id: gid, x1: 0, y1: 0, x2: 0, y2: 1 });
     [[0, 1], [0.5, 0], [1, -1]].forEach(([off, v]) => grad.append(s("stop", { offset: off, "stop-color": diverging(v, 1) })));
-    defs.append(grad);
+    // Hatching for approximate cells: one <path> covering all of them, filled with stripes.
+    const hatchPattern = s("pattern", { id: `${gid}-hatch`, patternUnits: "userSpaceOnUse", width: 5, height: 5, patternTransform: "rotate(45)" });
+    hatchPattern.append(s("rect", { width: 2, height: 5, class: "pw-hatch-stripe" }));
+    defs.append(grad, hatchPattern);
     const legendTexts = [0, 1, 2].map((k) => {
       const t = s("text", { x: lx + 16, y: top + (k * lh) / 2, "dominant-baseline": "middle", class: "pw-legend-label" });
       svg.append(t);
@@ -431,10 +489,12 @@ function render({ model, el }) {
     });
     const legendTitle = s("text", { x: lx, y: top + lh + 14, class: "pw-legend-label" });
     svg.append(defs, s("rect", { x: lx, y: top, width: 12, height: lh, fill: `url(#${gid})`, stroke: "#999" }), legendTitle);
+    const hatch = /** @type {SVGPathElement} */ (s("path", { class: "pw-hatch", fill: `url(#${gid}-hatch)`, d: "" }));
+    const receivers = /** @type {SVGPathElement} */ (s("path", { class: "pw-receiver-marks", d: "" }));
     const outline = /** @type {SVGRectElement} */ (s("rect", { class: "pw-outline pw-hidden", width: cw, height: ch }));
-    svg.append(outline);
+    svg.append(hatch, receivers, outline);
     plot.replaceChildren(svg);
-    Object.assign(hm, { svg, rects, outline, cw, ch, left, top, legend: { legendTexts, legendTitle } });
+    Object.assign(hm, { svg, rects, outline, hatch, receivers, cw, ch, left, top, legend: { legendTexts, legendTitle } });
   }
 
   /** Colour the cells from the current values (cheap: runs on every streamed update). */
@@ -445,38 +505,61 @@ function render({ model, el }) {
       hm.key = "";
       plot.replaceChildren(h("div", { class: "pw-empty" }, "No heatmap yet: press Run."));
       caption.textContent = "";
+      approxNote.classList.add("pw-hidden");
       delete root.dataset.runId;
       return;
     }
     const key = `${p.run_id}|${p.site}|${p.rows.length}x${p.cols.length}|${Math.round((root.clientWidth || 800) / 40)}`;
     if (key !== hm.key) { buildHeatmap(p); hm.key = key; }
     const values = floats(p.values);
-    let top = 0, filled = 0;
-    for (const v of values) if (Number.isFinite(v)) { top = Math.max(top, Math.abs(v)); filled++; }
+    const estimate = p.estimate ? floats(p.estimate) : null;
+    // What each cell shows: its exact value, else its estimate (approximate), else nothing.
+    const shown = Array.from(values, (v, i) => (Number.isFinite(v) ? v : estimate ? estimate[i] : NaN));
+    let top = 0, filled = 0, approx = 0;
+    shown.forEach((v, i) => {
+      if (!Number.isFinite(v)) return;
+      top = Math.max(top, Math.abs(v));
+      if (Number.isFinite(values[i])) filled++; else approx++;
+    });
     const scale = p.metric === "normalized" ? Math.max(1, top) : top || 1;
+    let hatchPath = "";
     hm.rects.forEach((r, i) => {
-      const v = values[i];
+      const v = shown[i], exact = Number.isFinite(values[i]);
+      if (estimate && Number.isFinite(estimate[i])) r.setAttribute("data-estimate", String(estimate[i]));
+      else r.removeAttribute("data-estimate");
       if (Number.isFinite(v)) {
         r.setAttribute("fill", diverging(v, scale));
-        r.setAttribute("data-value", String(v));
         r.classList.remove("pw-pending");
       } else {
         r.removeAttribute("fill"); // .pw-pending colours it (CSS variables need CSS, not attributes)
-        r.removeAttribute("data-value");
         r.classList.add("pw-pending");
       }
+      if (exact) r.setAttribute("data-value", String(v));
+      else r.removeAttribute("data-value");
+      const isApprox = !exact && Number.isFinite(v);
+      r.classList.toggle("pw-approx", isApprox);
+      if (isApprox) {
+        r.setAttribute("data-approx", "true");
+        hatchPath += `M${r.getAttribute("x")} ${r.getAttribute("y")}h${r.getAttribute("width")}v${r.getAttribute("height")}h-${r.getAttribute("width")}z`;
+      } else r.removeAttribute("data-approx");
     });
+    hm.hatch.setAttribute("d", hatchPath);
     const [t0, t1, t2] = hm.legend.legendTexts;
     t0.textContent = fmt(scale); t1.textContent = "0"; t2.textContent = fmt(-scale);
     hm.legend.legendTitle.textContent = p.metric;
-    caption.textContent = `${p.direction} \u00b7 ${p.site} \u00b7 ${METRIC_LABELS[p.metric] || p.metric}` +
+    const what = p.path ? p.path.label : p.site;
+    caption.textContent = `${p.direction} \u00b7 ${what} \u00b7 ${METRIC_LABELS[p.metric] || p.metric}` +
       (p.complete ? "" : ` \u00b7 ${p.done}/${p.total} patches`);
+    approxNote.classList.toggle("pw-hidden", approx === 0);
+    approxNote.dataset.count = String(approx);
+    drawApproxNote();
     Object.assign(root.dataset, {
-      runId: String(p.run_id), complete: String(!!p.complete), filled: String(filled),
+      runId: String(p.run_id), complete: String(!!p.complete), filled: String(filled), approx: String(approx),
       metric: p.metric, direction: p.direction, site: p.site,
     });
     drawOutline();
     markStale();
+    markReceivers();
     if (p.complete && clickedAt && p.run_id > runIdAtClick) {
       const t = clickedAt;
       clickedAt = 0;
@@ -488,11 +571,40 @@ function render({ model, el }) {
   }
   on("change:heatmap", paintHeatmap);
 
+  /** The words after "approximate (attribution patching)": how many cells, and what happens next. */
+  function drawApproxNote() {
+    const n = Number(approxNote.dataset.count || 0);
+    const it = n === 1 ? "it" : "them";
+    const next = model.get("status") === "running" ? `, replaced by the exact value as the sweep reaches ${it}`
+      : ` (the exact sweep stopped before reaching ${it}; press Run for exact values)`;
+    /** @type {HTMLElement} */ (approxNote.querySelector(".pw-approx-count")).textContent =
+      `: ${n} hatched cell${n === 1 ? "" : "s"} show${n === 1 ? "s" : ""} a first-order estimate` + (n ? next : "");
+  }
+  on("change:status", drawApproxNote);
+
   function markStale() {
     const p = model.get("heatmap") || {};
     if (!p.inputs) return staleNote.classList.add("pw-hidden");
-    const stale = ["clean", "corrupted", "correct", "incorrect", "direction", "site"].some((k) => p.inputs[k] !== model.get(k));
+    const keys = ["clean", "corrupted", "correct", "incorrect", "direction", "site"];
+    if (p.inputs.site === "path") keys.push("receivers", "receiver_input");
+    const stale = keys.some((k) => p.inputs[k] !== model.get(k));
     staleNote.classList.toggle("pw-hidden", !stale);
+  }
+
+  /** Outline the receiver heads on a layer x head heatmap while the path view is chosen. */
+  function markReceivers() {
+    if (!hm.receivers) return;
+    const p = model.get("heatmap") || {};
+    const heads = model.get("site") === "path" ? receiverHeads(model.get("receivers")) : [];
+    let d = "";
+    for (const r of hm.rects) {
+      if (r.dataset.layer === undefined || r.dataset.head === undefined || r.dataset.pos !== undefined) continue;
+      if (!heads.includes(`${r.dataset.layer}.${r.dataset.head}`)) continue;
+      const x = Number(r.getAttribute("x")) + 1.5, y = Number(r.getAttribute("y")) + 1.5;
+      d += `M${x} ${y}h${hm.cw - 4}v${hm.ch - 4}h-${hm.cw - 4}z`;
+    }
+    hm.receivers.setAttribute("d", d);
+    root.dataset.receivers = p.rows ? heads.join(" ") : "";
   }
 
   function drawOutline() {
@@ -526,22 +638,43 @@ function render({ model, el }) {
     /** @type {Heatmap} */
     const p = model.get("heatmap");
     const row = p.rows[Number(r.dataset.row)], col = p.cols[Number(r.dataset.col)];
-    const value = r.dataset.value === undefined ? "not computed yet" : fmt(Number(r.dataset.value), 4);
-    const lines = [`${p.metric} = ${value}`, `layer ${row.layer}`];
+    const exact = r.dataset.value !== undefined, guess = r.dataset.estimate;
+    const lines = [exact ? `${p.metric} = ${fmt(Number(r.dataset.value), 4)}`
+      : guess !== undefined ? `${p.metric} \u2248 ${fmt(Number(guess), 4)} (approximate: attribution patching)`
+      : `${p.metric}: not computed yet`];
     const head = row.head ?? col.head;
-    if (head !== undefined) lines.push(`head ${head}`);
+    if (p.path) lines.push(`sender: head ${row.layer}.${head}`);
+    else {
+      lines.push(`layer ${row.layer}`);
+      if (head !== undefined) lines.push(`head ${head}`);
+    }
     if (col.pos !== undefined) {
       lines.push(`position ${col.pos}: ${quote(col.token ?? "")}` +
         (col.diff ? ` (corrupted: ${quote(col.corrupted_token ?? "")})` : ""));
     }
+    if (exact && guess !== undefined) lines.push(`attribution estimate was ${fmt(Number(guess), 4)}`);
+    if (model.get("site") === "path" && col.pos === undefined) lines.push("Shift+click: add/remove as a receiver");
     showTooltip(e, lines);
   });
   plot.addEventListener("mouseleave", hideTooltip);
   plot.addEventListener("click", (e) => {
     const r = /** @type {Element} */ (e.target);
     if (!(r instanceof SVGRectElement) || !r.classList.contains("pw-cell")) return;
+    const { layer, head, pos } = r.dataset;
+    if (e.shiftKey && model.get("site") === "path" && layer !== undefined && head !== undefined && pos === undefined) {
+      toggleReceiver(`${layer}.${head}`);
+      return;
+    }
     save("selected", { row: Number(r.dataset.row), col: Number(r.dataset.col) });
   });
+
+  /** Add a head to the receivers field, or remove it (an empty field means the logits). */
+  function toggleReceiver(/** @type {string} */ name) {
+    const heads = receiverHeads(model.get("receivers"));
+    const next = heads.includes(name) ? heads.filter((x) => x !== name) : [...heads, name];
+    receiversInput.value = next.join(", ");
+    save("receivers", receiversInput.value);
+  }
   on("change:explanation", () => {
     explanation.textContent = model.get("explanation") || "Click a cell of the heatmap to see what it means.";
   });

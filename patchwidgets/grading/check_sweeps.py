@@ -1,0 +1,144 @@
+"""Checks for 03_residual_stream and 04_attention_heads."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import torch
+
+from ._common import GradingError, _as_tensor, _call, _compare, _library_grid, _passed, _run_sweep_exercise, _sweep_setup
+
+
+# ---------------------------------------------------------------------------------------------
+# 03_residual_stream
+# ---------------------------------------------------------------------------------------------
+
+def _check_hook(name: str, fn: Callable, shape: tuple[int, ...], hook_name: str, index_args: tuple,
+                select: Callable[[torch.Tensor], Any], axes_desc: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(*shape, generator=gen)
+    source = torch.randn(*shape, generator=gen)
+    cache = {hook_name: source.clone()}
+    hook = SimpleNamespace(name=hook_name)
+    passed_in = target.clone()
+    out = _call(name, fn, passed_in, hook, *index_args, cache)
+    got = passed_in if out is None else _as_tensor(name, out)
+    expected = target.clone()
+    expected[select(expected)] = source[select(source)]
+    if got.shape != expected.shape:
+        raise GradingError(f"{name}: return the whole activation, shape {tuple(shape)}; got {tuple(got.shape)}")
+    if torch.equal(got, target):
+        raise GradingError(f"{name}: the activation came back unchanged; copy the source cache's values "
+                           f"into {axes_desc} and return the activation")
+    if torch.equal(got, source):
+        raise GradingError(f"{name}: you replaced the whole activation; copy only {axes_desc}")
+    if not torch.equal(cache[hook_name], source):
+        raise GradingError(f"{name}: you changed the source cache; read from it, write into the activation")
+    if not torch.allclose(got, expected):
+        wrong = torch.nonzero(~torch.isclose(got, expected))[0].tolist()
+        raise GradingError(f"{name}: only {axes_desc} should take the source values; the first wrong "
+                           f"element is at index {tuple(wrong)} of the activation (batch first)")
+
+
+def check_patch_position(patch_position: Callable) -> None:
+    """``patch_position(activation [batch, pos, d_model], hook, position, source_cache)``."""
+    name = "patch_position"
+    _check_hook(name, patch_position, (2, 6, 5), "blocks.1.hook_resid_pre", (3,),
+                lambda t: (slice(None), 3), "position 3 (every prompt in the batch, every dimension)")
+    _check_hook(name, patch_position, (3, 4, 5), "blocks.2.hook_attn_out", (0,),
+                lambda t: (slice(None), 0), "position 0")
+    _passed(name, "copies one position of the source activation and leaves the rest alone")
+
+
+def check_get_act_patch_resid_pre(get_act_patch_resid_pre: Callable, model: Any = None) -> None:
+    """``get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, metric) -> [layer, pos]``."""
+    name = "get_act_patch_resid_pre"
+    setup = _sweep_setup(model)
+    got = _run_sweep_exercise(name, get_act_patch_resid_pre, setup)
+    expected = _library_grid(setup, "resid_pre")
+    _compare(name, got, expected, ("layer", "pos"), setup.labels, alternatives=[
+        ("patch resid_post instead of resid_pre", lambda: _library_grid(setup, "resid_post")),
+        ("patch resid_mid instead of resid_pre", lambda: _library_grid(setup, "resid_mid")),
+        ("patch corrupted values into the clean run (noising) instead of clean values into the "
+         "corrupted run", lambda: _library_grid(setup, "resid_pre", "noising")),
+    ])
+    _passed(name, f"{tuple(expected.shape)} grid matches patchwidgets.patch(site='resid_pre')")
+
+
+def check_get_act_patch_block_every(get_act_patch_block_every: Callable, model: Any = None) -> None:
+    """``get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric) -> [3, layer, pos]``."""
+    name = "get_act_patch_block_every"
+    setup = _sweep_setup(model)
+    got = _run_sweep_exercise(name, get_act_patch_block_every, setup)
+    expected = _library_grid(setup, "block")
+    _compare(name, got, expected, ("site", "layer", "pos"), setup.labels, alternatives=[
+        ("patch corrupted values into the clean run (noising) instead of clean values into the "
+         "corrupted run", lambda: _library_grid(setup, "block", "noising")),
+        ("use the order (resid_pre, mlp_out, attn_out) instead of (resid_pre, attn_out, mlp_out)",
+         lambda: _library_grid(setup, "block")[[0, 2, 1]]),
+    ])
+    _passed(name, f"{tuple(expected.shape)} grid matches patchwidgets.patch(site='block')")
+
+
+# ---------------------------------------------------------------------------------------------
+# 04_attention_heads
+# ---------------------------------------------------------------------------------------------
+
+def check_patch_head_vector(patch_head_vector: Callable) -> None:
+    """``patch_head_vector(activation [batch, pos, head, d_head], hook, head, source_cache)``."""
+    name = "patch_head_vector"
+    _check_hook(name, patch_head_vector, (2, 5, 4, 3), "blocks.1.attn.hook_z", (2,),
+                lambda t: (slice(None), slice(None), 2), "head 2 at every position")
+    _check_hook(name, patch_head_vector, (3, 4, 6, 2), "blocks.0.attn.hook_v", (0,),
+                lambda t: (slice(None), slice(None), 0), "head 0 at every position")
+    _passed(name, "copies one head's vectors at every position")
+
+
+def check_get_act_patch_head_out(get_act_patch_head_out: Callable, model: Any = None) -> None:
+    """``get_act_patch_head_out(model, corrupted_tokens, clean_cache, metric) -> [layer, head]``."""
+    name = "get_act_patch_head_out"
+    setup = _sweep_setup(model)
+    got = _run_sweep_exercise(name, get_act_patch_head_out, setup)
+    expected = _library_grid(setup, "head_out")
+    _compare(name, got, expected, ("layer", "head"), setup.labels, alternatives=[
+        ("patch the head's values (hook_v) instead of its output (hook_z)", lambda: _library_grid(setup, "head_v")),
+        ("patch the head's queries (hook_q) instead of its output (hook_z)", lambda: _library_grid(setup, "head_q")),
+        ("patch corrupted values into the clean run (noising)", lambda: _library_grid(setup, "head_out", "noising")),
+    ])
+    _passed(name, f"{tuple(expected.shape)} grid matches patchwidgets.patch(site='head_out')")
+
+
+def check_get_act_patch_head_out_by_pos(get_act_patch_head_out_by_pos: Callable, model: Any = None) -> None:
+    """``get_act_patch_head_out_by_pos(model, corrupted_tokens, clean_cache, metric) -> [layer, pos, head]``."""
+    name = "get_act_patch_head_out_by_pos"
+    setup = _sweep_setup(model)
+    got = _run_sweep_exercise(name, get_act_patch_head_out_by_pos, setup)
+    expected = _library_grid(setup, "head_out_by_pos")
+    _compare(name, got, expected, ("layer", "pos", "head"), setup.labels, alternatives=[
+        ("order the axes [layer, head, pos] instead of [layer, pos, head]",
+         lambda: _library_grid(setup, "head_out_by_pos").permute(0, 2, 1)),
+    ])
+    _passed(name, f"{tuple(expected.shape)} grid matches patchwidgets.patch(site='head_out_by_pos')")
+
+
+def check_get_act_patch_head_every(get_act_patch_head_every: Callable, model: Any = None) -> None:
+    """``get_act_patch_head_every(model, corrupted_tokens, clean_cache, metric) -> [5, layer, head]``."""
+    name = "get_act_patch_head_every"
+    setup = _sweep_setup(model)
+    got = _run_sweep_exercise(name, get_act_patch_head_every, setup)
+    expected = _library_grid(setup, "heads_every")
+    _compare(name, got, expected, ("component", "layer", "head"), setup.labels)
+    _passed(name, f"{tuple(expected.shape)} grid matches patchwidgets.patch(site='heads_every')")
+
+
+def check_mean_attention(mean_attention: Callable, model: Any = None) -> None:
+    """``mean_attention(cache, layer, head) -> [query_pos, key_pos]``, averaged over prompts."""
+    name = "mean_attention"
+    setup = _sweep_setup(model)
+    for layer, head in [(0, 0), (setup.model.cfg.n_layers - 1, setup.model.cfg.n_heads - 1), (1, 3)]:
+        expected = setup.clean_cache[f"blocks.{layer}.attn.hook_pattern"][:, head].mean(0)
+        got = _call(name, mean_attention, setup.clean_cache, layer, head)
+        _compare(f"{name} (layer {layer}, head {head})", got, expected, ("query pos", "key pos"),
+                 {"query pos": setup.labels["pos"], "key pos": setup.labels["pos"]}, atol=1e-5, rtol=1e-4)
+    _passed(name, "the head's attention pattern, averaged over the batch")
