@@ -94,6 +94,9 @@ class Engine:
         target_hooks: hooks that define the target run itself (e.g. embedding noise); they
             are attached to every plain forward pass.
         max_batch_tokens: memory budget: rows x positions processed in one forward pass.
+        columns: vocabulary ids the metrics read (``None``: all). Logits are returned for these
+            columns only, in this order; on the fast path only these columns of the unembedding
+            are multiplied (for GPT-2's 50257-token vocabulary that is most of the unembedding).
     """
 
     def __init__(
@@ -103,8 +106,11 @@ class Engine:
         answer_pos: torch.Tensor,
         target_hooks: Sequence[Hook] = (),
         max_batch_tokens: int = 4096,
+        columns: torch.Tensor | None = None,
     ):
         self.model = model
+        self.columns = columns
+        self.column_unembed: tuple[torch.Tensor, torch.Tensor] | None = None
         self.target_tokens = target_tokens
         self.answer_pos = answer_pos
         self.target_hooks = list(target_hooks)
@@ -199,12 +205,36 @@ class Engine:
                 )
         except Exception:  # an architecture whose blocks cannot be called like this
             self.can_resume = self.can_skip_prefix = False
+        if self.can_resume:
+            self._enable_column_unembed(target_final, tol)
 
     # ------------------------------------------------------------------ forward passes
     def _answer_logits(self, logits: torch.Tensor, offset: int = 0) -> torch.Tensor:
         rows = torch.arange(logits.shape[0], device=logits.device)
         pos = self.answer_pos.to(logits.device).repeat(logits.shape[0] // self.batch) - offset
-        return logits[rows, pos]
+        final = logits[rows, pos]
+        return final if self.columns is None else final[:, self.columns.to(final.device)]
+
+    def _unembed(self, final: torch.Tensor) -> torch.Tensor:
+        """Answer-position residual ``[rows, 1, d_model]`` -> logits ``[rows, n_columns]``."""
+        normed = self.model.ln_final(final)
+        if self.column_unembed is not None:
+            weight, bias = self.column_unembed
+            return (normed @ weight + bias)[:, 0]
+        logits = self.model.unembed(normed)[:, 0]
+        return logits if self.columns is None else logits[:, self.columns.to(logits.device)]
+
+    def _enable_column_unembed(self, target_final: torch.Tensor, tol: float) -> None:
+        """Multiply only the needed unembedding columns, if that reproduces the model's logits."""
+        if self.columns is None:
+            return
+        try:
+            cols = self.columns.to(target_final.device)
+            self.column_unembed = (self.model.W_U[:, cols].detach(), self.model.b_U[cols].detach())
+            if float((self._resumed(len(self.model.blocks) - 1, 0, 1, []) - target_final).abs().max()) > tol:
+                self.column_unembed = None
+        except Exception:  # no W_U/b_U (a hand-built model) or another layout: unembed everything
+            self.column_unembed = None
 
     def _block_call_kwargs(self, layer: int, hidden: torch.Tensor, offset: int, k: int, prefix) -> dict:
         """The recorded inputs of block ``layer``, cut to positions ``offset..`` and tiled k times."""
@@ -254,9 +284,7 @@ class Engine:
                 hidden = out[0] if isinstance(out, tuple) else out
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             pos = self.answer_pos.to(hidden.device).repeat(k) - offset
-            final = hidden[rows, pos][:, None, :]
-            logits = model.unembed(model.ln_final(final))
-        return logits[:, 0]
+            return self._unembed(hidden[rows, pos][:, None, :])
 
     def _plain(self, k: int, hooks: Sequence[Hook]) -> torch.Tensor:
         tokens = self.target_tokens.repeat(k, 1)

@@ -25,6 +25,7 @@ hook that pastes each patch's slice; :mod:`.metrics` turns the answer logits int
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -39,6 +40,7 @@ from .results import PatchResult
 from .sites import enumerate_indices, resolve_sites
 
 DIRECTIONS = ("denoising", "noising")
+ANSWER_ONLY_METRICS = ("logit_diff", "normalized", "logit")
 ABLATIONS = ("zero", "mean", "noise")
 
 
@@ -139,8 +141,13 @@ def patch(
     # the pasted values come from.
     noise_hooks = _noise_hooks(model, inputs, noise, noise_positions, noise_seed) if ablation == "noise" else []
     corrupted_tokens = inputs.clean_tokens if ablation else inputs.corrupted_tokens
-    clean_engine = Engine(model, inputs.clean_tokens, inputs.answer_pos, max_batch_tokens=max_batch_tokens)
-    corrupted_engine = Engine(model, corrupted_tokens, inputs.answer_pos, noise_hooks, max_batch_tokens)
+    # Metrics that read only the answers' logits need only those columns of the unembedding.
+    columns = None
+    if all(m in ANSWER_ONLY_METRICS for m in metric_fns.values()):
+        columns, inputs = _answer_columns(inputs)
+    clean_engine = Engine(model, inputs.clean_tokens, inputs.answer_pos, max_batch_tokens=max_batch_tokens,
+                          columns=columns)
+    corrupted_engine = Engine(model, corrupted_tokens, inputs.answer_pos, noise_hooks, max_batch_tokens, columns)
     target, source = (corrupted_engine, clean_engine) if direction == "denoising" else (clean_engine, corrupted_engine)
     target_logits, target_acts = target.run_target(hook_names)
     if ablation in ("zero", "mean"):
@@ -203,6 +210,16 @@ def patch(
         callback(PatchUpdate(result, n_total, n_total))
     result.done = None
     return result
+
+
+def _answer_columns(inputs):
+    """The answer token ids as vocabulary columns, and the inputs with answers renumbered to them."""
+    ids = [inputs.correct] + ([inputs.incorrect] if inputs.incorrect is not None else [])
+    columns, inverse = torch.unique(torch.cat(ids), return_inverse=True)
+    b = inputs.batch
+    renumbered = dataclasses.replace(
+        inputs, correct=inverse[:b], incorrect=None if inputs.incorrect is None else inverse[b:])
+    return columns, renumbered
 
 
 def check_request(metric_fns: dict, inputs, ablation: str | None) -> None:
