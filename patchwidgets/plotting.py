@@ -18,12 +18,18 @@ def _axes_labels(result) -> tuple[list[str], list[str], str, str]:
     if len(axes) == 3 and axes[:2] == ("layer", "pos"):
         rows = [f"L{l} {axes[2][0].upper()}{h}" for l in range(shape[0]) for h in range(shape[2])]
         return rows, result.position_labels(), f"layer, {axes[2]}", "position"
+    if axes == ("layer", "head", "pos"):
+        rows = [f"L{l} H{h}" for l in range(shape[0]) for h in range(shape[1])]
+        return rows, result.position_labels(), "layer, head", "destination position"
     return ["value"], [str(i) for i in result.indices], "", axes[0]
 
 
 def _as_2d(grid, axes):
+    """One row per (layer, head or neuron), one column per position."""
     if len(axes) == 3 and axes[:2] == ("layer", "pos"):
         return grid.permute(0, 2, 1).reshape(grid.shape[0] * grid.shape[2], grid.shape[1])
+    if axes == ("layer", "head", "pos"):
+        return grid.reshape(grid.shape[0] * grid.shape[1], grid.shape[2])
     if grid.ndim == 1:
         return grid[None]
     return grid

@@ -278,3 +278,43 @@ def test_figure_and_repr(random_gpt2, random_pairs):
     fig = r.figure("normalized")
     assert len(fig.data) == 3 and fig.data[0].zmid == 0
     assert repr(r).startswith("PatchResult(resid_pre+attn_out+mlp_out, denoising, layer=3 x pos=9, pairs=3")
+
+
+def test_neuron_sites_match_a_hand_written_hook(random_gpt2, random_pairs):
+    clean, corrupted, answers = random_pairs
+    _, clean_cache = random_gpt2.run_with_cache(clean)
+    c, i = torch.tensor([a for a, _ in answers]), torch.tensor([b for _, b in answers])
+    rows = torch.arange(3)
+
+    def by_hand(layer, neuron, pos=None):
+        def hook(act, hook):
+            act = act.clone()
+            where = (slice(None), slice(None) if pos is None else pos, neuron)
+            act[where] = clean_cache[f"blocks.{layer}.mlp.hook_post"][where]
+            return act
+
+        logits = random_gpt2.run_with_hooks(corrupted, fwd_hooks=[(f"blocks.{layer}.mlp.hook_post", hook)])[:, -1]
+        return (logits[rows, c] - logits[rows, i]).mean()
+
+    all_pos = pw.patch(random_gpt2, clean, corrupted, answers=answers, site="neuron", layers=[1], neurons=[0, 7, 100],
+                       metrics="logit_diff", progress=False)
+    assert all_pos.grid().shape == (1, 3)
+    for k, n in enumerate([0, 7, 100]):
+        assert torch.isclose(all_pos.grid()[0, k], by_hand(1, n), atol=TOL)
+    one_pos = pw.patch(random_gpt2, clean, corrupted, answers=answers, site="neuron_by_pos", layers=[2],
+                       positions=[6, 8], neurons=[3], metrics="logit_diff", progress=False)
+    assert one_pos.grid().shape == (1, 2, 1)
+    assert torch.isclose(one_pos.grid()[0, 1, 0], by_hand(2, 3, pos=8), atol=TOL)
+    assert torch.isclose(one_pos.grid()[0, 0, 0], by_hand(2, 3, pos=6), atol=TOL)
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "head_out", "head_out_by_pos", "head_pattern_by_pos", "neuron_by_pos"])
+def test_figures_have_one_row_per_layer_and_component(random_gpt2, random_pairs, site):
+    clean, corrupted, answers = random_pairs
+    r = pw.patch(random_gpt2, clean, corrupted, answers=answers, site=site, neurons=[0, 1], progress=False)
+    heat = r.figure("logit_diff").data[0]
+    n_rows = {"resid_pre": 3, "head_out": 3, "head_out_by_pos": 12, "head_pattern_by_pos": 12, "neuron_by_pos": 6}[site]
+    n_cols = {"head_out": 4}.get(site, 9)
+    assert len(heat.z) == n_rows and len(heat.z[0]) == n_cols
+    assert torch.allclose(torch.tensor(heat.z, dtype=torch.float64).flatten().sort().values,
+                          r.grid("logit_diff").flatten().sort().values.double(), atol=1e-6)
