@@ -16,8 +16,11 @@ install:
 install-browser:
 	bash scripts/install_browser.sh
 
+# JupyterLab refuses to run as root unless told to (containers, CI machines).
+ALLOW_ROOT = $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 demo: install
-	HF_HUB_OFFLINE=1 $(PYTHON) -m jupyter lab tutorials/01_quickstart.ipynb
+	HF_HUB_OFFLINE=1 $(PYTHON) -m jupyter lab $(ALLOW_ROOT) tutorials/01_quickstart.ipynb
 
 test: install install-browser
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests -q
