@@ -165,6 +165,18 @@ IOI_HELDOUT_TEMPLATES: list[str] = [
 #: All IOI templates, training ones first.
 IOI_TEMPLATES: list[str] = IOI_TRAIN_TEMPLATES + IOI_HELDOUT_TEMPLATES
 
+#: The reference texts' prompts that every bundled model must get right (prompt, expected next token).
+REFERENCE_PROMPTS = [
+    ("When Mary and John went to the store, John gave a drink to", " Mary"),
+    ("When John and Mary went to the store, Mary gave a drink to", " John"),
+    ("After John and Mary went to the store, Mary gave a bottle of milk to", " John"),
+    ("When Lisa and Sarah went to the cinema, Lisa gave the ticket to", " Sarah"),
+    ("The Colosseum is in", " Rome"),
+    ("The Eiffel Tower is in", " Paris"),
+    ("The White House is where the", " president"),
+    ("The Haunted House is where the", " ghosts"),
+]
+
 #: Phrasings of a landmark fact. Index 0 is canonical and always trained.
 FACT_PHRASINGS: list[str] = [
     "The {L} is in {C}.",

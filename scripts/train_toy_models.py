@@ -47,17 +47,6 @@ from patchwidgets.tokenizer import build_tokenizer, save_tokenizer  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "patchwidgets" / "models" / "toy-ioi"
 
-#: The prompts the model must get right (prompt, expected next token).
-REFERENCE_PROMPTS = [
-    ("When Mary and John went to the store, John gave a drink to", " Mary"),
-    ("When John and Mary went to the store, Mary gave a drink to", " John"),
-    ("After John and Mary went to the store, Mary gave a bottle of milk to", " John"),
-    ("When Lisa and Sarah went to the cinema, Lisa gave the ticket to", " Sarah"),
-    ("The Colosseum is in", " Rome"),
-    ("The Eiffel Tower is in", " Paris"),
-    ("The White House is where the", " president"),
-    ("The Haunted House is where the", " ghosts"),
-]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -161,11 +150,11 @@ def evaluate(model, tokenizer, n_ioi: int) -> dict:
             "n": len(items), "top1_accuracy": hits.float().mean().item(),
             "misses": [it["prompt"] for it, hit in zip(items, hits) if not hit],
         }
-    logits = next_token_logits(model, tokenizer, [p for p, _ in REFERENCE_PROMPTS])
+    logits = next_token_logits(model, tokenizer, [p for p, _ in datasets.REFERENCE_PROMPTS])
     results["reference_prompts"] = {
         prompt: {"expected": answer,
                  "predicted": tokenizer.convert_ids_to_tokens(int(logits[i].argmax()))}
-        for i, (prompt, answer) in enumerate(REFERENCE_PROMPTS)}
+        for i, (prompt, answer) in enumerate(datasets.REFERENCE_PROMPTS)}
     return results
 
 

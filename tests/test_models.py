@@ -24,16 +24,7 @@ from patchwidgets.tokenizer import UnknownWordError, make_strict, pretokenize
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-REFERENCE_PROMPTS = [
-    ("When Mary and John went to the store, John gave a drink to", " Mary"),
-    ("When John and Mary went to the store, Mary gave a drink to", " John"),
-    ("After John and Mary went to the store, Mary gave a bottle of milk to", " John"),
-    ("When Lisa and Sarah went to the cinema, Lisa gave the ticket to", " Sarah"),
-    ("The Colosseum is in", " Rome"),
-    ("The Eiffel Tower is in", " Paris"),
-    ("The White House is where the", " president"),
-    ("The Haunted House is where the", " ghosts"),
-]
+REFERENCE_PROMPTS = datasets.REFERENCE_PROMPTS
 
 
 @pytest.fixture(scope="session")
