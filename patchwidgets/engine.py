@@ -109,6 +109,10 @@ class Engine:
         columns: torch.Tensor | None = None,
     ):
         self.model = model
+        # Tokens go where the weights are, so a model on a GPU is patched on the GPU.
+        param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+        if param is not None:
+            target_tokens = target_tokens.to(param.device)
         self.columns = columns
         self.column_unembed: tuple[torch.Tensor, torch.Tensor] | None = None
         self.target_tokens = target_tokens

@@ -245,8 +245,11 @@ def metric_context(metric_fns: dict, inputs, direction: str, target_logits: torc
     ``[batch, vocab]`` of the run being patched, the run the values come from (``None`` for a
     zero or mean ablation) and the clean run.
     """
+    device = target_logits.device  # metrics run where the logits are
     ctx = metrics_mod.MetricContext(
-        correct=inputs.correct, incorrect=inputs.incorrect, clean_logprobs=clean_logits.float().log_softmax(-1))
+        correct=inputs.correct.to(device),
+        incorrect=None if inputs.incorrect is None else inputs.incorrect.to(device),
+        clean_logprobs=clean_logits.float().log_softmax(-1))
     if inputs.incorrect is not None:
         ctx.target_logit_diff = metrics_mod.logit_diff(target_logits.float(), ctx.correct, ctx.incorrect)
         if source_logits is not None:
