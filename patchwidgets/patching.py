@@ -26,6 +26,7 @@ hook that pastes each patch's slice; :mod:`.metrics` turns the answer logits int
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -188,16 +189,32 @@ def patch(
     chunks = target.plan(patches)
     result.stats = {"patches": n_total, "skipped_noop": int(done.sum()), "forward_passes": len(chunks),
                     "resumed": int(target.can_resume), "prefix_skipped": int(target.can_skip_prefix)}
-    show = progress if progress is not None else len(chunks) > 20
+    jobs = [([p.slot for p in chunk.patches], functools.partial(target.run_chunk, chunk, source_acts))
+            for chunk in chunks]
+    return run_streaming(result, values, done, jobs, measure, progress=progress, callback=callback, cancel=cancel)
+
+
+def run_streaming(result: PatchResult, values: dict[str, torch.Tensor], done: torch.Tensor,
+                  jobs: Sequence[tuple[Sequence[int], Callable[[], torch.Tensor]]],
+                  measure: Callable[[torch.Tensor], dict[str, torch.Tensor]], *,
+                  progress: bool | None, callback: Callable[[PatchUpdate], Any] | None,
+                  cancel: threading.Event | None) -> PatchResult:
+    """Run a sweep's forward passes one by one, filling ``result`` as each finishes.
+
+    Each job is ``(slots, run)``: ``run()`` returns answer logits ``[len(slots), batch, vocab]``
+    for the cells ``slots`` of ``values`` (flat ``[n_cells, batch]`` views of ``result.values``).
+    Shared by every sweep kind, so progress bars, streaming and cancelling behave the same.
+    """
+    n_total = len(done)
+    show = progress if progress is not None else len(jobs) > 20
     bar = _progress_bar(n_total, int(done.sum()), show)
     try:
-        for chunk in chunks:
+        for slots, run in jobs:
             if cancel is not None and cancel.is_set():
                 raise PatchingCancelled(result)
-            chunk_values = measure(target.run_chunk(chunk, source_acts))
-            slots = torch.tensor([p.slot for p in chunk.patches])
-            for name, v in chunk_values.items():
-                values[name][slots] = v.to(values[name].dtype).cpu()  # results live on the CPU
+            slots = torch.tensor(slots)
+            for name, v in measure(run()).items():
+                values[name][slots] = v.to("cpu", values[name].dtype)  # results live on the CPU
             done[slots] = True
             if bar is not None:
                 bar.update(len(slots))
@@ -206,7 +223,7 @@ def patch(
     finally:
         if bar is not None:
             bar.close()
-    if callback is not None and not chunks:
+    if callback is not None and not jobs:
         callback(PatchUpdate(result, n_total, n_total))
     result.done = None
     return result

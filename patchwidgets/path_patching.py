@@ -58,6 +58,7 @@ Step 1 stops as soon as the last receiver input has been recorded.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -66,9 +67,9 @@ import torch
 
 from . import metrics as metrics_mod
 from .engine import Engine
-from .errors import PatchingCancelled, PatchingInputError
+from .errors import PatchingInputError
 from .inputs import PreparedInputs, Prompts, prepare
-from .patching import PatchUpdate, _check_direction, _noise_hooks, _progress_bar, check_request, metric_context
+from .patching import PatchUpdate, _check_direction, _noise_hooks, check_request, metric_context, run_streaming
 from .results import PatchResult
 from .sites import SITES, enumerate_indices
 
@@ -295,30 +296,18 @@ def path_patch(
     result.stats = {"patches": n_cells, "skipped_noop": int(done.sum()),
                     "forward_passes": len(chunks) * (2 if recv else 1), "resumed": int(target.can_resume),
                     "prefix_skipped": int(target.can_skip_prefix)}
-    bar = _progress_bar(n_cells, int(done.sum()), progress if progress is not None else len(chunks) > 20)
-    try:
-        for cells, offset in chunks:
-            if cancel is not None and cancel.is_set():
-                raise PatchingCancelled(result)
-            chunk_groups = [groups[c] for c in cells]
-            with torch.no_grad():
-                logits = _run_chunk(target, chunk_groups, offset, target_acts, source_acts, recv, comps,
-                                    freeze_mlps, n_layers)
-            slots = torch.tensor(cells)
-            for name, v in metrics_mod.compute(runs.metric_fns, logits.reshape(len(cells), batch, -1), ctx).items():
-                values[name][slots] = v.to("cpu", values[name].dtype)
-            done[slots] = True
-            if bar is not None:
-                bar.update(len(cells))
-            if callback is not None and callback(PatchUpdate(result, int(done.sum()), n_cells)) is False:
-                raise PatchingCancelled(result)
-    finally:
-        if bar is not None:
-            bar.close()
-    if callback is not None and not chunks:
-        callback(PatchUpdate(result, n_cells, n_cells))
-    result.done = None
-    return result
+
+    def run(cells, offset):
+        with torch.no_grad():
+            logits = _run_chunk(target, [groups[c] for c in cells], offset, target_acts, source_acts, recv, comps,
+                                freeze_mlps, n_layers)
+        return logits.reshape(len(cells), batch, -1)
+
+    def measure(logits):
+        return metrics_mod.compute(runs.metric_fns, logits, ctx)
+
+    jobs = [(cells, functools.partial(run, cells, offset)) for cells, offset in chunks]
+    return run_streaming(result, values, done, jobs, measure, progress=progress, callback=callback, cancel=cancel)
 
 
 def _site_label(recv: list[Head] | None, comps: tuple[str, ...]) -> str:
