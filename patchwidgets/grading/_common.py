@@ -330,3 +330,18 @@ def _run_sweep_exercise(name: str, fn: Callable, setup: _SweepSetup) -> Any:
         return _call(name, fn, setup.model, setup.batch.corrupted_tokens, setup.clean_cache, setup.metric)
     finally:
         setup.model.reset_hooks()
+
+
+def _check_sweep(name: str, fn: Callable, model: Any, site: str, axes: Sequence[str],
+                 alternatives: Sequence[tuple[str, Callable[[Any, torch.Tensor], torch.Tensor]]] = (), *,
+                 run: Callable = _run_sweep_exercise, library: Callable = _library_grid,
+                 library_name: str = "patchwidgets.patch", atol: float = ATOL) -> None:
+    """Run a learner's sweep ``fn(model, corrupted_tokens, clean_cache, metric)`` and compare it
+    with ``library(setup, site)``. Each alternative is ``(what went wrong, wrong(setup, expected))``:
+    when the learner's grid equals a known wrong answer, the message says which mistake it is."""
+    setup = _sweep_setup(model)
+    got = run(name, fn, setup)
+    expected = library(setup, site)
+    _compare(name, got, expected, axes, setup.labels, atol=atol, alternatives=[
+        (why, (lambda wrong=wrong: wrong(setup, expected))) for why, wrong in alternatives])
+    _passed(name, f"{tuple(expected.shape)} grid matches {library_name}(site='{site}')")

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._common import ATOL, GradingError, _SweepSetup, _as_tensor, _call, _compare, _library_grid, _passed, _sweep_setup
+from ._common import _check_sweep, ATOL, GradingError, _SweepSetup, _as_tensor, _call, _library_grid, _passed, _sweep_setup
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,27 +126,18 @@ def _run_attribution_exercise(name: str, fn: Callable, setup: _SweepSetup) -> An
 
 def check_attribution_head_out(attribution_head_out: Callable, model: Any = None) -> None:
     """``attribution_head_out(model, corrupted_tokens, clean_cache, metric) -> [layer, head]``."""
-    name = "attribution_head_out"
-    setup = _sweep_setup(model)
-    got = _run_attribution_exercise(name, attribution_head_out, setup)
-    expected = _library_attribution(setup, "head_out")
-    _compare(name, got, expected, ("layer", "head"), setup.labels, alternatives=[
-        ("return the exact patching result instead of the gradient estimate",
-         lambda: _library_grid(setup, "head_out")),
-        ("use (corrupted - clean) instead of (clean - corrupted) as the change", lambda: -expected),
-    ], atol=1e-4)
-    _passed(name, "matches patchwidgets.attribution_patch(site='head_out')")
+    _check_attribution("attribution_head_out", attribution_head_out, model, "head_out", ("layer", "head"))
 
 
 def check_attribution_resid_pre(attribution_resid_pre: Callable, model: Any = None) -> None:
     """``attribution_resid_pre(model, corrupted_tokens, clean_cache, metric) -> [layer, pos]``."""
-    name = "attribution_resid_pre"
-    setup = _sweep_setup(model)
-    got = _run_attribution_exercise(name, attribution_resid_pre, setup)
-    expected = _library_attribution(setup, "resid_pre")
-    _compare(name, got, expected, ("layer", "pos"), setup.labels, alternatives=[
+    _check_attribution("attribution_resid_pre", attribution_resid_pre, model, "resid_pre", ("layer", "pos"))
+
+
+def _check_attribution(name: str, fn: Callable, model: Any, site: str, axes: tuple[str, ...]) -> None:
+    _check_sweep(name, fn, model, site, axes, [
         ("return the exact patching result instead of the gradient estimate",
-         lambda: _library_grid(setup, "resid_pre")),
-        ("use (corrupted - clean) instead of (clean - corrupted) as the change", lambda: -expected),
-    ], atol=1e-4)
-    _passed(name, "matches patchwidgets.attribution_patch(site='resid_pre')")
+         lambda setup, _: _library_grid(setup, site)),
+        ("use (corrupted - clean) instead of (clean - corrupted) as the change", lambda _, expected: -expected),
+    ], run=_run_attribution_exercise, library=_library_attribution,
+        library_name="patchwidgets.attribution_patch", atol=1e-4)

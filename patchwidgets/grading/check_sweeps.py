@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._common import GradingError, _as_tensor, _call, _compare, _library_grid, _passed, _run_sweep_exercise, _sweep_setup
+from ._common import _check_sweep, GradingError, _as_tensor, _call, _compare, _library_grid, _passed, _sweep_setup
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,32 +53,22 @@ def check_patch_position(patch_position: Callable) -> None:
 
 def check_get_act_patch_resid_pre(get_act_patch_resid_pre: Callable, model: Any = None) -> None:
     """``get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, metric) -> [layer, pos]``."""
-    name = "get_act_patch_resid_pre"
-    setup = _sweep_setup(model)
-    got = _run_sweep_exercise(name, get_act_patch_resid_pre, setup)
-    expected = _library_grid(setup, "resid_pre")
-    _compare(name, got, expected, ("layer", "pos"), setup.labels, alternatives=[
-        ("patch resid_post instead of resid_pre", lambda: _library_grid(setup, "resid_post")),
-        ("patch resid_mid instead of resid_pre", lambda: _library_grid(setup, "resid_mid")),
+    _check_sweep("get_act_patch_resid_pre", get_act_patch_resid_pre, model, "resid_pre", ("layer", "pos"), [
+        ("patch resid_post instead of resid_pre", lambda setup, _: _library_grid(setup, "resid_post")),
+        ("patch resid_mid instead of resid_pre", lambda setup, _: _library_grid(setup, "resid_mid")),
         ("patch corrupted values into the clean run (noising) instead of clean values into the "
-         "corrupted run", lambda: _library_grid(setup, "resid_pre", "noising")),
+         "corrupted run", lambda setup, _: _library_grid(setup, "resid_pre", "noising")),
     ])
-    _passed(name, f"{tuple(expected.shape)} grid matches patchwidgets.patch(site='resid_pre')")
 
 
 def check_get_act_patch_block_every(get_act_patch_block_every: Callable, model: Any = None) -> None:
     """``get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric) -> [3, layer, pos]``."""
-    name = "get_act_patch_block_every"
-    setup = _sweep_setup(model)
-    got = _run_sweep_exercise(name, get_act_patch_block_every, setup)
-    expected = _library_grid(setup, "block")
-    _compare(name, got, expected, ("site", "layer", "pos"), setup.labels, alternatives=[
+    _check_sweep("get_act_patch_block_every", get_act_patch_block_every, model, "block", ("site", "layer", "pos"), [
         ("patch corrupted values into the clean run (noising) instead of clean values into the "
-         "corrupted run", lambda: _library_grid(setup, "block", "noising")),
+         "corrupted run", lambda setup, _: _library_grid(setup, "block", "noising")),
         ("use the order (resid_pre, mlp_out, attn_out) instead of (resid_pre, attn_out, mlp_out)",
-         lambda: _library_grid(setup, "block")[[0, 2, 1]]),
+         lambda _, expected: expected[[0, 2, 1]]),
     ])
-    _passed(name, f"{tuple(expected.shape)} grid matches patchwidgets.patch(site='block')")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,39 +87,29 @@ def check_patch_head_vector(patch_head_vector: Callable) -> None:
 
 def check_get_act_patch_head_out(get_act_patch_head_out: Callable, model: Any = None) -> None:
     """``get_act_patch_head_out(model, corrupted_tokens, clean_cache, metric) -> [layer, head]``."""
-    name = "get_act_patch_head_out"
-    setup = _sweep_setup(model)
-    got = _run_sweep_exercise(name, get_act_patch_head_out, setup)
-    expected = _library_grid(setup, "head_out")
-    _compare(name, got, expected, ("layer", "head"), setup.labels, alternatives=[
-        ("patch the head's values (hook_v) instead of its output (hook_z)", lambda: _library_grid(setup, "head_v")),
-        ("patch the head's queries (hook_q) instead of its output (hook_z)", lambda: _library_grid(setup, "head_q")),
-        ("patch corrupted values into the clean run (noising)", lambda: _library_grid(setup, "head_out", "noising")),
+    _check_sweep("get_act_patch_head_out", get_act_patch_head_out, model, "head_out", ("layer", "head"), [
+        ("patch the head's values (hook_v) instead of its output (hook_z)",
+         lambda setup, _: _library_grid(setup, "head_v")),
+        ("patch the head's queries (hook_q) instead of its output (hook_z)",
+         lambda setup, _: _library_grid(setup, "head_q")),
+        ("patch corrupted values into the clean run (noising)",
+         lambda setup, _: _library_grid(setup, "head_out", "noising")),
     ])
-    _passed(name, f"{tuple(expected.shape)} grid matches patchwidgets.patch(site='head_out')")
 
 
 def check_get_act_patch_head_out_by_pos(get_act_patch_head_out_by_pos: Callable, model: Any = None) -> None:
     """``get_act_patch_head_out_by_pos(model, corrupted_tokens, clean_cache, metric) -> [layer, pos, head]``."""
-    name = "get_act_patch_head_out_by_pos"
-    setup = _sweep_setup(model)
-    got = _run_sweep_exercise(name, get_act_patch_head_out_by_pos, setup)
-    expected = _library_grid(setup, "head_out_by_pos")
-    _compare(name, got, expected, ("layer", "pos", "head"), setup.labels, alternatives=[
-        ("order the axes [layer, head, pos] instead of [layer, pos, head]",
-         lambda: _library_grid(setup, "head_out_by_pos").permute(0, 2, 1)),
-    ])
-    _passed(name, f"{tuple(expected.shape)} grid matches patchwidgets.patch(site='head_out_by_pos')")
+    _check_sweep("get_act_patch_head_out_by_pos", get_act_patch_head_out_by_pos, model, "head_out_by_pos",
+                 ("layer", "pos", "head"), [
+                     ("order the axes [layer, head, pos] instead of [layer, pos, head]",
+                      lambda _, expected: expected.permute(0, 2, 1)),
+                 ])
 
 
 def check_get_act_patch_head_every(get_act_patch_head_every: Callable, model: Any = None) -> None:
     """``get_act_patch_head_every(model, corrupted_tokens, clean_cache, metric) -> [5, layer, head]``."""
-    name = "get_act_patch_head_every"
-    setup = _sweep_setup(model)
-    got = _run_sweep_exercise(name, get_act_patch_head_every, setup)
-    expected = _library_grid(setup, "heads_every")
-    _compare(name, got, expected, ("component", "layer", "head"), setup.labels)
-    _passed(name, f"{tuple(expected.shape)} grid matches patchwidgets.patch(site='heads_every')")
+    _check_sweep("get_act_patch_head_every", get_act_patch_head_every, model, "heads_every",
+                 ("component", "layer", "head"))
 
 
 def check_mean_attention(mean_attention: Callable, model: Any = None) -> None:
