@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -210,16 +209,21 @@ def test_streams_partial_heatmaps(widget, fast_preview):
     assert seen[-1]["complete"] and not torch.isnan(payload_values(seen[-1])).any()
 
 
-def test_cancel_mid_sweep(widget):
-    widget.site = "head_out_by_pos"
-
-    def cancel_after_first_chunk(change):
+def _cancel_after_first_chunk(widget):
+    """Make the widget cancel its sweep as soon as the first chunk has landed."""
+    def cancel(change):
         done, total = change["new"]
         if 0 < done < total:
             widget.cancel()
-    widget.observe(cancel_after_first_chunk, names="progress")
+    widget.observe(cancel, names="progress")
+    return cancel
+
+
+def test_cancel_mid_sweep(widget):
+    widget.site = "head_out_by_pos"
+    canceller = _cancel_after_first_chunk(widget)
     assert widget.run(wait=True) is None
-    widget.unobserve(cancel_after_first_chunk, names="progress")
+    widget.unobserve(canceller, names="progress")
     assert widget.status == "cancelled"
     assert widget.result is not None and not widget.result.complete
     values = payload_values(widget.heatmap)
@@ -394,13 +398,9 @@ def test_estimate_taken_back_when_exact_sweep_rejects_inputs(widget, monkeypatch
 
 def test_cancel_leaves_estimates_on_unreached_cells(widget):
     widget.site = "head_out_by_pos"
-
-    def cancel_after_first_chunk(change):
-        done, total = change["new"]
-        if 0 < done < total:
-            widget.cancel()
-    widget.observe(cancel_after_first_chunk, names="progress")
+    canceller = _cancel_after_first_chunk(widget)
     assert widget.run(wait=True) is None and widget.status == "cancelled"
+    widget.unobserve(canceller, names="progress")
     exact, guess = payload_values(widget.heatmap), payload_estimate(widget.heatmap)
     missing = torch.isnan(exact)
     assert missing.any() and torch.isfinite(guess[missing]).all()
