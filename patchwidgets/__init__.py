@@ -12,6 +12,7 @@ The public API, in the order a learner meets it::
 
 from __future__ import annotations
 
+from .display import rounded
 from .errors import (
     AnswerTokenError,
     DegenerateNormalizationError,
@@ -54,7 +55,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "patch", "PatchResult", "PatchUpdate", "site_names", "BUILTIN_METRICS", *_LAZY,
+    "patch", "PatchResult", "PatchUpdate", "site_names", "BUILTIN_METRICS", "rounded", *_LAZY,
     "PatchingInputError", "EmptyPromptError", "TokenLengthMismatchError", "PromptTooLongError",
     "IdenticalPromptsError", "AnswerTokenError", "UnknownSiteError", "UnknownMetricError",
     "DegenerateNormalizationError", "PatchingCancelled",

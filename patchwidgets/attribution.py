@@ -68,9 +68,10 @@ from . import metrics as metrics_mod
 from .errors import PatchingInputError
 from .inputs import Prompts
 from .patching import _check_ranges, _raw_indices, metric_context
-from .path_patching import ablated, setup_runs
+from .path_patching import setup_runs
 from .results import PatchResult
 from .sites import Site, enumerate_indices, resolve_sites
+from .sources import ablation_values
 
 DISCRETE_METRICS = ("rank", "accuracy")
 _LD = "\0logit_diff"  # plan key shared by logit_diff and normalized (never a user name)
@@ -271,7 +272,7 @@ def attribution_patch(
             shortcut = _SHORTCUT_OK[model] = _agrees(short, full)
         target_logits = short if shortcut else full
     if runs.source_tokens is None:
-        source_acts = ablated({n: a.detach() for n, a in target_acts.items()}, runs.ablation)
+        source_acts = ablation_values({n: a.detach() for n, a in target_acts.items()}, runs.ablation)
     clean_logits = source_logits if runs.direction == "denoising" else target_logits.detach()
     ctx, target_values, baselines = metric_context(
         runs.metric_fns, inputs, runs.direction, target_logits.detach(), source_logits, clean_logits)

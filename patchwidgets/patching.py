@@ -39,10 +39,9 @@ from .errors import PatchingCancelled, PatchingInputError
 from .inputs import Prompts, prepare
 from .results import PatchResult
 from .sites import enumerate_indices, resolve_sites
+from .sources import ablation_values, check_direction, differing_positions, noise_hooks
 
-DIRECTIONS = ("denoising", "noising")
 ANSWER_ONLY_METRICS = ("logit_diff", "normalized", "logit")
-ABLATIONS = ("zero", "mean", "noise")
 
 
 @dataclass
@@ -118,7 +117,7 @@ def patch(
         PatchingInputError (a ``ValueError``): bad prompts, answers, site or metric names.
         PatchingCancelled: the sweep was cancelled; ``err.partial`` holds the result so far.
     """
-    direction = _check_direction(direction, corrupted, ablation)
+    direction = check_direction(direction, corrupted, ablation)
     metric_fns = metrics_mod.resolve_metrics(metrics)
     inputs = prepare(model, clean, None if ablation else corrupted, answers)
     check_request(metric_fns, inputs, ablation)
@@ -140,7 +139,7 @@ def patch(
 
     # --- The two unpatched runs. The target is the run we patch into; the source is where
     # the pasted values come from.
-    noise_hooks = _noise_hooks(model, inputs, noise, noise_positions, noise_seed) if ablation == "noise" else []
+    target_noise = noise_hooks(model, inputs, noise, noise_positions, noise_seed) if ablation == "noise" else []
     corrupted_tokens = inputs.clean_tokens if ablation else inputs.corrupted_tokens
     # Metrics that read only the answers' logits need only those columns of the unembedding.
     columns = None
@@ -148,13 +147,12 @@ def patch(
         columns, inputs = _answer_columns(inputs)
     clean_engine = Engine(model, inputs.clean_tokens, inputs.answer_pos, max_batch_tokens=max_batch_tokens,
                           columns=columns)
-    corrupted_engine = Engine(model, corrupted_tokens, inputs.answer_pos, noise_hooks, max_batch_tokens, columns)
+    corrupted_engine = Engine(model, corrupted_tokens, inputs.answer_pos, target_noise, max_batch_tokens, columns)
     target, source = (corrupted_engine, clean_engine) if direction == "denoising" else (clean_engine, corrupted_engine)
     target_logits, target_acts = target.run_target(hook_names)
     if ablation in ("zero", "mean"):
         clean_logits = target_logits
-        source_acts = {n: torch.zeros_like(a) if ablation == "zero" else a.mean(0, keepdim=True).expand_as(a)
-                       for n, a in target_acts.items() if n in hook_names}
+        source_acts = ablation_values({n: a for n, a in target_acts.items() if n in hook_names}, ablation)
         source_logits = None
     else:
         source_logits, source_acts = source.run_target(hook_names, record=False)
@@ -166,14 +164,11 @@ def patch(
     def measure(logits: torch.Tensor) -> dict[str, torch.Tensor]:
         return metrics_mod.compute(metric_fns, logits, ctx)
 
-    # --- List the patches; a patch that pastes identical values is already done.
+    # --- List the patches; a patch where both runs are bound to agree is already done.
+    changed = differing_positions(inputs, ablation, noise_positions)  # [pos] bool
     n_cells = len(indices)
-    patches = []
-    for site_idx, (s, (idx, _)) in enumerate(zip(sites, sweep)):
-        for cell, ix in enumerate(idx):
-            name = s.hook_name(ix[0]) if s.kind != "raw" else s.hook_template
-            first = s.first_changed_position(ix, source_acts[name], target_acts[name])
-            patches.append(Patch(s, ix, site_idx * n_cells + cell, first))
+    patches = [Patch(s, ix, site_idx * n_cells + cell, s.first_changed_position(ix, changed))
+               for site_idx, (s, (idx, _)) in enumerate(zip(sites, sweep)) for cell, ix in enumerate(idx)]
     n_total = len(patches)
     values = {k: v.expand(n_total, -1).clone() for k, v in target_values.items()}
     done = torch.tensor([p.first_pos is None for p in patches])
@@ -281,26 +276,6 @@ def metric_context(metric_fns: dict, inputs, direction: str, target_logits: torc
     return ctx, target_values, baselines
 
 
-def _check_direction(direction: str | None, corrupted: Any, ablation: str | None) -> str:
-    if ablation is not None:
-        if ablation not in ABLATIONS:
-            raise PatchingInputError(f"unknown ablation {ablation!r}; choose from {ABLATIONS}", "corrupted")
-        if corrupted is not None:
-            raise PatchingInputError("give either a corrupted prompt or an ablation, not both", "corrupted")
-        default = "denoising" if ablation == "noise" else "noising"
-        direction = direction or default
-        if ablation != "noise" and direction != "noising":
-            raise PatchingInputError(
-                f"a {ablation} ablation replaces clean activations, so it is noising; "
-                "use direction='noising'", "direction")
-    elif corrupted is None:
-        raise PatchingInputError("give a corrupted prompt (or ablation='zero'|'mean'|'noise')", "corrupted")
-    direction = direction or "denoising"
-    if direction not in DIRECTIONS:
-        raise PatchingInputError(f"direction must be one of {DIRECTIONS}, got {direction!r}", "direction")
-    return direction
-
-
 def _raw_indices(site, index) -> tuple[list[tuple], tuple[int, ...]]:
     if not index:
         raise PatchingInputError(
@@ -314,21 +289,6 @@ def _check_ranges(site, indices, seq_len: int) -> None:
         bad = [i[site.pos_index] for i in indices if not 0 <= i[site.pos_index] < seq_len]
         if bad:
             raise PatchingInputError(f"position {bad[0]} is outside the prompt (0..{seq_len - 1})", "site")
-
-
-def _noise_hooks(model, inputs, scale: float, noise_positions, seed: int):
-    positions = list(noise_positions) if noise_positions is not None else list(range(1, inputs.seq_len))
-    d_model = model.cfg.d_model
-    gen = torch.Generator().manual_seed(seed)
-    std = float(model.W_E.detach().float().std()) * scale
-    noise = torch.randn(inputs.batch, len(positions), d_model, generator=gen) * std
-
-    def add_noise(embed: torch.Tensor, hook) -> torch.Tensor:
-        embed = embed.clone()
-        embed[:, positions] += noise.to(embed.device, embed.dtype).repeat(embed.shape[0] // inputs.batch, 1, 1)
-        return embed
-
-    return [("hook_embed", add_noise)]
 
 
 def _progress_bar(total: int, initial: int, show: bool):

@@ -69,9 +69,10 @@ from . import metrics as metrics_mod
 from .engine import Engine
 from .errors import PatchingInputError
 from .inputs import PreparedInputs, Prompts, prepare
-from .patching import PatchUpdate, _check_direction, _noise_hooks, check_request, metric_context, run_streaming
+from .patching import PatchUpdate, check_request, metric_context, run_streaming
 from .results import PatchResult
 from .sites import SITES, enumerate_indices
+from .sources import ablation_values, check_direction, differing_positions, noise_hooks
 
 Head = tuple[int, int]
 
@@ -93,6 +94,7 @@ class Runs:
     target_hooks: list
     source_tokens: torch.Tensor | None    # None: a zero/mean ablation, built from the target
     source_hooks: list
+    changed: torch.Tensor                 # [pos] bool: where the source's input differs from the target's
 
 
 def setup_runs(model: Any, clean: Prompts, corrupted: Prompts | None, answers: Any,
@@ -100,24 +102,18 @@ def setup_runs(model: Any, clean: Prompts, corrupted: Prompts | None, answers: A
                noise: float = 3.0, noise_positions: Sequence[int] | None = None,
                noise_seed: int = 0) -> Runs:
     """Check every input as :func:`patchwidgets.patch` does and say which run is which."""
-    direction = _check_direction(direction, corrupted, ablation)
+    direction = check_direction(direction, corrupted, ablation)
     metric_fns = metrics_mod.resolve_metrics(metrics)
     inputs = prepare(model, clean, None if ablation else corrupted, answers)
     check_request(metric_fns, inputs, ablation)
-    noise_hooks = _noise_hooks(model, inputs, noise, noise_positions, noise_seed) if ablation == "noise" else []
+    noise = noise_hooks(model, inputs, noise, noise_positions, noise_seed) if ablation == "noise" else []
     clean_run = (inputs.clean_tokens, [])
-    corrupted_run = (inputs.clean_tokens if ablation else inputs.corrupted_tokens, noise_hooks)
+    corrupted_run = (inputs.clean_tokens if ablation else inputs.corrupted_tokens, noise)
     target, source = (corrupted_run, clean_run) if direction == "denoising" else (clean_run, corrupted_run)
     if ablation in ("zero", "mean"):
         source = (None, [])
-    return Runs(inputs, direction, metric_fns, ablation, target[0], target[1], source[0], source[1])
-
-
-def ablated(acts: dict[str, torch.Tensor], ablation: str) -> dict[str, torch.Tensor]:
-    """Source values of a zero or mean ablation, built from the target run's activations."""
-    if ablation == "zero":
-        return {n: torch.zeros_like(a) for n, a in acts.items()}
-    return {n: a.mean(0, keepdim=True).expand_as(a) for n, a in acts.items()}
+    changed = differing_positions(inputs, ablation, noise_positions)
+    return Runs(inputs, direction, metric_fns, ablation, target[0], target[1], source[0], source[1], changed)
 
 
 # ---------------------------------------------------------------------------- the result
@@ -264,7 +260,7 @@ def path_patch(
     with torch.no_grad():  # (the engine's self-check runs passes of its own)
         target_logits, target_acts = target.run_target(names)
         if runs.source_tokens is None:
-            source_logits, source_acts = None, ablated(target_acts, runs.ablation)
+            source_logits, source_acts = None, ablation_values(target_acts, runs.ablation)
         else:
             source = Engine(model, runs.source_tokens, inputs.answer_pos, runs.source_hooks)
             source_logits, source_acts = source.run_target(names, record=False)
@@ -276,8 +272,7 @@ def path_patch(
     last_receiver_layer = max(l for l, _ in recv) if recv else n_layers
     first_pos: list[int | None] = []
     for group in groups:
-        firsts = [SITES["head_out"].first_changed_position((l, h), source_acts[z_name(l)], target_acts[z_name(l)])
-                  for l, h in group]
+        firsts = [SITES["head_out"].first_changed_position((l, h), runs.changed) for l, h in group]
         firsts = [f for f in firsts if f is not None]
         reaches = min(l for l, _ in group) < last_receiver_layer
         first_pos.append(min(firsts) if firsts and reaches else None)

@@ -26,7 +26,6 @@ tuples to patch, each indexing the activation after its batch axis.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -76,11 +75,6 @@ class Site:
         """Where the position sits in an index tuple."""
         return self.axes.index("pos")
 
-    def layer_of(self, index: tuple) -> int | None:
-        if self.kind == "raw":
-            return _layer_from_hook(self.hook_template)
-        return int(index[0])
-
     def slice(self, index: tuple, offset: int = 0) -> tuple:
         """The slice of ``act`` (batch included) that ``index`` selects.
 
@@ -105,32 +99,25 @@ class Site:
             return (all_, index[1] - offset, index[2])
         return (all_, *index)
 
-    def first_changed_position(
-        self, index: tuple, source: torch.Tensor, target: torch.Tensor
-    ) -> int | None:
+    def first_changed_position(self, index: tuple, changed: torch.Tensor) -> int | None:
         """First position the patch changes, or ``None`` when the patch is a no-op.
 
-        ``source`` and ``target`` are the full activations ([batch, ...]) of the run the
-        values come from and of the run being patched. A patch that writes values equal to
-        the ones already there changes nothing, so it need not run at all; and since the
-        model is causal, positions before the first changed one are unchanged everywhere.
+        ``changed`` is ``[seq_len]`` bool: the positions where the source run's input differs
+        from the target's (:func:`patchwidgets.sources.differing_positions`). The model is
+        causal, so an activation at position ``p`` can differ between the runs only if their
+        inputs differ somewhere in ``0..p``; the residual stream entering layer 0 is the
+        embedding of position ``p`` alone. Deciding from the inputs rather than by comparing
+        activations makes the set of skipped patches the same on every machine.
         """
-        sl = self.slice(index)
-        src, tgt = source[sl], target[sl]
-        if torch.equal(src, tgt):
-            return None
         if self.kind == "raw":
-            return 0
+            return 0  # an arbitrary hook: its layout is unknown, so always run it, every position
+        changed_so_far = changed.cumsum(0) > 0  # [pos]: the runs' inputs differed at or before pos
         if self.fixed_pos:
-            return int(index[self.pos_index])
-        # "every position" kinds: after slicing, axis 1 is the position axis.
-        differs = (src != tgt).reshape(src.shape[0], src.shape[1], -1).any(-1).any(0)
-        return int(differs.nonzero()[0, 0])
-
-
-def _layer_from_hook(hook: str) -> int | None:
-    match = re.match(r"blocks\.(\d+)\.", hook)
-    return int(match.group(1)) if match else None
+            pos = int(index[self.pos_index])
+            local = self.name == "resid_pre" and int(index[0]) == 0  # the token embedding itself
+            return pos if bool((changed if local else changed_so_far)[pos]) else None
+        differs = changed_so_far.nonzero()
+        return int(differs[0, 0]) if len(differs) else None
 
 
 _S = Site

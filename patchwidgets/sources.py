@@ -1,0 +1,118 @@
+"""Where the pasted values come from: the *source* run of a sweep, and how it differs.
+
+Every sweep compares two runs. The *target* is the run being patched; the *source* provides
+the values pasted into it. The direction says which prompt plays which part, and an ablation
+replaces the corrupted prompt altogether:
+
+=============  ===========================  ============================================
+ablation       source values                positions where source and target differ
+=============  ===========================  ============================================
+(none)         the other prompt's run       where any pair's clean and corrupted tokens differ
+``"zero"``     zeros                        every position
+``"mean"``     the mean over the dataset    where the prompts of the dataset disagree
+``"noise"``    embeddings + Gaussian noise  the noised positions
+=============  ===========================  ============================================
+
+The last column is what lets a sweep skip work *deterministically*. The model is causal, so
+an activation at position ``p`` depends only on positions ``0..p``: where the two runs agree
+on all of those, the activation is the same in both, and a patch there changes nothing. The
+decision comes from the tokens, never from comparing floats, so every CPU (and every kernel
+set, thread count and library version) skips exactly the same patches.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .errors import PatchingInputError
+from .inputs import PreparedInputs
+
+DIRECTIONS = ("denoising", "noising")
+ABLATIONS = ("zero", "mean", "noise")
+
+
+def check_direction(direction: str | None, corrupted: Any, ablation: str | None) -> str:
+    """The sweep's direction, defaulted and checked against the ablation (if any)."""
+    if ablation is not None:
+        if ablation not in ABLATIONS:
+            raise PatchingInputError(f"unknown ablation {ablation!r}; choose from {ABLATIONS}", "corrupted")
+        if corrupted is not None:
+            raise PatchingInputError("give either a corrupted prompt or an ablation, not both", "corrupted")
+        default = "denoising" if ablation == "noise" else "noising"
+        direction = direction or default
+        if ablation != "noise" and direction != "noising":
+            raise PatchingInputError(
+                f"a {ablation} ablation replaces clean activations, so it is noising; "
+                "use direction='noising'", "direction")
+    elif corrupted is None:
+        raise PatchingInputError("give a corrupted prompt (or ablation='zero'|'mean'|'noise')", "corrupted")
+    direction = direction or "denoising"
+    if direction not in DIRECTIONS:
+        raise PatchingInputError(f"direction must be one of {DIRECTIONS}, got {direction!r}", "direction")
+    return direction
+
+
+def noised_positions(inputs: PreparedInputs, noise_positions: Sequence[int] | None) -> list[int]:
+    """The positions whose embeddings a noise ablation perturbs (default: all but the first,
+    which in most prompts is a BOS-like token carrying no information)."""
+    if noise_positions is None:
+        return list(range(1, inputs.seq_len))
+    return list(noise_positions)
+
+
+def noise_hooks(model: Any, inputs: PreparedInputs, scale: float, noise_positions: Sequence[int] | None,
+                seed: int) -> list:
+    """Hooks that add ROME-style Gaussian noise to the token embeddings of the noised positions.
+
+    The noise has ``scale`` times the standard deviation of the embedding matrix and is drawn
+    once per sweep from ``seed``, so every forward pass of the sweep sees the same noise.
+    """
+    positions = noised_positions(inputs, noise_positions)
+    d_model = model.cfg.d_model
+    gen = torch.Generator().manual_seed(seed)
+    std = float(model.W_E.detach().float().std()) * scale
+    noise = torch.randn(inputs.batch, len(positions), d_model, generator=gen) * std  # [batch, n_noised, d_model]
+
+    def add_noise(embed: torch.Tensor, hook) -> torch.Tensor:
+        embed = embed.clone()
+        # Patches are stacked along the batch axis: each copy of the batch gets the same noise.
+        embed[:, positions] += noise.to(embed.device, embed.dtype).repeat(embed.shape[0] // inputs.batch, 1, 1)
+        return embed
+
+    return [("hook_embed", add_noise)]
+
+
+def ablation_values(acts: dict[str, torch.Tensor], ablation: str) -> dict[str, torch.Tensor]:
+    """Source activations of a zero or mean ablation, built from the target run's ``acts``.
+
+    The mean is taken in float64 and cast back. A float64 sum of a dataset's worth of equal
+    float32 numbers is exact, so where every prompt has the same activation (a shared
+    prefix) the mean is bit-identical to it on any CPU, whatever order the kernel adds in; a
+    float32 sum of equal values rounds, differently from one kernel set to another.
+    """
+    if ablation == "zero":
+        return {n: torch.zeros_like(a) for n, a in acts.items()}
+    if ablation != "mean":
+        raise ValueError(f"ablation_values builds zero or mean ablations, not {ablation!r}")
+    return {n: a.double().mean(0, keepdim=True).to(a.dtype).expand_as(a) for n, a in acts.items()}
+
+
+def differing_positions(inputs: PreparedInputs, ablation: str | None,
+                        noise_positions: Sequence[int] | None = None) -> torch.Tensor:
+    """``[seq_len]`` bool: the positions where the source run's input differs from the target's.
+
+    See the table in the module docstring. Padding never differs: each clean/corrupted pair
+    has the same length, so both prompts of a pair are padded at the same positions.
+    """
+    clean = inputs.clean_tokens  # [batch, pos]
+    if ablation == "zero":
+        return torch.ones(inputs.seq_len, dtype=torch.bool)
+    if ablation == "mean":
+        return (clean != clean[:1]).any(0)
+    if ablation == "noise":
+        changed = torch.zeros(inputs.seq_len, dtype=torch.bool)
+        changed[noised_positions(inputs, noise_positions)] = True
+        return changed
+    return (clean != inputs.corrupted_tokens).any(0)
