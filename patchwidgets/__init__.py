@@ -38,6 +38,7 @@ _LAZY = {
     "ModelNotAvailableError": ".loading",
     "UnknownWordError": ".tokenizer",
     "PatchingWidget": ".widget",
+    "ShortcutWarning": ".engine",
     "path_patch": ".path_patching",
     "PathPatchResult": ".path_patching",
     "attribution_patch": ".attribution",

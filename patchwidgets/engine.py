@@ -12,25 +12,46 @@ single result:
 2. **Resuming at the patched layer.** Blocks before the patched layer see no change, so the
    pass starts at that block from the target run's cached residual stream. (TransformerLens
    4's ``start_at_layer`` still executes the earlier blocks and throws their output away, so
-   the engine calls the blocks itself, with the keyword arguments it recorded from the
-   target run's own forward pass.)
+   the engine calls the blocks itself, with the arguments a forward pre-hook recorded from
+   the target run's own forward pass: attention masks, position ids, rotary tables, ALiBi
+   biases. Per-row arguments are tiled ``k`` times like the batch.)
 3. **Skipping unchanged positions.** The model is causal: if a patch first changes position
    ``f``, positions ``0..f-1`` are identical to the target run in every later layer. The pass
-   runs only positions ``f..`` and attends to the target run's cached keys and values for the
+   runs only positions ``f..`` and attends to the target run's keys and values for the
    earlier ones.
 4. **No-op patches and logits.** A patch whose source slice equals the target slice changes
    nothing; its result is the target run's, without running it. And only the answer
    position is unembedded.
 
-Before a sweep, the engine checks its shortcut against a plain forward pass of the same
-model; if an architecture does not reproduce the plain logits, it falls back to plain batched
-``run_with_hooks`` (still batched and still skipping no-ops).
+How the prefix keys and values get into attention
+-------------------------------------------------
+Every attention implementation the bridge runs, Hugging Face's own or TransformerLens'
+re-implementation, hands the keys and values of the positions it computes to a KV cache,
+``cache.update(k, v, layer_idx)``, and attends over whatever comes back. The engine passes
+each block a :class:`_KVTap`, a one-layer stand-in for that cache, in place of the cache
+argument it recorded (recognised by its type, so it does not matter whether the block calls
+it ``cache``, ``past_key_values`` or ``layer_past``). The tap records keys and values on the
+first (all positions) pass and prepends the prefix ones on later passes. Where the block's
+attention never reads the argument (TransformerLens 4.3 re-implements attention and reads
+only ``past_key_values``/``layer_past``, while transformers 5 blocks pass ``cache=``), the
+tap is handed to that attention module directly by a forward pre-hook.
+
+Trust, but verify
+-----------------
+Before a sweep, :meth:`Engine.run_target` checks each shortcut against the plain forward pass
+of the same model (and, for the prefix, that every layer's attention read its tap exactly
+once). A shortcut that does not reproduce the plain logits is turned off and the engine falls
+back to plain batched ``run_with_hooks`` (still batched, still skipping no-ops), or to running
+every position. :meth:`Engine.shortcut_report` says which shortcut is off and why, and a
+:class:`ShortcutWarning` is emitted once per engine when a TransformerBridge falls back.
+Hand-built ``HookedRootModule`` models (no ``blocks`` to resume at) use the plain path by
+design, without a warning.
 """
 
 from __future__ import annotations
 
-import inspect
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -39,6 +60,15 @@ import torch
 from .sites import Site
 
 Hook = tuple[str, Callable]
+
+# Names under which Hugging Face blocks have taken a layer's KV cache. A recorded argument is
+# recognised as the cache by its type first (a ``transformers`` ``Cache``); the names only
+# catch a cache argument that happened to be ``None`` in the target run.
+_CACHE_NAMES = frozenset({"cache", "past_key_values", "past_key_value", "layer_past"})
+
+
+class ShortcutWarning(UserWarning):
+    """A TransformerBridge model could not use one of the engine's shortcuts (results stay exact)."""
 
 
 @dataclass
@@ -61,26 +91,59 @@ class Chunk:
     patches: list[Patch] = field(default_factory=list)
 
 
-class _PrefixKV:
-    """Stands in for a Hugging Face KV cache: prepends the target run's cached keys/values.
+class _KVTap:
+    """Stands in for one layer's Hugging Face KV cache during a pass the engine runs itself.
 
-    The bridge's attention calls ``past_key_values.update(k, v, layer_idx)`` with the keys
-    and values of the positions it is computing and attends over whatever comes back.
+    With ``prefix`` (the target run's keys and values of positions ``0..offset-1``, each
+    ``[rows, kv_heads, offset, d_head]``) it prepends them to the keys and values of the
+    positions being computed; with ``record`` it keeps what it returns. It serves a single
+    layer, so it ignores the layer index it is given (whatever that counts from). ``calls``
+    counts the updates: the engine checks that each layer's attention read its tap once.
     """
 
-    def __init__(self, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor], offset: int):
-        self.keys, self.values, self.offset = keys, values, offset
+    def __init__(self, prefix: tuple[torch.Tensor, torch.Tensor] | None = None, record: bool = False):
+        self.prefix, self.record = prefix, record
+        self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.calls = 0
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
-        return torch.cat([self.keys[layer_idx], k], dim=-2), torch.cat([self.values[layer_idx], v], dim=-2)
+    def update(self, key: torch.Tensor, value: torch.Tensor, *args, **kwargs):
+        self.calls += 1
+        if self.prefix is not None:
+            key = torch.cat([self.prefix[0], key], dim=-2)  # [rows, kv_heads, pos, d_head]
+            value = torch.cat([self.prefix[1], value], dim=-2)
+        if self.record:
+            self.recorded = (key.detach(), value.detach())
+        return key, value
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.offset
+        return 0 if self.prefix is None else self.prefix[0].shape[-2]
+
+
+def _is_cache(value: Any) -> bool:
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # no transformers, so no Hugging Face cache
+        return False
+    return isinstance(value, (Cache, _KVTap))
+
+
+def _hand_tap_to_attention(tap: _KVTap):
+    """Forward pre-hook giving an attention module its tap under the name it reads."""
+    def pre_hook(module, args, kwargs):
+        # TransformerLens' attention re-implementations read the cache as `past_key_values`
+        # (then `layer_past`), whatever name the Hugging Face block passed it on under.
+        return args, {**kwargs, "past_key_values": tap}
+    return pre_hook
 
 
 def _layer_of_hook(hook_name: str) -> int | None:
     m = re.match(r"blocks\.(\d+)\.", hook_name)
     return int(m.group(1)) if m else None
+
+
+def _error(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
 class Engine:
@@ -97,6 +160,8 @@ class Engine:
         columns: vocabulary ids the metrics read (``None``: all). Logits are returned for these
             columns only, in this order; on the fast path only these columns of the unembedding
             are multiplied (for GPT-2's 50257-token vocabulary that is most of the unembedding).
+
+    After :meth:`run_target`, :meth:`shortcut_report` says which shortcuts are on.
     """
 
     def __init__(
@@ -120,11 +185,39 @@ class Engine:
         self.target_hooks = list(target_hooks)
         self.max_batch_tokens = max_batch_tokens
         self.batch, self.seq_len = target_tokens.shape
+        # What the target run handed each block: positional and keyword arguments.
+        self.block_args: dict[int, tuple] = {}
         self.block_kwargs: dict[int, dict] = {}
-        self.resid_pre: dict[int, torch.Tensor] = {}
-        self.kv: tuple[dict, dict] | None = None
+        self.resid_pre: dict[int, torch.Tensor] = {}  # layer -> [batch, pos, d_model]
+        # The target run's keys and values: layer -> [batch, kv_heads, pos, d_head].
+        self.kv: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None = None
         self.can_resume = False
         self.can_skip_prefix = False
+        self.fallback_reason: str | None = "the target run has not been run yet"
+        self._tap_attention: set[int] = set()  # layers whose attention module gets its tap directly
+        self._warned = False
+
+    # ------------------------------------------------------------------ shortcut report
+    def shortcut_report(self) -> dict:
+        """Which shortcuts the patched passes use, and why one is off.
+
+        Returns ``{"resumed": 0 | 1, "prefix_skipped": 0 | 1, "fallback_reason": str | None}``:
+        ``resumed`` is 1 when passes start at the patched layer, ``prefix_skipped`` when they
+        also skip the positions before the first changed one; ``fallback_reason`` is ``None``
+        when both are on, else a sentence saying why the first one that is off is off.
+        """
+        return {"resumed": int(self.can_resume), "prefix_skipped": int(self.can_skip_prefix),
+                "fallback_reason": self.fallback_reason}
+
+    def _off(self, reason: str, warn: bool = True) -> None:
+        """Record why a shortcut is off; warn once per engine where a bridge falls back."""
+        self.fallback_reason = reason
+        if warn and not self._warned:
+            self._warned = True
+            what = "resuming at the patched layer" if not self.can_resume else "reusing the unchanged prefix"
+            name = type(getattr(self.model, "adapter", self.model)).__name__
+            warnings.warn(f"patchwidgets: {what} is off for this model ({name}): {reason}. "
+                          "Results stay exact; the sweep only runs slower.", ShortcutWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ target run
     def run_target(
@@ -134,11 +227,13 @@ class Engine:
         TransformerBridge, everything the resumed passes need (block inputs and K/V)."""
         names = set(names)
         blocks = getattr(self.model, "blocks", None)
-        is_bridge = record and blocks is not None and hasattr(self.model, "ln_final") and hasattr(
-            blocks[0], "original_component"
-        )
+        is_bridge = blocks is not None and len(blocks) > 0 and hasattr(blocks[0], "original_component")
+        record = record and is_bridge
+        self.block_args, self.block_kwargs, self.kv, self._tap_attention = {}, {}, None, set()
+        self.can_resume = self.can_skip_prefix = False
+        self.column_unembed = None
         handles = []
-        if is_bridge:
+        if record:
             names |= {f"blocks.{l}.hook_resid_pre" for l in range(len(blocks))}
             for layer, block in enumerate(blocks):
                 handles.append(block.register_forward_pre_hook(self._recorder(layer), with_kwargs=True))
@@ -159,58 +254,90 @@ class Engine:
             for h in handles:
                 h.remove()
         final = self._answer_logits(logits)
-        if is_bridge:
+        if record:
             self.resid_pre = {l: acts[f"blocks.{l}.hook_resid_pre"] for l in range(len(blocks))}
-            self.kv = self._kv_from_recorded_cache()
-            self._self_check(final)
+            with torch.no_grad():
+                self._self_check(final)
+        elif is_bridge:
+            self.fallback_reason = "the target run was not recorded (record=False)"
+        else:
+            self.fallback_reason = ("not a TransformerBridge (no blocks to resume at): "
+                                    "plain run_with_hooks by design")
         return final, acts
 
     def _recorder(self, layer: int):
         def record(module, args, kwargs):
-            try:
-                bound = inspect.signature(module.original_component.forward).bind(*args, **kwargs)
-                self.block_kwargs[layer] = dict(bound.arguments)
-            except (TypeError, ValueError):
-                self.block_kwargs.pop(layer, None)
+            # As given, not bound to the signature: some adapters wrap a block's forward in
+            # `(*args, **kwargs)` (Falcon), and the call must be replayed the same way.
+            self.block_args[layer], self.block_kwargs[layer] = tuple(args), dict(kwargs)
         return record
 
-    def _kv_from_recorded_cache(self) -> tuple[dict, dict] | None:
-        kw = self.block_kwargs.get(0, {})
-        cache = kw.get("past_key_values") or kw.get("layer_past")
-        keys, values = {}, {}
-        try:
-            for l in range(len(self.model.blocks)):
-                if hasattr(cache, "layers"):
-                    keys[l], values[l] = cache.layers[l].keys, cache.layers[l].values
-                else:
-                    keys[l], values[l] = cache.key_cache[l], cache.value_cache[l]
-                if keys[l].shape[-2] != self.seq_len:
-                    return None
-        except Exception:
-            return None
-        return keys, values
-
     def _self_check(self, target_final: torch.Tensor) -> None:
-        """Enable the shortcuts only where they reproduce the plain forward pass."""
+        """Turn on the shortcuts that reproduce the plain forward pass; say why any is off."""
         n_layers = len(self.model.blocks)
-        if len(self.block_kwargs) != n_layers:
-            return
-        tol = 1e-4 * (1.0 + float(target_final.abs().max()))
-        checks = [(0, 0), (n_layers // 2, 0)]
+        if not all(hasattr(self.model, name) for name in ("ln_final", "unembed")):
+            return self._off("the bridge has no ln_final and unembed to finish a resumed pass with")
+        missing = [l for l in range(n_layers) if l not in self.block_kwargs]
+        if missing:
+            return self._off(f"blocks {missing} were not called in the target run")
+        eps = torch.finfo(target_final.dtype).eps if target_final.is_floating_point() else 0.0
+        tol = max(1e-5, 30 * eps) * (1.0 + float(target_final.abs().max()))
+
+        def gap(logits: torch.Tensor, k: int) -> float:
+            return float((logits - target_final.repeat(k, 1)).abs().max())
+
+        # 1. Resume: one pass over every layer and position (its taps record the keys and
+        # values), and one from the middle with the batch tiled twice (checks the tiling).
+        taps = {l: _KVTap(record=True) for l in range(n_layers)}
         try:
-            self.can_resume = all(
-                float((self._resumed(l, o, 1, []) - target_final).abs().max()) <= tol for l, o in checks
-            )
-            if self.can_resume and self.kv is not None:
-                offset = int(self.answer_pos.min())
-                self.can_skip_prefix = offset > 0 and all(
-                    float((self._resumed(l, offset, 1, []) - target_final).abs().max()) <= tol
-                    for l in (0, n_layers - 1)
-                )
-        except Exception:  # an architecture whose blocks cannot be called like this
-            self.can_resume = self.can_skip_prefix = False
-        if self.can_resume:
-            self._enable_column_unembed(target_final, tol)
+            diff = gap(self._run_blocks(0, 0, 1, [], taps), 1)
+            if diff <= tol:
+                diff = gap(self._resumed(n_layers // 2, 0, 2, []), 2)
+        except Exception as e:  # an architecture whose blocks cannot be called like this
+            return self._off(f"calling the blocks directly raised {_error(e)}")
+        if diff > tol:
+            return self._off(f"the resumed pass differs from the plain forward pass by {diff:.1e}")
+        self.can_resume = True
+        self._enable_column_unembed(target_final, tol)
+
+        # 2. Prefix: every layer's attention must have read its tap exactly once.
+        offset = int(self.answer_pos.min())
+        if offset == 0:
+            return self._off("no unchanged prefix to reuse: an answer is read at position 0", warn=False)
+        unread = [l for l in range(n_layers) if taps[l].calls == 0]
+        if unread:
+            no_attn = [l for l in unread
+                       if not isinstance(getattr(self.model.blocks[l], "attn", None), torch.nn.Module)]
+            if no_attn:
+                return self._off(f"block {no_attn[0]} never read the KV cache and has no `attn` to hand it to")
+            self._tap_attention = set(unread)
+            taps = {l: _KVTap(record=True) for l in range(n_layers)}
+            try:
+                diff = gap(self._run_blocks(0, 0, 1, [], taps), 1)
+            except Exception as e:
+                diff, reason = float("inf"), f"handing attention its KV cache raised {_error(e)}"
+            else:
+                reason = f"handing attention its KV cache changes the logits by {diff:.1e}"
+            if diff > tol:
+                self._tap_attention = set()
+                return self._off(reason)
+        for l in range(n_layers):
+            if taps[l].calls != 1:
+                return self._off(f"layer {l}'s attention read the KV cache {taps[l].calls} times, not once")
+            if taps[l].recorded[0].shape[-2] != self.seq_len:
+                return self._off(f"layer {l}'s cached keys cover {taps[l].recorded[0].shape[-2]} positions, "
+                                 f"not {self.seq_len}")
+        self.kv = ({l: t.recorded[0] for l, t in taps.items()}, {l: t.recorded[1] for l, t in taps.items()})
+        try:
+            diff = max(gap(self._resumed(l, offset, 2, []), 2) for l in (0, n_layers - 1))
+        except Exception as e:
+            self.kv = None
+            return self._off(f"running positions {offset}.. only raised {_error(e)}")
+        if diff > tol:
+            self.kv = None
+            return self._off(f"reusing the cached keys/values differs from the plain forward pass by {diff:.1e}")
+        self.can_skip_prefix = True
+        self.fallback_reason = None
 
     # ------------------------------------------------------------------ forward passes
     def _answer_logits(self, logits: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -219,13 +346,19 @@ class Engine:
         final = logits[rows, pos]
         return final if self.columns is None else final[:, self.columns.to(final.device)]
 
+    def _output_transform(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the model does to logits after the unembedding (Gemma 2's soft cap, Granite's
+        ``/ logits_scaling``), as the bridge's architecture adapter declares it."""
+        transform = getattr(getattr(self.model, "adapter", None), "apply_output_logits_transform", None)
+        return transform(logits) if callable(transform) else logits
+
     def _unembed(self, final: torch.Tensor) -> torch.Tensor:
         """Answer-position residual ``[rows, 1, d_model]`` -> logits ``[rows, n_columns]``."""
         normed = self.model.ln_final(final)
         if self.column_unembed is not None:
             weight, bias = self.column_unembed
-            return (normed @ weight + bias)[:, 0]
-        logits = self.model.unembed(normed)[:, 0]
+            return self._output_transform((normed @ weight + bias)[:, 0])  # elementwise: fine on a subset
+        logits = self._output_transform(self.model.unembed(normed)[:, 0])
         return logits if self.columns is None else logits[:, self.columns.to(logits.device)]
 
     def _enable_column_unembed(self, target_final: torch.Tensor, tol: float) -> None:
@@ -240,55 +373,88 @@ class Engine:
         except Exception:  # no W_U/b_U (a hand-built model) or another layout: unembed everything
             self.column_unembed = None
 
-    def _block_call_kwargs(self, layer: int, hidden: torch.Tensor, offset: int, k: int, prefix) -> dict:
-        """The recorded inputs of block ``layer``, cut to positions ``offset..`` and tiled k times."""
-        kwargs = {}
-        for name, value in self.block_kwargs[layer].items():
-            if name in ("past_key_values", "layer_past", "past_key_value"):
-                value = prefix
-            elif name == "use_cache":
-                value = False
-            elif name == "hidden_states":
-                value = hidden
-            elif isinstance(value, torch.Tensor):
-                value = self._cut_and_tile(name, value, offset, k)
-            elif isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
-                value = tuple(self._cut_and_tile(name, v, offset, k) for v in value)
-            kwargs[name] = value
-        if "hidden_states" not in kwargs:
-            kwargs["hidden_states"] = hidden
-        return kwargs
+    def _block_inputs(self, layer: int, hidden: torch.Tensor, offset: int, k: int,
+                      tap: _KVTap) -> tuple[tuple, dict]:
+        """Block ``layer``'s recorded arguments for a pass over positions ``offset..`` of ``k``
+        copies of the batch: the hidden states replaced, the cache replaced by ``tap``, every
+        other tensor cut to those positions and tiled."""
+        def adapt(name: str | None, value: Any) -> Any:
+            if _is_cache(value) or (value is None and name in _CACHE_NAMES):
+                return tap
+            if name == "use_cache":
+                return False  # nothing to hand back: the tap is the cache
+            return self._cut_and_tile(value, offset, k)
 
-    def _cut_and_tile(self, name: str, t: torch.Tensor, offset: int, k: int) -> torch.Tensor:
+        args, kwargs = self.block_args[layer], self.block_kwargs[layer]
+        if args and isinstance(args[0], torch.Tensor):  # hidden states first, as blocks are called
+            return (hidden, *(adapt(None, a) for a in args[1:])), {n: adapt(n, v) for n, v in kwargs.items()}
+        kwargs = {n: adapt(n, v) for n, v in kwargs.items() if n != "hidden_states"}
+        return tuple(adapt(None, a) for a in args), {"hidden_states": hidden, **kwargs}
+
+    def _cut_and_tile(self, t: Any, offset: int, k: int) -> Any:
+        """One recorded block argument, cut to positions ``offset..`` and tiled ``k`` times.
+
+        Recognised by shape, not name: ``[.., pos, pos]`` masks lose their first ``offset``
+        query rows (keys still span every position), ``[batch, pos, ..]`` tensors (position
+        ids, rotary cos/sin, 3-d masks) and ``[pos]`` ones (cache positions) lose their first
+        ``offset`` positions; ALiBi's ``[batch * heads, 1, pos]`` is per key, so it stays.
+        Then a tensor whose first axis is a multiple of the batch (``[batch, ..]`` or
+        ``[batch * heads, ..]``) is per-row and is repeated ``k`` times, as the batch is;
+        one with a first axis of 1 broadcasts over any batch.
+        """
+        if isinstance(t, (tuple, list)):
+            items = [self._cut_and_tile(v, offset, k) for v in t]
+            return type(t)(*items) if hasattr(t, "_fields") else type(t)(items)  # (named tuples too)
+        if isinstance(t, dict):
+            return {n: self._cut_and_tile(v, offset, k) for n, v in t.items()}
+        if not isinstance(t, torch.Tensor):
+            return t
+        seq = self.seq_len
         if offset:
-            if name == "attention_mask" and t.ndim == 4:
-                t = t[:, :, offset:, :]  # query rows only; keys still span every position
-            elif name == "cache_position" and t.ndim == 1:
+            if t.ndim == 4 and t.shape[-2] == seq and t.shape[-1] == seq:
+                t = t[..., offset:, :]
+            elif t.ndim == 1 and t.shape[0] == seq:
                 t = t[offset:]
-            elif t.ndim >= 2 and t.shape[1] == self.seq_len:
-                t = t[:, offset:]  # position_ids, rotary (cos, sin), ...
-        if k > 1 and self.batch > 1 and t.ndim >= 2 and t.shape[0] == self.batch:
-            t = t.repeat(k, *([1] * (t.ndim - 1)))  # per-row inputs (padding masks) follow their rows
+            elif t.ndim >= 2 and t.shape[1] == seq:
+                t = t[:, offset:]
+        if k > 1 and t.ndim >= 2 and t.shape[0] != 1 and t.shape[0] % self.batch == 0:
+            t = t.repeat(k, *([1] * (t.ndim - 1)))
         return t
+
+    def _run_blocks(self, layer: int, offset: int, k: int, hooks: Sequence[Hook],
+                    taps: dict[int, _KVTap]) -> torch.Tensor:
+        """Answer logits ``[k * batch, vocab]`` of blocks ``layer..`` run on positions
+        ``offset..`` of ``k`` copies of the target run, ``taps[l]`` serving layer ``l``'s cache."""
+        model = self.model
+        n_layers = len(model.blocks)
+        hidden = self.resid_pre[layer][:, offset:].repeat(k, 1, 1)  # [k * batch, pos - offset, d_model]
+        handles = [model.blocks[l].attn.register_forward_pre_hook(_hand_tap_to_attention(taps[l]), with_kwargs=True)
+                   for l in sorted(self._tap_attention) if l >= layer]
+        try:
+            with model.hooks(fwd_hooks=list(hooks)):
+                for l in range(layer, n_layers):
+                    args, kwargs = self._block_inputs(l, hidden, offset, k, taps[l])
+                    out = model.blocks[l](*args, **kwargs)
+                    hidden = out[0] if isinstance(out, tuple) else out
+                rows = torch.arange(hidden.shape[0], device=hidden.device)
+                pos = self.answer_pos.to(hidden.device).repeat(k) - offset
+                return self._unembed(hidden[rows, pos][:, None, :])
+        finally:
+            for h in handles:
+                h.remove()
 
     def _resumed(self, layer: int, offset: int, k: int, hooks: Sequence[Hook]) -> torch.Tensor:
         """Answer logits ``[k * batch, vocab]`` of a pass that starts at block ``layer`` and
-        computes positions ``offset..`` only."""
-        model = self.model
-        hidden = self.resid_pre[layer][:, offset:].repeat(k, 1, 1)
-        prefix = None
+        computes positions ``offset..`` only, attending to the target run's keys and values
+        for positions ``0..offset-1``."""
+        n_layers = len(self.model.blocks)
         if offset:
             keys, values = self.kv
-            keys = {l: keys[l][:, :, :offset].repeat(k, 1, 1, 1) for l in range(layer, len(keys))}
-            values = {l: values[l][:, :, :offset].repeat(k, 1, 1, 1) for l in range(layer, len(values))}
-            prefix = _PrefixKV(keys, values, offset)
-        with model.hooks(fwd_hooks=list(hooks)):
-            for l in range(layer, len(model.blocks)):
-                out = model.blocks[l](**self._block_call_kwargs(l, hidden, offset, k, prefix))
-                hidden = out[0] if isinstance(out, tuple) else out
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            pos = self.answer_pos.to(hidden.device).repeat(k) - offset
-            return self._unembed(hidden[rows, pos][:, None, :])
+            tile = lambda t: t[..., :offset, :].repeat(k, *([1] * (t.ndim - 1)))  # noqa: E731
+            taps = {l: _KVTap(prefix=(tile(keys[l]), tile(values[l]))) for l in range(layer, n_layers)}
+        else:
+            taps = {l: _KVTap() for l in range(layer, n_layers)}
+        return self._run_blocks(layer, offset, k, hooks, taps)
 
     def _plain(self, k: int, hooks: Sequence[Hook]) -> torch.Tensor:
         tokens = self.target_tokens.repeat(k, 1)

@@ -183,7 +183,7 @@ def patch(
     # --- Run the rest in chunks, streaming partial results.
     chunks = target.plan(patches)
     result.stats = {"patches": n_total, "skipped_noop": int(done.sum()), "forward_passes": len(chunks),
-                    "resumed": int(target.can_resume), "prefix_skipped": int(target.can_skip_prefix)}
+                    **target.shortcut_report()}
     jobs = [([p.slot for p in chunk.patches], functools.partial(target.run_chunk, chunk, source_acts))
             for chunk in chunks]
     return run_streaming(result, values, done, jobs, measure, progress=progress, callback=callback, cancel=cancel)

@@ -289,8 +289,7 @@ def path_patch(
 
     chunks = _plan(groups, first_pos, batch, inputs.seq_len, int(inputs.answer_pos.min()), max_batch_tokens)
     result.stats = {"patches": n_cells, "skipped_noop": int(done.sum()),
-                    "forward_passes": len(chunks) * (2 if recv else 1), "resumed": int(target.can_resume),
-                    "prefix_skipped": int(target.can_skip_prefix)}
+                    "forward_passes": len(chunks) * (2 if recv else 1), **target.shortcut_report()}
 
     def run(cells, offset):
         with torch.no_grad():
