@@ -47,10 +47,51 @@ from .errors import DegenerateNormalizationError, UnknownMetricError
 MetricFn = Callable[..., torch.Tensor]
 MetricSpec = Union[str, Sequence[Union[str, MetricFn]], Mapping[str, Union[str, MetricFn]]]
 
-BUILTIN_METRICS = ("logit_diff", "normalized", "logit", "logprob", "prob", "rank", "accuracy", "kl")
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """What the rest of the package needs to know about a built-in metric.
+
+    ``answer_only``: reads only the answer tokens' logits, so the engine may unembed just
+    those columns. ``differentiable``: attribution patching can estimate it from a gradient.
+    ``scale``: ``"diverging"`` for a signed value whose 0 means "no effect" (drawn red-white-
+    blue around 0), ``"sequential"`` for a value of one sign (drawn light to dark).
+    ``high_means``: how to read a high value, for legends.
+    """
+
+    name: str
+    label: str
+    needs_incorrect: bool
+    answer_only: bool
+    differentiable: bool
+    scale: str
+    high_means: str
+
+
+#: The built-in metrics, in the order menus show them.
+METRICS: dict[str, MetricInfo] = {m.name: m for m in [
+    MetricInfo("logit_diff", "logit difference (correct - incorrect)", True, True, True, "diverging",
+               "the correct answer is preferred"),
+    MetricInfo("normalized", "normalised logit difference", True, True, True, "diverging",
+               "the patch gave the source run's behaviour (1 = all of it)"),
+    MetricInfo("logit", "logit of the correct answer", False, True, True, "diverging",
+               "the correct answer's logit is high"),
+    MetricInfo("logprob", "log-probability of the correct answer", False, False, True, "sequential",
+               "the correct answer is likely (0 = certain)"),
+    MetricInfo("prob", "probability of the correct answer", False, False, True, "sequential",
+               "the correct answer is likely"),
+    MetricInfo("rank", "rank of the correct answer (1 = top)", False, False, False, "sequential",
+               "the correct answer is far down the ranking (worse)"),
+    MetricInfo("accuracy", "accuracy (correct answer on top)", False, False, False, "sequential",
+               "the correct answer is the top prediction"),
+    MetricInfo("kl", "KL(clean || patched)", False, False, True, "sequential",
+               "the prediction moved away from the clean run's"),
+]}
+BUILTIN_METRICS = tuple(METRICS)
+NEEDS_INCORRECT = tuple(m.name for m in METRICS.values() if m.needs_incorrect)
 ALIASES = {"normalised": "normalized", "logit_difference": "logit_diff", "ld": "logit_diff",
            "log_prob": "logprob", "probability": "prob", "top1": "accuracy", "acc": "accuracy"}
-NEEDS_INCORRECT = ("logit_diff", "normalized")
 
 
 @dataclass
