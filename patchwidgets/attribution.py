@@ -188,7 +188,8 @@ def _run(model: Any, tokens: torch.Tensor, hooks: list, names: Sequence[str], an
 
 
 def _agrees(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return float((a.detach() - b.detach()).abs().max()) <= 1e-4 * (1.0 + float(b.detach().abs().max()))
+    b = b.detach().to(a.device)  # a model split over GPUs unembeds on its last one
+    return float((a.detach() - b).abs().max()) <= 1e-4 * (1.0 + float(b.abs().max()))
 
 
 def attribution_patch(

@@ -46,10 +46,30 @@ every position. :meth:`Engine.shortcut_report` says which shortcut is off and wh
 :class:`ShortcutWarning` is emitted once per engine when a TransformerBridge falls back.
 Hand-built ``HookedRootModule`` models (no ``blocks`` to resume at) use the plain path by
 design, without a warning.
+
+Models split over devices or offloaded to disk
+----------------------------------------------
+A model loaded with a ``device_map`` (:func:`patchwidgets.load_model`) has its blocks on
+several devices, or keeps some weights on disk (or in CPU memory) and lets accelerate's hooks
+bring them in for each module's forward call. The shortcuts need nothing special there: the
+engine calls the bridge's own block modules with the arguments the model's own forward pass
+gave them, so accelerate moves activations from block to block exactly as in that pass, and
+the keys/values a block recorded stay on that block's device. Three details:
+
+* target tokens go where the embedding runs (:func:`input_device`; a disk-offloaded
+  embedding's weights sit on the ``meta`` device between calls, so the first parameter's
+  device says nothing);
+* answer logits of every pass are moved to the device of the target run's logits, so metrics
+  always see one device;
+* weights read directly (the unembedding columns of the column shortcut, the embedding's
+  standard deviation for noise) are read inside :func:`materialized`, which loads offloaded
+  weights the way accelerate does for a forward call; if that still gives ``meta`` tensors
+  the column shortcut is skipped (the full unembedding module runs instead).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -80,15 +100,38 @@ class Patch:
     slot: int                  # where its values go in the result (row-major grid order)
     first_pos: int | None      # None: a no-op, never run
 
+    @property
+    def hook_name(self) -> str:
+        return self.site.hook_template if self.site.kind == "raw" else self.site.hook_name(self.index[0])
+
+    @property
+    def layer(self) -> int | None:
+        """The block whose input or inside the patch changes (``None``: not inside a block)."""
+        return _layer_of_hook(self.hook_name)
+
 
 @dataclass
 class Chunk:
-    """Patches sharing one hook, run together in one forward pass."""
+    """Patches run together in one forward pass, each on its own copy of the target batch.
 
-    hook_name: str
+    On the fast path the pass starts at ``layer``, the lowest patched layer, and a patch's
+    copy of the batch *joins* the pass at its own layer: blocks below it cannot see the patch,
+    so its rows would only repeat the target run there. A sweep over every layer then runs
+    each block once per chunk instead of once per layer below it. ``layer`` is ``None`` for a
+    plain pass from the embeddings (every copy present from the start). ``offset`` is the
+    first position the pass computes.
+    """
+
     layer: int | None
     offset: int
     patches: list[Patch] = field(default_factory=list)
+
+    def joins(self) -> dict[int, int]:
+        """How many copies of the batch join the pass at each layer, in row order."""
+        counts: dict[int, int] = {}
+        for p in self.patches:
+            counts[p.layer] = counts.get(p.layer, 0) + 1
+        return counts
 
 
 class _KVTap:
@@ -117,6 +160,77 @@ class _KVTap:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self.prefix is None else self.prefix[0].shape[-2]
+
+
+def _accelerate_hooks(module: Any) -> list:
+    """The accelerate hooks attached to ``module`` itself, ``SequentialHook`` chains unrolled
+    (accelerate's own ``align_module_device`` does not look into those)."""
+    found, pending = [], [getattr(module, "_hf_hook", None)]
+    while pending:
+        hook = pending.pop()
+        if isinstance(getattr(hook, "hooks", None), (list, tuple)):  # a SequentialHook
+            pending.extend(hook.hooks)
+        elif hook is not None:
+            found.append(hook)
+    return found
+
+
+def _offload_hook(module: Any) -> Any:
+    """The accelerate hook that keeps ``module``'s own weights offloaded (CPU or disk), if any."""
+    return next((h for h in _accelerate_hooks(module)
+                 if getattr(h, "offload", False) and callable(getattr(h, "pre_forward", None))), None)
+
+
+@contextlib.contextmanager
+def materialized(module: Any):
+    """Inside this context, every offloaded weight under ``module`` holds real values.
+
+    Accelerate keeps offloaded weights (``device_map`` entries ``"cpu"`` or ``"disk"`` next to
+    other targets) on the ``meta`` device and loads them only around each module's forward
+    call. Code that reads a weight directly (``model.W_U``, ``model.W_E``) gets a ``meta``
+    tensor outside that window; inside this context it gets the values, on the module's
+    execution device, as the forward call would. Values read here stay valid after the
+    context if copied (the module's parameter goes back to ``meta``). A no-op for modules
+    without offloaded weights.
+    """
+    entered: list[tuple[Any, Any]] = []
+    try:
+        if isinstance(module, torch.nn.Module):
+            for sub in module.modules():
+                hook = _offload_hook(sub)
+                if hook is not None:
+                    hook.pre_forward(sub)
+                    entered.append((hook, sub))
+        yield module
+    finally:
+        for hook, sub in reversed(entered):
+            hook.post_forward(sub, None)
+
+
+def input_device(model: Any) -> torch.device:
+    """The device a model's input tokens go to: where its token embedding runs.
+
+    For a model dispatched by accelerate (``hf_device_map``) that is the embedding's execution
+    device, which is not the device of its weight when the weight is offloaded (``meta``);
+    otherwise the device of the first parameter that is not on ``meta``, or the CPU."""
+    hf = getattr(model, "original_model", None)
+    if getattr(hf, "hf_device_map", None):
+        try:
+            embed = hf.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            embed = None
+        if isinstance(embed, torch.nn.Module):
+            for hook in _accelerate_hooks(embed):
+                if getattr(hook, "execution_device", None) is not None:
+                    return torch.device(hook.execution_device)
+            for p in embed.parameters():
+                if p.device.type != "meta":
+                    return p.device
+    params = model.parameters() if hasattr(model, "parameters") else ()
+    for p in params:
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
 
 
 def _is_cache(value: Any) -> bool:
@@ -174,10 +288,9 @@ class Engine:
         columns: torch.Tensor | None = None,
     ):
         self.model = model
-        # Tokens go where the weights are, so a model on a GPU is patched on the GPU.
-        param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-        if param is not None:
-            target_tokens = target_tokens.to(param.device)
+        # Tokens go where the embedding runs, so a model on a GPU is patched on the GPU.
+        if hasattr(model, "parameters"):
+            target_tokens = target_tokens.to(input_device(model))
         self.columns = columns
         self.column_unembed: tuple[torch.Tensor, torch.Tensor] | None = None
         self.target_tokens = target_tokens
@@ -195,6 +308,10 @@ class Engine:
         self.can_skip_prefix = False
         self.fallback_reason: str | None = "the target run has not been run yet"
         self._tap_attention: set[int] = set()  # layers whose attention module gets its tap directly
+        # Where the target run's logits came out: every pass's answer logits are moved there
+        # (a split model unembeds on its last device, while its forward pass may return the
+        # logits to the embedding's device).
+        self.logits_device: torch.device | None = None
         self._warned = False
 
     # ------------------------------------------------------------------ shortcut report
@@ -254,6 +371,7 @@ class Engine:
             for h in handles:
                 h.remove()
         final = self._answer_logits(logits)
+        self.logits_device = final.device
         if record:
             self.resid_pre = {l: acts[f"blocks.{l}.hook_resid_pre"] for l in range(len(blocks))}
             with torch.no_grad():
@@ -290,7 +408,7 @@ class Engine:
         # values), and one from the middle with the batch tiled twice (checks the tiling).
         taps = {l: _KVTap(record=True) for l in range(n_layers)}
         try:
-            diff = gap(self._run_blocks(0, 0, 1, [], taps), 1)
+            diff = gap(self._run_blocks({0: 1}, 0, [], taps), 1)
             if diff <= tol:
                 diff = gap(self._resumed(n_layers // 2, 0, 2, []), 2)
         except Exception as e:  # an architecture whose blocks cannot be called like this
@@ -313,7 +431,7 @@ class Engine:
             self._tap_attention = set(unread)
             taps = {l: _KVTap(record=True) for l in range(n_layers)}
             try:
-                diff = gap(self._run_blocks(0, 0, 1, [], taps), 1)
+                diff = gap(self._run_blocks({0: 1}, 0, [], taps), 1)
             except Exception as e:
                 diff, reason = float("inf"), f"handing attention its KV cache raised {_error(e)}"
             else:
@@ -357,7 +475,8 @@ class Engine:
         normed = self.model.ln_final(final)
         if self.column_unembed is not None:
             weight, bias = self.column_unembed
-            return self._output_transform((normed @ weight + bias)[:, 0])  # elementwise: fine on a subset
+            # (The transform is elementwise: fine on a subset of the columns.)
+            return self._output_transform((normed.to(weight.device) @ weight + bias)[:, 0])
         logits = self._output_transform(self.model.unembed(normed)[:, 0])
         return logits if self.columns is None else logits[:, self.columns.to(logits.device)]
 
@@ -366,8 +485,14 @@ class Engine:
         if self.columns is None:
             return
         try:
-            cols = self.columns.to(target_final.device)
-            self.column_unembed = (self.model.W_U[:, cols].detach(), self.model.b_U[cols].detach())
+            # Read inside `materialized`: an offloaded unembedding is on `meta` between calls.
+            with materialized(getattr(self.model, "unembed", None)):
+                weight, bias = self.model.W_U, self.model.b_U
+                if weight.device.type == "meta" or bias.device.type == "meta":
+                    return
+                weight = weight[:, self.columns.to(weight.device)].detach().clone()
+                bias = bias[self.columns.to(bias.device)].detach().clone().to(weight.device)
+            self.column_unembed = (weight, bias)
             if float((self._resumed(len(self.model.blocks) - 1, 0, 1, []) - target_final).abs().max()) > tol:
                 self.column_unembed = None
         except Exception:  # no W_U/b_U (a hand-built model) or another layout: unembed everything
@@ -421,40 +546,68 @@ class Engine:
             t = t.repeat(k, *([1] * (t.ndim - 1)))
         return t
 
-    def _run_blocks(self, layer: int, offset: int, k: int, hooks: Sequence[Hook],
-                    taps: dict[int, _KVTap]) -> torch.Tensor:
-        """Answer logits ``[k * batch, vocab]`` of blocks ``layer..`` run on positions
-        ``offset..`` of ``k`` copies of the target run, ``taps[l]`` serving layer ``l``'s cache."""
+    def _run_blocks(self, joins: dict[int, int], offset: int, hooks: Sequence[Hook],
+                    taps: dict[int, _KVTap] | None = None) -> torch.Tensor:
+        """Answer logits ``[k * batch, vocab]`` of a pass over blocks ``min(joins)..``,
+        computing positions ``offset..`` only, where ``joins[l]`` copies of the target batch
+        join the pass at block ``l`` (``k = sum(joins.values())``; rows in order of joining).
+
+        Each copy enters from the target run's residual stream at its block. Layer ``l``'s
+        cache is ``taps[l]`` when given (the self-check's recording taps), else a tap serving
+        the target run's keys and values of positions ``0..offset-1`` to every row present.
+        """
         model = self.model
-        n_layers = len(model.blocks)
-        hidden = self.resid_pre[layer][:, offset:].repeat(k, 1, 1)  # [k * batch, pos - offset, d_model]
-        handles = [model.blocks[l].attn.register_forward_pre_hook(_hand_tap_to_attention(taps[l]), with_kwargs=True)
-                   for l in sorted(self._tap_attention) if l >= layer]
-        try:
-            with model.hooks(fwd_hooks=list(hooks)):
-                for l in range(layer, n_layers):
-                    args, kwargs = self._block_inputs(l, hidden, offset, k, taps[l])
+        hidden: torch.Tensor | None = None   # [rows, pos - offset, d_model]
+        k = 0
+        with model.hooks(fwd_hooks=list(hooks)):
+            for l in range(min(joins), len(model.blocks)):
+                if joins.get(l):
+                    entering = self.resid_pre[l][:, offset:].repeat(joins[l], 1, 1)
+                    hidden = entering if hidden is None else torch.cat([hidden, entering.to(hidden.device)])
+                    k += joins[l]
+                tap = taps[l] if taps is not None else self._prefix_tap(l, offset, k)
+                handle = None
+                if l in self._tap_attention:
+                    handle = model.blocks[l].attn.register_forward_pre_hook(_hand_tap_to_attention(tap),
+                                                                              with_kwargs=True)
+                try:
+                    args, kwargs = self._block_inputs(l, hidden, offset, k, tap)
                     out = model.blocks[l](*args, **kwargs)
-                    hidden = out[0] if isinstance(out, tuple) else out
-                rows = torch.arange(hidden.shape[0], device=hidden.device)
-                pos = self.answer_pos.to(hidden.device).repeat(k) - offset
-                return self._unembed(hidden[rows, pos][:, None, :])
-        finally:
-            for h in handles:
-                h.remove()
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                hidden = out[0] if isinstance(out, tuple) else out
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            pos = self.answer_pos.to(hidden.device).repeat(k) - offset
+            logits = self._unembed(hidden[rows, pos][:, None, :])
+            return logits if self.logits_device is None else logits.to(self.logits_device)
+
+    def _prefix_tap(self, layer: int, offset: int, k: int) -> _KVTap:
+        """Layer ``layer``'s cache for ``k`` copies of the batch: the target run's keys and
+        values of positions ``0..offset-1`` (none when ``offset`` is 0)."""
+        if not offset:
+            return _KVTap()
+        keys, values = self.kv
+        tile = lambda t: t[..., :offset, :].repeat(k, *([1] * (t.ndim - 1)))  # noqa: E731
+        return _KVTap(prefix=(tile(keys[layer]), tile(values[layer])))
 
     def _resumed(self, layer: int, offset: int, k: int, hooks: Sequence[Hook]) -> torch.Tensor:
-        """Answer logits ``[k * batch, vocab]`` of a pass that starts at block ``layer`` and
-        computes positions ``offset..`` only, attending to the target run's keys and values
-        for positions ``0..offset-1``."""
-        n_layers = len(self.model.blocks)
-        if offset:
-            keys, values = self.kv
-            tile = lambda t: t[..., :offset, :].repeat(k, *([1] * (t.ndim - 1)))  # noqa: E731
-            taps = {l: _KVTap(prefix=(tile(keys[l]), tile(values[l]))) for l in range(layer, n_layers)}
-        else:
-            taps = {l: _KVTap() for l in range(layer, n_layers)}
-        return self._run_blocks(layer, offset, k, hooks, taps)
+        """Answer logits ``[k * batch, vocab]`` of a pass that starts at block ``layer`` with
+        all ``k`` copies of the batch and computes positions ``offset..`` only, attending to
+        the target run's keys and values for positions ``0..offset-1``."""
+        return self._run_blocks({layer: k}, offset, hooks)
+
+    def run_pass(self, layer: int | None, offset: int, k: int, hooks: Sequence[Hook]) -> torch.Tensor:
+        """Answer logits ``[k * batch, vocab]`` of ``k`` copies of the target run with ``hooks``.
+
+        The public way to run the engine's fastest exact pass with hooks of one's own (path
+        patching uses it): resumed at block ``layer`` and from position ``offset`` where the
+        shortcuts are on, else a plain forward pass from the embeddings. Hooks see every row
+        from the start; they must leave rows and positions before ``offset`` as the target's.
+        """
+        if layer is not None and self.can_resume:
+            return self._resumed(layer, offset if self.can_skip_prefix else 0, k, hooks)
+        return self._plain(k, hooks)
 
     def _plain(self, k: int, hooks: Sequence[Hook]) -> torch.Tensor:
         tokens = self.target_tokens.repeat(k, 1)
@@ -463,55 +616,81 @@ class Engine:
 
     # ------------------------------------------------------------------ patches
     def plan(self, patches: Sequence[Patch]) -> list[Chunk]:
-        """Group the patches that need running into chunks that each fit the token budget."""
-        groups: dict[str, list[Patch]] = {}
-        for p in patches:
-            if p.first_pos is not None:
-                groups.setdefault(p.site.hook_name(p.index[0]) if p.site.kind != "raw"
-                                  else p.site.hook_template, []).append(p)
-        chunks = []
-        for hook_name, group in groups.items():
-            layer = _layer_of_hook(hook_name)
-            resumable = self.can_resume and layer is not None
-            group.sort(key=lambda p: -p.first_pos)  # similar offsets share a chunk
-            current: Chunk | None = None
-            for p in group:
-                offset = 0
-                if resumable and self.can_skip_prefix and p.site.pos_axis is not None:
-                    offset = min(p.first_pos, int(self.answer_pos.min()))
-                if current is not None:
-                    rows = (len(current.patches) + 1) * self.batch
-                    if rows * (self.seq_len - min(offset, current.offset)) <= self.max_batch_tokens:
-                        current.offset = min(offset, current.offset)
-                        current.patches.append(p)
-                        continue
-                current = Chunk(hook_name, layer if resumable else None, offset, [p])
-                chunks.append(current)
+        """Group the patches that need running into chunks that each fit the token budget.
+
+        On the fast path a chunk mixes hooks and layers (each patch's rows join the pass at
+        its own layer); patches are taken in order of their offset, so the ones that skip the
+        same prefix share a pass. The budget bounds the rows present at the last block times
+        the positions computed. A plain pass (a hook outside the blocks, or shortcuts off)
+        holds patches on one hook.
+        """
+        todo = [p for p in patches if p.first_pos is not None]
+        answer_min = int(self.answer_pos.min())
+
+        def offset_of(p: Patch) -> int:
+            if self.can_skip_prefix and p.site.pos_axis is not None:
+                return min(p.first_pos, answer_min)
+            return 0
+
+        fast = [p for p in todo if self.can_resume and p.layer is not None]
+        plain: dict[str, list[Patch]] = {}
+        for p in todo:
+            if not (self.can_resume and p.layer is not None):
+                plain.setdefault(p.hook_name, []).append(p)
+
+        chunks: list[Chunk] = []
+        fast.sort(key=lambda p: (-offset_of(p), p.layer))
+        current: Chunk | None = None
+        for p in fast:
+            offset = offset_of(p)
+            if current is not None:
+                rows = (len(current.patches) + 1) * self.batch
+                if rows * (self.seq_len - min(offset, current.offset)) <= self.max_batch_tokens:
+                    current.offset = min(offset, current.offset)
+                    current.layer = min(p.layer, current.layer)
+                    current.patches.append(p)
+                    continue
+            current = Chunk(p.layer, offset, [p])
+            chunks.append(current)
+        for group in plain.values():
+            per_pass = max(1, self.max_batch_tokens // (self.batch * self.seq_len))
+            chunks += [Chunk(None, 0, group[i:i + per_pass]) for i in range(0, len(group), per_pass)]
+        for chunk in chunks:  # rows in order of joining the pass
+            if chunk.layer is not None:
+                chunk.patches.sort(key=lambda p: p.layer)
         return chunks
 
     def run_chunk(self, chunk: Chunk, sources: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Answer logits ``[n_patches, batch, vocab]`` for one chunk of patches."""
-        site = chunk.patches[0].site
-        source = sources[chunk.hook_name]
-        if chunk.offset and site.pos_axis is not None:
-            source = source.narrow(site.pos_axis, chunk.offset, self.seq_len - chunk.offset)
-        slices = [site.slice(p.index, chunk.offset) for p in chunk.patches]
-        batch = self.batch
+        """Answer logits ``[n_patches, batch, vocab]`` for one chunk of patches, in the order
+        of ``chunk.patches``."""
+        batch, offset = self.batch, chunk.offset
+        # hook name -> [(copy of the batch, slice of the activation, source values)]
+        writes: dict[str, list[tuple[int, tuple, torch.Tensor]]] = {}
+        for i, p in enumerate(chunk.patches):
+            source = sources[p.hook_name]
+            if offset and p.site.pos_axis is not None:
+                source = source.narrow(p.site.pos_axis, offset, self.seq_len - offset)
+            sl = p.site.slice(p.index, offset)
+            writes.setdefault(p.hook_name, []).append((i, sl, source[sl]))
 
-        def patch_hook(activation: torch.Tensor, hook) -> torch.Tensor:
-            # Write into a copy: a hook's tensor can share storage with the residual stream
-            # (the bridge's hook_resid_mid is the MLP's LayerNorm input), and an in-place edit
-            # would leak the patch into activations the hook does not own.
-            activation = activation.clone()
-            for i, sl in enumerate(slices):
-                activation[i * batch:(i + 1) * batch][sl] = source[sl]
-            return activation
+        def patch_hook(entries: list[tuple[int, tuple, torch.Tensor]]):
+            # (One hook per name, bound here: inside a hook, `hook.name` is the bridge's
+            # canonical name, which need not be the alias the patch was given.)
+            def write(activation: torch.Tensor, hook) -> torch.Tensor:
+                # Write into a copy: a hook's tensor can share storage with the residual stream
+                # (the bridge's hook_resid_mid is the MLP's LayerNorm input), and an in-place
+                # edit would leak the patch into activations the hook does not own.
+                activation = activation.clone()
+                for i, sl, values in entries:
+                    activation[i * batch:(i + 1) * batch][sl] = values
+                return activation
+            return write
 
-        hooks = [(chunk.hook_name, patch_hook)]
+        hooks = [(name, patch_hook(entries)) for name, entries in writes.items()]
         k = len(chunk.patches)
         with torch.no_grad():
             if chunk.layer is not None:
-                logits = self._resumed(chunk.layer, chunk.offset, k, hooks)
+                logits = self._run_blocks(chunk.joins(), offset, hooks)
             else:
                 logits = self._plain(k, hooks)
         return logits.reshape(k, batch, -1)

@@ -14,18 +14,30 @@ Two kinds of name are understood:
 
 How a bundled model is booted
 -----------------------------
-``boot_transformers`` can wrap a model we have already loaded
-(``hf_model=``) instead of fetching one, which is what keeps this offline::
+Like any local checkpoint: its folder goes to ``boot_transformers`` as the name, with every
+option of :func:`load_model` (``device``, ``dtype``, ``device_map``, ...), so bundled and
+downloaded models accept the same options. A folder path never touches the Hub; the Hub is
+put in offline mode for the call anyway. The tokenizer is read from the folder first and
+handed over, and the strict tokenizer (:func:`patchwidgets.tokenizer.make_strict`) is
+applied to ``bridge.tokenizer`` after booting: during boot TransformerLens configures (and
+may re-load) the tokenizer, so the object we passed in is not necessarily the one it keeps.
 
-    tok = AutoTokenizer.from_pretrained(path)
-    hf = GPT2LMHeadModel.from_pretrained(path)
-    bridge = TransformerBridge.boot_transformers(str(path), hf_model=hf, tokenizer=tok)
+Big models: splitting and offloading
+------------------------------------
+``device_map``, ``n_devices``, ``max_memory`` and ``offload_folder`` are Hugging Face's
+(accelerate's) placement options, passed through ``boot_transformers``::
 
-Two details matter. The bridge does not move a pre-loaded model, so we move
-it to ``device`` first. And during boot TransformerLens *re-loads* the
-tokenizer from its ``name_or_path`` (to be sure it prepends BOS), so the
-strict tokenizer (:func:`patchwidgets.tokenizer.make_strict`) has to be
-applied to ``bridge.tokenizer`` after booting, not to ``tok``.
+    load_model("meta-llama/Llama-3.1-8B", dtype=torch.bfloat16, n_devices=2)   # two GPUs
+    load_model(path, device_map={"model.embed_tokens": "cpu", "model.layers.0": "cpu",
+                                 ..., "model.layers.31": "disk", "model.norm": "disk",
+                                 "lm_head": "disk"}, offload_folder="/scratch/offload")
+
+Modules mapped to ``"disk"`` keep their weights in ``offload_folder`` and on the ``meta``
+device in memory; accelerate loads them for the duration of each module's forward call
+(:func:`patchwidgets.engine.materialized` does the same for code that reads a weight). The
+peak memory is then about one block's weights plus the activations; every forward pass reads
+the offloaded blocks from disk again. ``cfg.device`` is set to the embedding's execution
+device (TransformerLens would record ``meta`` for an offloaded embedding).
 """
 from __future__ import annotations
 
@@ -34,7 +46,7 @@ import os
 import socket
 import urllib.parse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # importing transformer_lens takes seconds; only do it when loading
     from transformer_lens.model_bridge import TransformerBridge
@@ -172,33 +184,146 @@ def _quiet_progress_bars():
             hf_logging.enable_progress_bar()
 
 
-def _load_bundled(name: str, device: str) -> "TransformerBridge":
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+_DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32",
+                "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+def _resolve_dtype(dtype: Any) -> Any:
+    """``torch.bfloat16``, ``"bfloat16"``, ``"bf16"``, ... -> a floating ``torch.dtype``."""
+    import torch
+
+    if isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key not in _DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {dtype!r}; use torch.float32, torch.bfloat16 or "
+                             f"torch.float16 (or their names: {', '.join(sorted(set(_DTYPE_NAMES.values())))})")
+        dtype = getattr(torch, _DTYPE_NAMES[key])
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype such as torch.bfloat16, got {dtype!r}")
+    return dtype
+
+
+def _check_placement(device: Any, device_map: Any, n_devices: Any, max_memory: Any,
+                     offload_folder: Any) -> None:
+    """Refuse option combinations that contradict each other, before anything is loaded."""
+    if device is not None and device_map is not None:
+        raise ValueError(
+            f"give either device= (the whole model on one device) or device_map= (modules on "
+            f"several devices, CPU or disk), not both: got device={device!r} and a device_map")
+    if n_devices is not None:
+        if isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1:
+            raise ValueError(f"n_devices must be a positive integer, got {n_devices!r}")
+        if device_map is not None and n_devices > 1:
+            raise ValueError("give either n_devices= (split evenly over that many GPUs) or device_map=, not both")
+        if device is not None and n_devices > 1:
+            raise ValueError(f"n_devices={n_devices} splits the model over cuda:0..cuda:{n_devices - 1}; "
+                             f"it cannot be combined with device={device!r}")
+        if n_devices > 1:
+            import torch
+
+            available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if available < n_devices:
+                raise ValueError(f"n_devices={n_devices} needs {n_devices} CUDA GPUs; this machine has "
+                                 f"{available}. For CPU/disk offload use device_map= instead.")
+    split = device_map is not None or (n_devices or 1) > 1
+    if max_memory is not None and not split:
+        raise ValueError("max_memory= budgets the devices of a split model: it needs device_map= "
+                         "(e.g. 'auto') or n_devices=")
+    if offload_folder is not None and device_map is None:
+        raise ValueError("offload_folder= is where a device_map's 'disk' modules are stored: it needs "
+                         "device_map= (e.g. {'model.layers.20': 'disk', ...} or 'auto' with max_memory=)")
+    if isinstance(device_map, dict):
+        bad = {k: v for k, v in device_map.items() if str(v).lower() == "meta"}
+        if bad:
+            raise ValueError(f"device_map puts {sorted(bad)} on 'meta', which has no weights; use "
+                             "'disk' (with offload_folder=) to keep them off the CPU")
+    elif device_map is not None and not isinstance(device_map, str):
+        raise ValueError(f"device_map must be a dict {{module name: device}} or a string such as "
+                         f"'auto', got {type(device_map).__name__}")
+
+
+def _fix_input_device(bridge: "TransformerBridge") -> None:
+    """Point ``cfg.device`` at the device the embedding runs on.
+
+    TransformerLens reads ``cfg.device`` from the embedding's weight, which is ``meta`` when
+    the embedding is offloaded to disk; ``to_tokens`` would then put tokens on ``meta``."""
+    device = getattr(bridge.cfg, "device", None)
+    if device is not None and str(device) != "meta":
+        return
+    from .engine import input_device
+
+    bridge.cfg.device = str(input_device(bridge))
+
+
+def _boot(name: str, boot_kwargs: dict, offline: bool, quiet: bool) -> "TransformerBridge":
     from transformer_lens.model_bridge import TransformerBridge
+
+    with (_hub_offline_mode() if offline else contextlib.nullcontext(),
+          _quiet_progress_bars() if quiet else contextlib.nullcontext()):
+        bridge = TransformerBridge.boot_transformers(name, **boot_kwargs)
+    bridge.eval()
+    _fix_input_device(bridge)
+    return bridge
+
+
+def _load_bundled(name: str, boot_kwargs: dict) -> "TransformerBridge":
+    from transformers import AutoTokenizer
 
     from .tokenizer import make_strict
 
     path = model_path(name)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    with _quiet_progress_bars():  # no "Loading weights" bar for a 3 MB file
-        hf_model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
-    hf_model = hf_model.to(device).eval()
-    bridge = TransformerBridge.boot_transformers(
-        str(path), hf_model=hf_model, tokenizer=tokenizer, device=device)
-    bridge.eval()
+    if "tokenizer" not in boot_kwargs:
+        boot_kwargs = {**boot_kwargs,
+                       "tokenizer": AutoTokenizer.from_pretrained(str(path), local_files_only=True)}
+    # No "Loading weights" bar for a 3 MB file.
+    bridge = _boot(str(path), boot_kwargs, offline=True, quiet=True)
     make_strict(bridge.tokenizer, vocabulary_name=name)
     return bridge
 
 
-def load_model(name: str = "toy-ioi", device: str | None = None) -> "TransformerBridge":
+def load_model(
+    name: str = "toy-ioi",
+    device: str | None = None,
+    *,
+    dtype: Any = None,
+    device_map: str | dict | None = None,
+    n_devices: int | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    **boot_kwargs: Any,
+) -> "TransformerBridge":
     """Load ``name`` as a ``TransformerBridge`` in eval mode.
 
     Args:
         name: a bundled model (see :func:`list_models`; default
-            ``"toy-ioi"``), or anything ``TransformerBridge.boot_transformers``
-            accepts, such as ``"gpt2"`` (needs the Hub or its cache).
-        device: ``"cpu"``, ``"cuda"``, ...; ``None`` picks ``"cuda"`` when
-            available, else ``"cpu"``.
+            ``"toy-ioi"``), a local checkpoint directory, or anything
+            ``TransformerBridge.boot_transformers`` accepts, such as ``"gpt2"``
+            (needs the Hub or its cache).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...: the whole model on one device.
+            ``None`` picks ``"cuda"`` when available, else ``"cpu"`` (unless the model is split
+            with ``device_map``/``n_devices``). May be given positionally.
+        dtype: ``torch.float32`` (default), ``torch.bfloat16`` or ``torch.float16`` (or their
+            names, ``"bfloat16"``...): the dtype of the weights and of every activation. Sweeps
+            run in this dtype; metrics are always computed in float32 (see
+            :func:`patchwidgets.patch` for how closely half-precision results follow float32).
+        device_map: split a model too big for one device, as Hugging Face's ``from_pretrained``
+            does: ``"auto"``/``"balanced"``/``"sequential"``, or a dict of module name ->
+            ``"cuda:0"``/``0``/``"cpu"``/``"disk"``. ``"disk"`` modules are kept in
+            ``offload_folder`` and loaded one at a time during each forward pass.
+            TransformerLens 4.3 accepts all-GPU maps and CPU+disk maps, not maps that mix
+            CPU/disk offload with GPUs.
+        n_devices: split the model evenly over this many GPUs (``cuda:0``...).
+        max_memory: per-device budget for ``device_map="auto"``/``n_devices``, e.g.
+            ``{0: "20GiB", 1: "20GiB", "cpu": "60GiB"}``.
+        offload_folder: where ``"disk"`` modules of a ``device_map`` are stored.
+        **boot_kwargs: passed on to ``TransformerBridge.boot_transformers`` (``n_ctx``,
+            ``revision``, ``trust_remote_code``, ...).
+
+    Every sweep (:func:`patchwidgets.patch`, :func:`patchwidgets.path_patch`,
+    :func:`patchwidgets.attribution_patch`) works on a split or offloaded model and gives the
+    same numbers as on one device: activations and cached keys/values stay on their block's
+    device, metrics are computed where the logits are, results come back on the CPU.
 
     Returns:
         A fresh bridge on every call (nothing is cached: patching experiments
@@ -208,25 +333,33 @@ def load_model(name: str = "toy-ioi", device: str | None = None) -> "Transformer
         words instead of silently using ``[UNK]``.
 
     Raises:
+        ValueError: contradictory or malformed options (``device`` with ``device_map``,
+            ``offload_folder`` without ``device_map``, ``n_devices`` beyond the GPUs present,
+            an unknown ``dtype``, ...).
         ModelNotAvailableError: the model is neither bundled nor loadable
             (typically: no internet). Its message lists the bundled names.
     """
-    device = device or _default_device()
-    if name in list_models():
-        return _load_bundled(name, device)
+    _check_placement(device, device_map, n_devices, max_memory, offload_folder)
+    if device is None and device_map is None and (n_devices or 1) <= 1:
+        device = _default_device()
+    options = {"device": device, "device_map": device_map, "n_devices": n_devices,
+               "max_memory": max_memory,
+               "offload_folder": None if offload_folder is None else str(offload_folder)}
+    if dtype is not None:
+        options["dtype"] = _resolve_dtype(dtype)
+    boot_kwargs = {**boot_kwargs, **{k: v for k, v in options.items() if v is not None}}
 
-    from transformer_lens.model_bridge import TransformerBridge
+    if name in list_models():
+        return _load_bundled(name, boot_kwargs)
 
     # Offline, cached models still load; uncached ones fail at once.
-    offline = not Path(name).exists() and _hub_unreachable()
+    local = Path(name).exists()
+    offline = not local and _hub_unreachable()
     try:
-        with _hub_offline_mode() if offline else contextlib.nullcontext():
-            bridge = TransformerBridge.boot_transformers(name, device=device)
+        return _boot(name, boot_kwargs, offline, quiet=local)
     except OSError as exc:  # transformers reports missing files / no network as OSError
         raise _not_available(name, exc, offline) from exc
     except Exception as exc:  # huggingface_hub / requests errors that are not OSErrors
-        if offline or _looks_offline(exc):
+        if offline or (not local and _looks_offline(exc)):
             raise _not_available(name, exc, offline) from exc
         raise
-    bridge.eval()
-    return bridge

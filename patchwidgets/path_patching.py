@@ -185,9 +185,7 @@ class _Stop(Exception):
 
 def _tiled_forward(engine: Engine, k: int, hooks: list, layer: int | None, offset: int) -> torch.Tensor:
     """Answer logits ``[k * batch, vocab]`` of the target tiled ``k`` times, with ``hooks``."""
-    if layer is not None and engine.can_resume:
-        return engine._resumed(layer, offset if engine.can_skip_prefix else 0, k, hooks)
-    return engine._plain(k, hooks)
+    return engine.run_pass(layer, offset, k, hooks)
 
 
 def path_patch(

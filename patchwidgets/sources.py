@@ -72,7 +72,7 @@ def noise_hooks(model: Any, inputs: PreparedInputs, scale: float, noise_position
     positions = noised_positions(inputs, noise_positions)
     d_model = model.cfg.d_model
     gen = torch.Generator().manual_seed(seed)
-    std = float(model.W_E.detach().float().std()) * scale
+    std = embedding_std(model) * scale
     noise = torch.randn(inputs.batch, len(positions), d_model, generator=gen) * std  # [batch, n_noised, d_model]
 
     def add_noise(embed: torch.Tensor, hook) -> torch.Tensor:
@@ -82,6 +82,32 @@ def noise_hooks(model: Any, inputs: PreparedInputs, scale: float, noise_position
         return embed
 
     return [("hook_embed", add_noise)]
+
+
+def embedding_std(model: Any) -> float:
+    """Standard deviation of the token embedding matrix ``W_E`` (the unit of noise).
+
+    Read inside :func:`patchwidgets.engine.materialized`: an embedding offloaded by accelerate
+    (``device_map=...`` with ``"disk"``) holds ``meta`` placeholders between forward calls.
+    A float32 matrix gives ``W_E.std()`` exactly; a half-precision one is summed in float64
+    block by block (two passes), instead of being copied whole to float32.
+    """
+    from .engine import materialized
+
+    with materialized(getattr(model, "embed", None)):
+        weight = model.W_E.detach()
+        if weight.device.type == "meta":
+            raise RuntimeError(
+                "cannot read the token embedding W_E: it is on the meta device (offloaded, and "
+                "accelerate did not load it). Load the model with the embedding on a real device "
+                "to use ablation='noise'.")
+        if weight.dtype == torch.float32:
+            return float(weight.std())
+        blocks = weight.reshape(-1, weight.shape[-1]).split(4096)
+        n = weight.numel()
+        mean = sum(float(b.double().sum()) for b in blocks) / n
+        squares = sum(float(((b.double() - mean) ** 2).sum()) for b in blocks)
+    return (squares / max(n - 1, 1)) ** 0.5
 
 
 def ablation_values(acts: dict[str, torch.Tensor], ablation: str) -> dict[str, torch.Tensor]:

@@ -99,6 +99,10 @@ class PatchingWidget(SweepJobs, anywidget.AnyWidget):
             combination such as ``"kv"``.
         step_delay: seconds to pause after the estimate and after each exact chunk (slow
             motion, to watch the heatmap fill in; 0 by default).
+        max_batch_tokens: memory budget of one forward pass (rows x positions), passed to
+            :func:`patchwidgets.patch`. The heatmap is repainted after each pass, so a smaller
+            budget also means more frequent updates (and a cancel that lands sooner) at some
+            cost in speed; a toy sweep fits in a single pass at the default.
 
     Attributes:
         result: the last :class:`~patchwidgets.results.PatchResult` (partial after a
@@ -120,6 +124,7 @@ class PatchingWidget(SweepJobs, anywidget.AnyWidget):
     receiver_input = t.Unicode("q").tag(sync=True)  # path view: q, k, v or a combination
     fast_preview = t.Bool(True).tag(sync=True)      # attribution-patching estimate first
     step_delay = t.Float(0.0)                       # seconds of pause per stage (slow motion)
+    max_batch_tokens = t.Int(4096)                  # memory budget of one pass; smaller = more updates
     auto_run = t.Bool(False).tag(sync=True)
     auto_run_delay = t.Float(0.4)  # seconds of quiet before an auto-run starts
     selected = t.Dict().tag(sync=True)          # {"row": r, "col": c} of the clicked cell

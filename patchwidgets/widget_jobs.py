@@ -261,7 +261,8 @@ class SweepJobs:
 
         def sweep(metrics):
             common = dict(answers=(inputs["correct"], inputs["incorrect"]), direction=inputs["direction"],
-                          metrics=metrics, callback=on_update, cancel=cancel, progress=False)
+                          metrics=metrics, callback=on_update, cancel=cancel, progress=False,
+                          max_batch_tokens=self.max_batch_tokens)
             if inputs["site"] == "path":
                 return path_patch(self.model, inputs["clean"], inputs["corrupted"], receivers=receivers,
                                   receiver_input=inputs["receiver_input"], **common)

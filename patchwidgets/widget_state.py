@@ -388,9 +388,11 @@ class Preview:
 
 
 def _device(model: Any) -> torch.device:
+    from .engine import input_device  # where the embedding runs (its weight may be offloaded: meta)
+
     try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration, TypeError):
+        return input_device(model)
+    except (AttributeError, TypeError):
         return torch.device("cpu")
 
 

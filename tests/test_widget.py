@@ -198,6 +198,7 @@ def test_internal_error_never_escapes(widget, monkeypatch):
 @pytest.mark.parametrize("fast_preview", [True, False])
 def test_streams_partial_heatmaps(widget, fast_preview):
     widget.fast_preview = fast_preview
+    widget.max_batch_tokens = 64  # a toy sweep fits one pass at the default budget
     seen = []
     widget.observe(lambda ch: seen.append(ch["new"]), names="heatmap")
     widget.run(wait=True)
@@ -210,7 +211,9 @@ def test_streams_partial_heatmaps(widget, fast_preview):
 
 
 def _cancel_after_first_chunk(widget):
-    """Make the widget cancel its sweep as soon as the first chunk has landed."""
+    """Make the widget cancel its sweep as soon as the first chunk has landed (with a budget
+    small enough that the sweep takes several chunks)."""
+    widget.max_batch_tokens = 64
     def cancel(change):
         done, total = change["new"]
         if 0 < done < total:
@@ -412,6 +415,7 @@ def test_step_delay_slows_each_stage(widget):
     progress = []
     widget.observe(lambda ch: progress.append(tuple(ch["new"])), names="progress")
     widget.step_delay = 0.15  # a pause after the estimate and after each exact chunk
+    widget.max_batch_tokens = 64  # several chunks
     widget.run(wait=True)
     stages = len({p for p in progress if p[1]})  # (0, n) after the estimate, then one per chunk
     assert stages >= 3 and widget.elapsed >= 0.15 * stages - 0.01
