@@ -1,0 +1,552 @@
+"""Activation patching on an nnsight model: :func:`patchwidgets.patch` for ``nnsight.TransformersModel``.
+
+``pw.patch(model, ...)`` hands an nnsight model (``nnsight.TransformersModel``, or its
+deprecated alias ``nnsight.LanguageModel``) to :func:`patch` here. The sweep is the same as on
+a ``TransformerBridge``: the same input checks (:func:`patchwidgets.inputs.prepare` on a small
+adapter object, :class:`NNsightModelInfo`), the same sites, directions, ablations and metrics,
+the same list of patches with the same no-ops skipped, and the same :class:`PatchResult`,
+grid for grid. Only the forward passes differ: they are nnsight traces.
+
+How a sweep runs
+----------------
+1. **Two recording traces**, one per run (target and source): an invoke with the run's tokens
+   (which also adds the embedding noise of a noise ablation), then one input-less invoke per
+   activation the sweep needs, each saving that activation, and a last one saving the logits
+   at each prompt's answer position. Input-less invokes see the whole batch and nnsight serves
+   them in the model's order, so no code here depends on the order modules run in.
+2. **Patch traces.** Each patch is one invoke of the target tokens: it reads its activation,
+   pastes the source slice into a copy and puts the copy back (the right-hand side must not
+   read the module: nnsight evaluates reads in model order, so read first, then write). A
+   trace holds as many invokes as ``max_batch_tokens`` allows (rows x positions); a final
+   input-less invoke saves the answer-position logits of all of them at once.
+3. Logits are computed at the answer positions only (``logits_to_keep=<positions>`` when the
+   model's forward accepts it), and :func:`patchwidgets.metrics.compute` turns them into
+   metrics exactly as for a bridge.
+
+Sites
+-----
+Where each site lives is read from TransformerLens 4's architecture adapter for the model's
+Hugging Face config (the adapter ``TransformerBridge.boot_transformers`` would pick, through
+TransformerLens' own ``ArchitectureAdapterFactory``): its ``component_mapping`` names the HF
+modules, e.g. ``blocks -> transformer.h``, ``blocks.attn.o -> attn.c_proj``,
+``blocks.mlp.out -> mlp.c_proj`` for GPT-2 and ``model.layers``, ``self_attn.o_proj``,
+``mlp.down_proj`` for Llama. No module names are written here.
+
+==================================  ==========================================================
+site                                nnsight value
+==================================  ==========================================================
+``resid_pre``                       input of block ``layer``
+``resid_post``                      output of block ``layer``
+``attn_out``                        output of the attention's output projection (``attn.o``)
+``mlp_out``                         output of the MLP
+``head_out``, ``head_out_by_pos``   input of ``attn.o``, viewed as ``[..., head, d_head]``
+``neuron``, ``neuron_by_pos``       input of the MLP's down projection (``mlp.out``)
+``head_q/k/v`` (+ ``_by_pos``)      output of ``attn.q``/``k``/``v`` as ``[..., head, d_head]``
+                                    (before rotary embeddings, like the bridge's ``hook_q``);
+                                    for GPT-2's fused ``c_attn`` its first/second/third part
+==================================  ==========================================================
+
+The fused ``qkv`` layout is known for GPT-2 only (the adapter's class says which model it is);
+q/k/v of other fused-projection models are refused.
+
+Not supported (a :class:`~patchwidgets.errors.UnknownSiteError` lists the supported sites):
+``head_pattern`` (and so ``heads_every``), which no module outputs; ``resid_mid``, because on
+a bridge patching ``hook_resid_mid`` replaces only the input of the MLP's LayerNorm while the
+residual stream carried past the MLP keeps the unpatched value (unlike ``HookedTransformer``),
+so there is no single nnsight value that reproduces it and means "the residual stream"; raw
+hook names (``index=``). :func:`patchwidgets.attribution_patch` and
+:func:`patchwidgets.path_patch` do not take nnsight models.
+
+Loading: ``nnsight.TransformersModel(hf_model, tokenizer=tok, task="text-generation")`` or
+``nnsight.TransformersModel(folder, task="text-generation", dispatch=True)``; with nnsight
+0.8.1 a lazily loaded local folder (no ``dispatch=True``, no ``tokenizer=``) fails inside
+nnsight ("Impossible to guess which tokenizer to use"). A lazily loaded model is dispatched
+before the sweep.
+
+Remote execution (NDIF)
+-----------------------
+``patch(model, ..., remote=True)`` passes ``remote=True`` to every ``model.trace(...)`` and
+changes nothing else: the trace bodies are the same code, and they use only torch, the model's
+envoys and values computed before the trace (slices, noise, positions). **This was not run**:
+it needs NDIF and an API key, and this package is developed offline. On NDIF every trace is
+a request, and saved activations travel both ways.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import metrics as metrics_mod
+from .errors import PatchingInputError, UnknownSiteError
+from .inputs import Prompts, prepare
+from .results import PatchResult
+from .sites import Site, enumerate_indices, resolve_sites
+from .sources import ablation_values, check_direction, differing_positions, noised_positions
+
+#: The sites the nnsight backend can patch (groups made only of these work too: ``block``).
+SUPPORTED_SITES = (
+    "resid_pre", "resid_post", "attn_out", "mlp_out", "head_out", "head_out_by_pos",
+    "head_q", "head_k", "head_v", "head_q_by_pos", "head_k_by_pos", "head_v_by_pos",
+    "neuron", "neuron_by_pos",
+)
+_WHY_NOT = {
+    "head_pattern": "no module outputs the attention pattern (it is computed inside the "
+                    "attention function)",
+    "head_pattern_by_pos": "no module outputs the attention pattern",
+    "resid_mid": "on a TransformerBridge this site only replaces the input of the MLP's "
+                 "LayerNorm, not the residual stream, and the nnsight backend does not copy that",
+}
+
+
+def is_nnsight_model(model: Any) -> bool:
+    """Whether ``model`` is an nnsight model. Never imports nnsight: if it is not imported yet,
+    nothing can be an nnsight model."""
+    nnsight = sys.modules.get("nnsight")
+    envoy = getattr(nnsight, "Envoy", None) if nnsight is not None else None
+    return envoy is not None and isinstance(model, envoy)
+
+
+# ---------------------------------------------------------------------------------- model info
+def _architecture_adapter(hf_config: Any):
+    """TransformerLens' architecture adapter for a Hugging Face config, chosen the way
+    ``TransformerBridge.boot_transformers`` chooses it (sources/transformers/source.py)."""
+    from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_config_from_hf
+    from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
+
+    hf_config = copy.deepcopy(hf_config)
+    architecture = determine_architecture_from_hf_config(hf_config)
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    bridge_config = build_bridge_config_from_hf(
+        hf_config, architecture, getattr(hf_config, "_name_or_path", "") or "nnsight-model",
+        dtype if isinstance(dtype, torch.dtype) else torch.float32)
+    return ArchitectureAdapterFactory.select_architecture_adapter(bridge_config)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One place in the HF module tree: the ``port`` (``"input"``/``"output"``) of ``path``.
+
+    ``heads``/``d_head``/``offset``: the value is viewed as ``[..., heads, d_head]`` after
+    narrowing its last axis to ``offset .. offset + heads * d_head`` (``heads=None``: as is).
+    """
+
+    path: str
+    port: str
+    heads: int | None = None
+    d_head: int | None = None
+    offset: int = 0
+
+    def view(self, value: torch.Tensor) -> torch.Tensor:
+        """The value in the site's layout (a view, so writes land in ``value``)."""
+        if self.heads is None:
+            return value
+        return value.narrow(-1, self.offset, self.heads * self.d_head).unflatten(-1, (self.heads, self.d_head))
+
+
+class NNsightModelInfo:
+    """What :func:`patchwidgets.inputs.prepare` and the sweep need to know about an nnsight model.
+
+    A small stand-in for a ``TransformerBridge``: ``tokenizer``, ``to_tokens``,
+    ``to_str_tokens`` and ``cfg`` (TransformerLens' config for the model: ``d_vocab``,
+    ``n_ctx``, ``n_layers``, ``n_heads``, ``d_head``, ...), plus :meth:`point`, where each site
+    lives. The nnsight model itself is not modified; a word-level tokenizer is made strict
+    (unknown words raise) on a copy, as :func:`patchwidgets.load_model` does for bundled models.
+    """
+
+    def __init__(self, model: Any):
+        hf = getattr(model, "_module", None)
+        config = getattr(hf, "config", None)
+        if config is None:
+            raise PatchingInputError(
+                "the nnsight backend needs an nnsight model of a Hugging Face causal language "
+                "model, e.g. nnsight.TransformersModel(path_or_hf_model, task='text-generation')")
+        self.model = model
+        self.hf_model = hf
+        try:
+            self.adapter = _architecture_adapter(config)
+        except ValueError as err:
+            raise PatchingInputError(
+                f"TransformerLens has no architecture adapter for this model ({err}), so the "
+                "nnsight backend does not know where its blocks, attention and MLP are") from err
+        self.cfg = self.adapter.cfg
+        self.tokenizer = self._own_tokenizer(getattr(model, "tokenizer", None), config)
+        forward = getattr(hf, "forward", None)
+        try:
+            self.keeps_logits = "logits_to_keep" in inspect.signature(forward).parameters
+        except (TypeError, ValueError):
+            self.keeps_logits = False
+
+    @staticmethod
+    def _own_tokenizer(tokenizer: Any, config: Any) -> Any:
+        if tokenizer is None:
+            return None
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None or type(backend.model).__name__ != "WordLevel" or tokenizer.unk_token_id is None:
+            return tokenizer
+        from .loading import list_models
+        from .tokenizer import make_strict
+
+        name = Path(str(getattr(config, "_name_or_path", "") or "")).name
+        return make_strict(copy.deepcopy(tokenizer), vocabulary_name=name if name in list_models() else None)
+
+    # --- what prepare() calls
+    def to_tokens(self, text: str, prepend_bos: bool | None = None, truncate: bool = True) -> torch.Tensor:
+        """``[1, pos]`` token ids of ``text``, with BOS first when the model's TransformerLens
+        config prepends one (``default_prepend_bos``), as ``TransformerBridge.to_tokens`` does."""
+        if prepend_bos is None:
+            prepend_bos = getattr(self.cfg, "default_prepend_bos", True)
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        bos = self.tokenizer.bos_token_id
+        if prepend_bos and bos is not None:
+            ids = [bos, *ids]
+        return torch.tensor([ids], dtype=torch.long)
+
+    def to_str_tokens(self, tokens: torch.Tensor) -> list[str]:
+        rows = [[int(t)] for t in torch.as_tensor(tokens).reshape(-1).tolist()]
+        return list(self.tokenizer.batch_decode(rows, clean_up_tokenization_spaces=False))
+
+    # --- where the sites are
+    def module_name(self, tl_path: str) -> str:
+        """The HF module path of a TransformerLens component path (``"blocks.3.attn.o"``)."""
+        try:
+            return self.adapter.translate_transformer_lens_path(tl_path)
+        except ValueError as err:
+            raise PatchingInputError(
+                f"the {type(self.adapter).__name__} has no {tl_path!r} component, so the nnsight "
+                f"backend cannot find it in this model ({err})", "site") from err
+
+    def point(self, site: Site, layer: int) -> Point:
+        """Where ``site`` of ``layer`` lives in the HF model."""
+        cfg, name = self.cfg, site.name.removesuffix("_by_pos")
+        block = f"blocks.{layer}"
+        if name == "resid_pre":
+            return Point(self.module_name(block), "input")
+        if name == "resid_post":
+            return Point(self.module_name(block), "output")
+        if name == "attn_out":
+            return Point(self.module_name(f"{block}.attn.o"), "output")
+        if name == "mlp_out":
+            return Point(self.module_name(f"{block}.mlp"), "output")
+        if name == "neuron":
+            return Point(self.module_name(f"{block}.mlp.out"), "input")
+        if name == "head_out":
+            return Point(self.module_name(f"{block}.attn.o"), "input", cfg.n_heads, cfg.d_head)
+        if name in ("head_q", "head_k", "head_v"):
+            return self._qkv_point(block, name[-1])
+        raise unsupported_site(site.name)
+
+    def _qkv_point(self, block: str, which: str) -> Point:
+        cfg = self.cfg
+        n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+        heads = cfg.n_heads if which == "q" else n_kv
+        from transformer_lens.model_bridge.supported_architectures.gpt2 import GPT2ArchitectureAdapter
+
+        attn = self.adapter.component_mapping["blocks"].submodules["attn"]
+        if "qkv" not in attn.submodules and which in attn.submodules:
+            # Separate query/key/value projections: their outputs (before rotary embeddings).
+            return Point(self.module_name(f"{block}.attn.{which}"), "output", heads, cfg.d_head)
+        if "qkv" in attn.submodules and isinstance(self.adapter, GPT2ArchitectureAdapter):
+            # A fused projection (the adapter's q/k/v are then synthetic, split by the bridge).
+            # GPT-2's c_attn outputs [q | k | v] (HF: `c_attn(x).split(split_size, dim=2)`).
+            offset = "qkv".index(which) * cfg.n_heads * cfg.d_head
+            return Point(self.module_name(f"{block}.attn.qkv"), "output", heads, cfg.d_head, offset)
+        raise PatchingInputError(
+            f"the nnsight backend cannot patch head_{which} of a {type(self.adapter).__name__} "
+            "model: its attention has no separate query/key/value projections and its fused "
+            f"projection's layout is not known here. Supported sites: {', '.join(SUPPORTED_SITES)}",
+            "site")
+
+
+def unsupported_site(name: str) -> PatchingInputError:
+    why = _WHY_NOT.get(name, "it is not a site the nnsight backend knows")
+    return UnknownSiteError(
+        f"site {name!r} is not supported on nnsight models: {why}. Sites the nnsight backend "
+        f"supports: {', '.join(SUPPORTED_SITES)} (and the group 'block'). For every site, load "
+        "the model with patchwidgets.load_model (a TransformerBridge).")
+
+
+def _envoy(model: Any, path: str) -> Any:
+    env = model
+    for part in path.split("."):
+        env = env[int(part)] if part.isdigit() else getattr(env, part)
+    return env
+
+
+# ---------------------------------------------------------------------------------- runs
+@dataclass
+class _Run:
+    """One run of a sweep on nnsight: tokens, optional embedding noise, where logits are read."""
+
+    info: NNsightModelInfo
+    tokens: torch.Tensor          # [batch, pos]
+    answer_pos: torch.Tensor      # [batch]
+    noise: tuple | None = None    # (embedding path, noised positions, unit noise, scale)
+    remote: bool = False
+    noise_scale: float | None = None  # noise standard deviation, read by `record`
+
+    def __post_init__(self):
+        self.batch = self.tokens.shape[0]
+        # Logits only at the answer positions: `logits_to_keep` takes a tensor of positions.
+        keep = torch.unique(self.answer_pos)
+        self.keep = keep if self.info.keeps_logits else None
+        self.column = torch.searchsorted(keep, self.answer_pos) if self.info.keeps_logits else self.answer_pos
+        device = _device(self.info.hf_model)
+        self.encoding = {"input_ids": self.tokens.to(device),
+                         "attention_mask": torch.ones_like(self.tokens, device=device)}
+
+    def _trace(self):
+        kwargs = {"remote": self.remote}
+        if self.keep is not None:
+            kwargs["logits_to_keep"] = self.keep
+        return self.info.model.trace(**kwargs)
+
+    def record(self, points: Sequence[Point]) -> tuple[torch.Tensor, dict[Point, torch.Tensor]]:
+        """Run once: answer logits ``[batch, vocab]`` and the value at each of ``points``."""
+        import nnsight
+
+        # Only torch, builtins and envoys inside traces: the same code then runs on NDIF, where
+        # patchwidgets is not installed.
+        model, encoding, noise = self.info.model, self.encoding, self.noise
+        envoys = [_envoy(model, p.path) for p in points]
+        ports = [p.port for p in points]
+        embed = _envoy(model, noise[0]) if noise is not None else None
+        rows = torch.arange(self.batch)
+        column = self.column
+        with torch.no_grad():
+            with self._trace() as tracer:
+                # One saved list (what a trace returns are its saved values, by variable name,
+                # also from NDIF), filled by the invokes in the model's order, not the list's.
+                saved = nnsight.save([None] * len(points))
+                with tracer.invoke(encoding):
+                    if noise is not None:
+                        weight = embed.weight.detach()
+                        std = (weight.std() if weight.dtype == torch.float32 else weight.float().std()).save()
+                        noised = embed.output.clone()
+                        noised[:, noise[1]] += (noise[2] * (float(std) * noise[3])).to(noised.device, noised.dtype)
+                        embed.output = noised
+                for j, (env, port) in enumerate(zip(envoys, ports)):
+                    with tracer.invoke():
+                        if port == "input":
+                            value = env.input
+                        else:
+                            value = env.output
+                            value = value[0] if isinstance(value, tuple) else value
+                        saved[j] = value.detach().clone()
+                with tracer.invoke():
+                    out = model.output
+                    logits = out.logits if hasattr(out, "logits") else out[0]
+                    answer = logits[rows.to(logits.device), column.to(logits.device)].save()
+        if noise is not None:
+            self.noise_scale = float(std) * noise[3]
+        return answer, dict(zip(points, saved))
+
+    def patched(self, writes: Sequence[tuple[Point, tuple, torch.Tensor]]) -> torch.Tensor:
+        """Answer logits ``[len(writes), batch, vocab]``: one invoke per patch, each pasting
+        ``values`` into slice ``sl`` of its point (in the site's layout)."""
+        model, encoding, noise = self.info.model, self.encoding, self.noise
+        # Plain values for the trace (see `record`): envoy, port, head layout, slice, values.
+        plan = [(_envoy(model, p.path), p.port, None if p.heads is None else (p.offset, p.heads, p.d_head),
+                 sl, values) for p, sl, values in writes]
+        if noise is not None:  # its scale was read when this run was recorded
+            embed, scale = _envoy(model, noise[0]), self.noise_scale
+        k = len(writes)
+        rows = torch.arange(k * self.batch)
+        column = self.column.repeat(k)
+        with torch.no_grad():
+            with self._trace() as tracer:
+                for env, port, heads, sl, values in plan:
+                    with tracer.invoke(encoding):
+                        if noise is not None:
+                            noised = embed.output.clone()
+                            noised[:, noise[1]] += (noise[2] * scale).to(noised.device, noised.dtype)
+                            embed.output = noised
+                        # Read first, then write: the read is served when the model gets there.
+                        if port == "input":
+                            value = env.input
+                        else:
+                            out = env.output
+                            value = out[0] if isinstance(out, tuple) else out
+                        new = value.clone()
+                        view = new if heads is None else \
+                            new.narrow(-1, heads[0], heads[1] * heads[2]).unflatten(-1, heads[1:])
+                        view[sl] = values.to(new.device, new.dtype)  # a view: lands in `new`
+                        if port == "input":
+                            env.input = new
+                        elif isinstance(out, tuple):
+                            env.output = (new, *out[1:])
+                        else:
+                            env.output = new
+                with tracer.invoke():
+                    out = model.output
+                    logits = out.logits if hasattr(out, "logits") else out[0]
+                    answer = logits[rows.to(logits.device), column.to(logits.device)].save()
+        return answer.reshape(k, self.batch, -1)
+
+
+def _device(hf_model: Any) -> torch.device:
+    param = next(iter(hf_model.parameters()), None)
+    if param is None or param.device.type == "meta":  # a remote model's local copy has no weights
+        return torch.device("cpu")
+    return param.device
+
+
+def _noise(info: NNsightModelInfo, inputs, scale: float, noise_positions, seed: int) -> tuple:
+    """The embedding noise of a noise ablation, drawn exactly as :func:`sources.noise_hooks`
+    draws it (same generator, same shape, same scale): unit noise here, times ``scale`` times
+    the embedding matrix's standard deviation, which the recording trace of the noised run
+    reads (so it works on a remote model, whose local copy has no weights, too)."""
+    positions = noised_positions(inputs, noise_positions)
+    gen = torch.Generator().manual_seed(seed)
+    unit = torch.randn(inputs.batch, len(positions), info.cfg.d_model, generator=gen)
+    return (info.module_name("embed"), positions, unit, scale)
+
+
+# ---------------------------------------------------------------------------------- the sweep
+def _check_axes(cfg: Any, sites: list[Site], layers, heads, neurons) -> None:
+    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    limits = {"layer": ("layers", layers, cfg.n_layers)}
+    for s in sites:
+        if "head" in s.axes:
+            limits[f"head{s.key_value}"] = ("heads", heads, n_kv if s.key_value else cfg.n_heads)
+        if "neuron" in s.axes:
+            limits["neuron"] = ("neurons", neurons, cfg.d_mlp)
+    for arg, values, n in limits.values():
+        bad = [v for v in (values or ()) if not 0 <= int(v) < n]
+        if bad:
+            raise PatchingInputError(f"{arg}: {bad[0]} is out of range (the model has {n})", "site")
+
+
+@torch.no_grad()
+def patch(
+    model: Any,
+    clean: Prompts,
+    corrupted: Prompts | None = None,
+    answers: Any = None,
+    site: str = "resid_pre",
+    direction: str | None = None,
+    metrics: Any = ("logit_diff", "normalized"),
+    *,
+    ablation: str | None = None,
+    noise: float = 3.0,
+    noise_positions: Sequence[int] | None = None,
+    noise_seed: int = 0,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    neurons: Sequence[int] | None = None,
+    index: Sequence[tuple] | None = None,
+    max_batch_tokens: int = 4096,
+    progress: bool | None = None,
+    callback: Callable | None = None,
+    cancel: threading.Event | None = None,
+    remote: bool = False,
+) -> PatchResult:
+    """:func:`patchwidgets.patch` for an nnsight model; same arguments, same result.
+
+    ``remote=True`` runs every trace on NDIF (``model.trace(remote=True)``; needs nnsight's
+    NDIF API key). Not tested offline: see the module docstring.
+    """
+    from .patching import check_request, metric_context, run_streaming  # (patching imports us lazily)
+    from .engine import Patch
+
+    if not is_nnsight_model(model):
+        raise PatchingInputError("the nnsight backend (and remote=True, which runs on NDIF) needs an "
+                                 "nnsight model (nnsight.TransformersModel); this model is not one")
+    direction = check_direction(direction, corrupted, ablation)
+    metric_fns = metrics_mod.resolve_metrics(metrics)
+    if not remote and not getattr(model, "dispatched", True):
+        model.dispatch()  # load the weights of a lazily loaded model (nnsight would on the first trace)
+    info = NNsightModelInfo(model)
+    inputs = prepare(info, clean, None if ablation else corrupted, answers)
+    check_request(metric_fns, inputs, ablation)
+
+    try:
+        sites = resolve_sites(site, ())
+    except UnknownSiteError:
+        raise unsupported_site(site) from None
+    for s in sites:
+        if s.name not in SUPPORTED_SITES:
+            raise unsupported_site(s.name)
+    if index is not None:
+        raise PatchingInputError("index= is for hook-name sites, which the nnsight backend does not "
+                                 "support; restrict a sweep with layers=, positions=, heads=, neurons=", "site")
+    cfg = info.cfg
+    _check_axes(cfg, sites, layers, heads, neurons)
+    sweep = [enumerate_indices(
+        s, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+        n_kv_heads=getattr(cfg, "n_key_value_heads", None), d_mlp=getattr(cfg, "d_mlp", None),
+        seq_len=inputs.seq_len, layers=layers, positions=positions, heads=heads, neurons=neurons,
+    ) for s in sites]
+    indices, shape = sweep[0]
+    if "pos" in sites[0].axes:
+        bad = [i[sites[0].pos_index] for i in indices if not 0 <= i[sites[0].pos_index] < inputs.seq_len]
+        if bad:
+            raise PatchingInputError(f"position {bad[0]} is outside the prompt (0..{inputs.seq_len - 1})", "site")
+    where = {(s.name, layer): info.point(s, layer)
+             for s, (idx, _) in zip(sites, sweep) for layer in sorted({i[0] for i in idx})}
+    points = list(dict.fromkeys(where.values()))
+
+    # --- The two unpatched runs: target (patched into) and source (values come from).
+    noise_spec = _noise(info, inputs, noise, noise_positions, noise_seed) if ablation == "noise" else None
+    corrupted_tokens = inputs.clean_tokens if ablation else inputs.corrupted_tokens
+    clean_run = _Run(info, inputs.clean_tokens, inputs.answer_pos, remote=remote)
+    corrupted_run = _Run(info, corrupted_tokens, inputs.answer_pos, noise_spec, remote)
+    target, source = (corrupted_run, clean_run) if direction == "denoising" else (clean_run, corrupted_run)
+    target_logits, target_acts = target.record(points if ablation in ("zero", "mean") else [])
+    if ablation in ("zero", "mean"):
+        clean_logits, source_logits = target_logits, None
+        source_acts = ablation_values(target_acts, ablation)
+    else:
+        source_logits, source_acts = source.record(points)
+        clean_logits = source_logits if direction == "denoising" else target_logits
+
+    ctx, target_values, baselines = metric_context(
+        metric_fns, inputs, direction, target_logits, source_logits, clean_logits)
+
+    def measure(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        return metrics_mod.compute(metric_fns, logits, ctx)
+
+    # --- The patches; one where both runs are bound to agree is already done (as on a bridge).
+    changed = differing_positions(inputs, ablation, noise_positions)
+    n_cells = len(indices)
+    patches = [Patch(s, ix, site_idx * n_cells + cell, s.first_changed_position(ix, changed))
+               for site_idx, (s, (idx, _)) in enumerate(zip(sites, sweep)) for cell, ix in enumerate(idx)]
+    n_total = len(patches)
+    values = {k: v.expand(n_total, -1).clone() for k, v in target_values.items()}
+    done = torch.tensor([p.first_pos is None for p in patches])
+    result = PatchResult(
+        sites=[s.name for s in sites], axes=sites[0].axes, shape=shape, indices=indices,
+        values={k: v.view(len(sites), n_cells, -1) for k, v in values.items()},
+        direction=direction, baselines=baselines,
+        clean_str_tokens=inputs.clean_str_tokens, corrupted_str_tokens=inputs.corrupted_str_tokens,
+        done=done.view(len(sites), n_cells),
+    )
+
+    todo = [p for p in patches if p.first_pos is not None]
+    per_trace = max(1, max_batch_tokens // (inputs.batch * inputs.seq_len))
+    chunks = [todo[i:i + per_trace] for i in range(0, len(todo), per_trace)]
+    result.stats = {"patches": n_total, "skipped_noop": int(done.sum()), "forward_passes": len(chunks),
+                    "resumed": 0, "prefix_skipped": 0,
+                    "fallback_reason": "nnsight backend: every patch runs the whole model"}
+
+    def writes(chunk: list) -> list:
+        out = []
+        for p in chunk:
+            point = where[(p.site.name, p.index[0])]
+            sl = p.site.slice(p.index)
+            out.append((point, sl, point.view(source_acts[point])[sl]))
+        return out
+
+    jobs = [([p.slot for p in chunk], functools.partial(lambda c: target.patched(writes(c)), chunk))
+            for chunk in chunks]
+    return run_streaming(result, values, done, jobs, measure, progress=progress, callback=callback, cancel=cancel)

@@ -1,0 +1,232 @@
+"""``pw.patch`` on nnsight models: the same grids as on a TransformerBridge of the same weights.
+
+Two checkpoints, each loaded both ways: the bundled toy-ioi GPT-2 (fused ``c_attn``) and a random
+Llama-shaped model with grouped-query attention saved to a temporary folder. Every site the
+nnsight backend supports is compared in both directions with several metrics, plus ablations.
+"""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+nnsight = pytest.importorskip("nnsight")
+
+import patchwidgets as pw  # noqa: E402
+from patchwidgets.errors import PatchingInputError  # noqa: E402
+from patchwidgets.grading import ioi_batch  # noqa: E402
+from patchwidgets.loading import model_path  # noqa: E402
+
+ATOL = 1e-5
+METRICS = ["logit_diff", "normalized", "logit", "logprob", "prob", "kl", "rank", "accuracy"]
+# The random Llama's clean and corrupted runs differ little (mean logit-difference gap ~0.1), so
+# `normalized` divides float32 rounding by 0.1; it is compared at ATOL / gap instead.
+LLAMA_METRICS = ["logit_diff", "normalized", "logprob", "prob", "kl", "rank"]
+
+
+def _pair(bridge, lm, batch, metrics, **kw):
+    answers = list(zip(batch.correct, batch.incorrect))
+    corrupted = None if kw.get("ablation") else batch.corrupted
+    expected = pw.patch(bridge, batch.clean, corrupted, answers, metrics=metrics, **kw)
+    got = pw.patch(lm, batch.clean, corrupted, answers, metrics=metrics, **kw)
+    return expected, got
+
+
+def _assert_same(expected, got, atol=ATOL, normalized_atol=None):
+    assert got.sites == expected.sites and got.axes == expected.axes and got.shape == expected.shape
+    assert got.indices == expected.indices and got.direction == expected.direction
+    assert got.clean_str_tokens == expected.clean_str_tokens
+    assert got.corrupted_str_tokens == expected.corrupted_str_tokens
+    assert got.complete and got.metrics == expected.metrics
+    assert got.stats["patches"] == expected.stats["patches"]
+    assert got.stats["skipped_noop"] == expected.stats["skipped_noop"]
+    assert set(got.baselines) == set(expected.baselines)
+    for metric in expected.metrics:
+        tol = normalized_atol if (metric == "normalized" and normalized_atol) else atol
+        torch.testing.assert_close(got.grid(metric), expected.grid(metric), atol=tol, rtol=0, msg=metric)
+        # Single pairs (not averaged over 8) carry the full float32 rounding of logits ~10.
+        torch.testing.assert_close(got.values[metric], expected.values[metric], atol=10 * tol, rtol=0,
+                                   msg=metric)
+        for run, values in expected.baselines.items():
+            torch.testing.assert_close(got.baselines[run][metric], values[metric], atol=10 * tol, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ toy-ioi
+@pytest.fixture(scope="module")
+def toy():
+    bridge = pw.load_model("toy-ioi", device="cpu")
+    lm = nnsight.TransformersModel(str(model_path("toy-ioi")), task="text-generation", dispatch=True)
+    return bridge, lm, ioi_batch(bridge, n=8)
+
+
+TOY_SITES = [
+    ("resid_pre", {}), ("resid_post", {}), ("attn_out", {}), ("mlp_out", {}), ("block", {}),
+    ("head_out", {}), ("head_out_by_pos", {"layers": [2, 3]}),
+    ("head_q", {}), ("head_k_by_pos", {"layers": [3], "positions": [4, 10, 14]}), ("head_v", {}),
+    ("neuron", {"layers": [0, 3], "neurons": range(0, 512, 16)}),
+    ("neuron_by_pos", {"layers": [2], "positions": [10, 14], "neurons": range(0, 512, 64)}),
+]
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+@pytest.mark.parametrize("site,kw", TOY_SITES, ids=[s for s, _ in TOY_SITES])
+def test_toy_grids_match_bridge(toy, site, kw, direction):
+    bridge, lm, batch = toy
+    expected, got = _pair(bridge, lm, batch, METRICS, site=site, direction=direction, **kw)
+    _assert_same(expected, got)
+    assert got.stats["forward_passes"] >= 1
+
+
+TOY_ABLATIONS = [
+    ("noise", "denoising", "resid_pre", {}),
+    ("noise", "noising", "attn_out", {"noise_positions": [2, 4]}),
+    ("mean", "noising", "head_out", {}),
+    ("zero", "noising", "mlp_out", {"positions": [0, 10, 14]}),
+]
+
+
+@pytest.mark.parametrize("ablation,direction,site,kw", TOY_ABLATIONS, ids=[a for a, *_ in TOY_ABLATIONS])
+def test_toy_ablations_match_bridge(toy, ablation, direction, site, kw):
+    bridge, lm, batch = toy
+    metrics = METRICS if ablation == "noise" else ["logit_diff", "logprob", "kl"]
+    expected, got = _pair(bridge, lm, batch, metrics, site=site, direction=direction, ablation=ablation, **kw)
+    _assert_same(expected, got)
+
+
+def test_chunking_and_streaming(toy):
+    """One patch per trace gives the same grid; the callback sees every chunk."""
+    bridge, lm, batch = toy
+    answers = list(zip(batch.correct, batch.incorrect))
+    updates = []
+    kw = dict(site="attn_out", layers=[1], metrics=["logit_diff"])
+    whole = pw.patch(lm, batch.clean, batch.corrupted, answers, **kw)
+    one_by_one = pw.patch(lm, batch.clean, batch.corrupted, answers, max_batch_tokens=1,
+                          callback=lambda u: updates.append(u.done), **kw)
+    assert whole.stats["forward_passes"] == 1
+    assert one_by_one.stats["forward_passes"] == whole.stats["patches"] - whole.stats["skipped_noop"]
+    assert updates[-1] == whole.stats["patches"] and len(updates) == one_by_one.stats["forward_passes"]
+    torch.testing.assert_close(one_by_one.grid(), whole.grid(), atol=ATOL, rtol=0)
+
+
+def test_prompts_of_different_lengths(toy):
+    """Right-padded datasets: each prompt's own answer position, as on a bridge."""
+    bridge, lm, _ = toy
+    clean = ["When Mary and John went to the store, John gave a drink to",
+             "When Mary and John went to the big store, John gave a drink to"]
+    corrupted = [c.replace("John gave", "Mary gave") for c in clean]
+    answers = [(" Mary", " John")] * 2
+    expected = pw.patch(bridge, clean, corrupted, answers, site="head_out", metrics=METRICS)
+    got = pw.patch(lm, clean, corrupted, answers, site="head_out", metrics=METRICS)
+    _assert_same(expected, got)
+
+
+def test_in_memory_hf_model(toy):
+    """An nnsight wrapper of a model already in memory (its own tokenizer copy, see nnsight)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    bridge, _, batch = toy
+    path = model_path("toy-ioi")
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    lm = nnsight.TransformersModel(hf, tokenizer=AutoTokenizer.from_pretrained(path), task="text-generation")
+    expected, got = _pair(bridge, lm, batch, ["logit_diff", "kl"], site="mlp_out", layers=[2])
+    _assert_same(expected, got)
+
+
+def test_inputs_are_checked(toy):
+    _, lm, _ = toy
+    tokenizer_class = type(lm.tokenizer)
+    with pytest.raises(pw.UnknownWordError, match="Zorblax"):  # strict word-level tokenizer
+        pw.patch(lm, "When Zorblax and John went", "When Mary and John went", (" Mary", " John"))
+    assert type(lm.tokenizer) is tokenizer_class  # (made strict on a copy, nnsight's untouched)
+    with pytest.raises(pw.TokenLengthMismatchError):
+        pw.patch(lm, "When Mary and John went to the store", "When Mary went to the store", (" Mary", " John"))
+    with pytest.raises(pw.AnswerTokenError):
+        pw.patch(lm, "When Mary and John went", "When John and Mary went", (" Mary John", " John"))
+
+
+@pytest.mark.parametrize("site", ["head_pattern", "head_pattern_by_pos", "heads_every", "resid_mid",
+                                  "blocks.0.attn.hook_z", "nonsense"])
+def test_unsupported_sites_say_what_is_supported(toy, site):
+    _, lm, batch = toy
+    with pytest.raises(PatchingInputError, match="resid_pre, resid_post") as err:
+        pw.patch(lm, batch.clean, batch.corrupted, list(zip(batch.correct, batch.incorrect)), site=site,
+                 index=[(0,)] if site.startswith("blocks.") else None)
+    assert err.value.field == "site"
+
+
+def test_out_of_range_axes(toy):
+    _, lm, batch = toy
+    answers = list(zip(batch.correct, batch.incorrect))
+    for kw in ({"layers": [4]}, {"site": "head_out", "heads": [8]}, {"positions": [99]}):
+        with pytest.raises(PatchingInputError):
+            pw.patch(lm, batch.clean, batch.corrupted, answers, **{"site": "resid_pre", **kw})
+
+
+def test_remote_needs_an_nnsight_model(toy):
+    bridge, _, batch = toy
+    with pytest.raises(PatchingInputError, match="nnsight model"):
+        pw.patch(bridge, batch.clean, batch.corrupted, list(zip(batch.correct, batch.incorrect)), remote=True)
+
+
+def test_import_does_not_import_nnsight():
+    code = ("import sys, patchwidgets, patchwidgets.patching, patchwidgets.nnsight_backend as nb\n"
+            "assert not nb.is_nnsight_model(object())\n"
+            "assert 'nnsight' not in sys.modules, 'nnsight was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ------------------------------------------------------------------------------------ Llama (GQA)
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("llama-gqa")
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+        intermediate_size=128, vocab_size=366, max_position_embeddings=64, initializer_range=0.2))
+    hf.save_pretrained(path)
+    AutoTokenizer.from_pretrained(model_path("toy-ioi")).save_pretrained(path)  # word-level, 366 words
+    bridge = TransformerBridge.boot_transformers(
+        str(path), hf_model=LlamaForCausalLM.from_pretrained(path).eval(),
+        tokenizer=AutoTokenizer.from_pretrained(path), device="cpu")
+    bridge.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # LanguageModel: nnsight's deprecated alias
+        lm = nnsight.LanguageModel(str(path), dispatch=True)
+    batch = ioi_batch(bridge, n=8)
+    answers = list(zip(batch.correct, batch.incorrect))
+    clean = pw.patch(bridge, batch.clean, batch.corrupted, answers, metrics="logit_diff", layers=[0],
+                     positions=[0]).baselines
+    gap = float((clean["clean"]["logit_diff"] - clean["corrupted"]["logit_diff"]).mean())
+    return bridge, lm, batch, abs(gap)
+
+
+LLAMA_SITES = [
+    ("resid_pre", {}), ("resid_post", {}), ("attn_out", {}), ("mlp_out", {}), ("block", {}),
+    ("head_out", {}), ("head_out_by_pos", {"layers": [1]}),
+    ("head_q", {}), ("head_k", {}), ("head_v_by_pos", {"layers": [0]}),
+    ("neuron", {"neurons": range(0, 128, 8)}), ("neuron_by_pos", {"layers": [1], "neurons": [3, 64]}),
+]
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+@pytest.mark.parametrize("site,kw", LLAMA_SITES, ids=[s for s, _ in LLAMA_SITES])
+def test_llama_gqa_grids_match_bridge(llama, site, kw, direction):
+    bridge, lm, batch, gap = llama
+    expected, got = _pair(bridge, lm, batch, LLAMA_METRICS, site=site, direction=direction, **kw)
+    if site in ("head_k", "head_v_by_pos"):
+        assert got.shape[-1] == 2  # key/value heads of grouped-query attention
+    _assert_same(expected, got, normalized_atol=ATOL / min(gap, 1.0))
+
+
+@pytest.mark.parametrize("ablation,direction,site", [("mean", "noising", "head_k"),
+                                                     ("noise", "denoising", "resid_pre")])
+def test_llama_ablations_match_bridge(llama, ablation, direction, site):
+    bridge, lm, batch, gap = llama
+    metrics = ["logit_diff", "prob", "kl"]
+    expected, got = _pair(bridge, lm, batch, metrics, site=site, direction=direction, ablation=ablation)
+    _assert_same(expected, got)
