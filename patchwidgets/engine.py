@@ -72,6 +72,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -85,6 +86,12 @@ Hook = tuple[str, Callable]
 # recognised as the cache by its type first (a ``transformers`` ``Cache``); the names only
 # catch a cache argument that happened to be ``None`` in the target run.
 _CACHE_NAMES = frozenset({"cache", "past_key_values", "past_key_value", "layer_past"})
+
+
+# model -> the layers whose attention module must be handed its tap (see `_record_prefix`).
+# A fact about the architecture, learnt by one extra pass over every block on a model's first
+# sweep and remembered so later sweeps (the widget, a course notebook) skip that pass.
+_TAP_ATTENTION: "weakref.WeakKeyDictionary[Any, frozenset[int]]" = weakref.WeakKeyDictionary()
 
 
 class ShortcutWarning(UserWarning):
@@ -361,16 +368,17 @@ class Engine:
                 acts[name] = activation.detach()
             return save
 
+        answer_only = self._answer_only_hooks(names)
         try:
             with torch.no_grad():
                 logits = self.model.run_with_hooks(
                     self.target_tokens,
-                    fwd_hooks=[*self.target_hooks, *[(n, saver(n)) for n in sorted(names)]],
+                    fwd_hooks=[*self.target_hooks, *[(n, saver(n)) for n in sorted(names)], *answer_only],
                 )
         finally:
             for h in handles:
                 h.remove()
-        final = self._answer_logits(logits)
+        final = self._answer_logits(logits, answer_only=bool(answer_only))
         self.logits_device = final.device
         if record:
             self.resid_pre = {l: acts[f"blocks.{l}.hook_resid_pre"] for l in range(len(blocks))}
@@ -383,6 +391,27 @@ class Engine:
                                     "plain run_with_hooks by design")
         return final, acts
 
+    def _answer_only_hooks(self, names: set[str]) -> list[Hook]:
+        """A hook that unembeds the answer positions only, where the model has an unembedding
+        hook point that nothing asked to read.
+
+        The metrics read one position per row, and the full ``[batch, pos, vocab]`` logits of
+        an unpatched run are the largest tensor of a sweep (64 pairs x 20 tokens of GPT-2:
+        257 MB) and a third of its FLOPs. Cutting the unembedding's input to ``[batch, 1,
+        d_model]`` keeps neither. It is also how every patched pass unembeds (one row at a
+        time), so the target logits and the patched ones come from the same computation.
+        """
+        if "unembed.hook_in" not in (getattr(self.model, "hook_dict", None) or {}):
+            return []
+        if any(n.startswith("unembed.") or n == "hook_unembed" for n in names):
+            return []  # someone reads the unembedding itself: leave it whole
+
+        def keep_answer_rows(resid: torch.Tensor, hook) -> torch.Tensor:  # [rows, pos, d_model]
+            rows = torch.arange(resid.shape[0], device=resid.device)
+            pos = self.answer_pos.to(resid.device).repeat(resid.shape[0] // self.batch)
+            return resid[rows, pos][:, None]  # [rows, 1, d_model]
+        return [("unembed.hook_in", keep_answer_rows)]
+
     def _recorder(self, layer: int):
         def record(module, args, kwargs):
             # As given, not bound to the signature: some adapters wrap a block's forward in
@@ -391,7 +420,15 @@ class Engine:
         return record
 
     def _self_check(self, target_final: torch.Tensor) -> None:
-        """Turn on the shortcuts that reproduce the plain forward pass; say why any is off."""
+        """Turn on the shortcuts that reproduce the plain forward pass; say why any is off.
+
+        Two passes in the usual case: (A) every block from the recorded inputs, all
+        positions, recording each layer's keys and values; (B) one staggered pass over the
+        answer positions only, with copies of the batch joining at the first, the middle and
+        the last block, which exercises resuming, tiling per-row arguments, the reused
+        prefix and the column unembedding at once. Only when (B) fails do further passes
+        find out which shortcut to turn off.
+        """
         n_layers = len(self.model.blocks)
         if not all(hasattr(self.model, name) for name in ("ln_final", "unembed")):
             return self._off("the bridge has no ln_final and unembed to finish a resumed pass with")
@@ -401,67 +438,102 @@ class Engine:
         eps = torch.finfo(target_final.dtype).eps if target_final.is_floating_point() else 0.0
         tol = max(1e-5, 30 * eps) * (1.0 + float(target_final.abs().max()))
 
-        def gap(logits: torch.Tensor, k: int) -> float:
-            return float((logits - target_final.repeat(k, 1)).abs().max())
+        def gap(logits: torch.Tensor) -> float:
+            return float((logits - target_final.repeat(logits.shape[0] // self.batch, 1)).abs().max())
 
-        # 1. Resume: one pass over every layer and position (its taps record the keys and
-        # values), and one from the middle with the batch tiled twice (checks the tiling).
+        # (A) Every block, every position; the taps record keys and values.
+        self._tap_attention = set(_TAP_ATTENTION.get(self.model, ()))
         taps = {l: _KVTap(record=True) for l in range(n_layers)}
         try:
-            diff = gap(self._run_blocks({0: 1}, 0, [], taps), 1)
-            if diff <= tol:
-                diff = gap(self._resumed(n_layers // 2, 0, 2, []), 2)
+            diff = gap(self._run_blocks({0: 1}, 0, [], taps))
+            if diff > tol and self._tap_attention:  # what this model needed before fails now
+                _TAP_ATTENTION.pop(self.model, None)
+                self._tap_attention = set()
+                taps = {l: _KVTap(record=True) for l in range(n_layers)}
+                diff = gap(self._run_blocks({0: 1}, 0, [], taps))
         except Exception as e:  # an architecture whose blocks cannot be called like this
             return self._off(f"calling the blocks directly raised {_error(e)}")
         if diff > tol:
             return self._off(f"the resumed pass differs from the plain forward pass by {diff:.1e}")
-        self.can_resume = True
-        self._enable_column_unembed(target_final, tol)
 
-        # 2. Prefix: every layer's attention must have read its tap exactly once.
-        offset = int(self.answer_pos.min())
-        if offset == 0:
-            return self._off("no unchanged prefix to reuse: an answer is read at position 0", warn=False)
+        prefix_problem = self._record_prefix(taps, tol, gap)
+        if prefix_problem is None:
+            # (B) Resume + tiling + prefix (+ column unembedding) in one pass.
+            joins = {0: 1, n_layers // 2: 1, n_layers - 1: 1}
+            offset = int(self.answer_pos.min())
+            self._enable_column_unembed()
+            try:
+                diff = gap(self._run_blocks(joins, offset, []))
+                if diff > tol and self.column_unembed is not None:
+                    self.column_unembed = None  # perhaps only the column shortcut is off
+                    diff = gap(self._run_blocks(joins, offset, []))
+            except Exception as e:
+                diff, prefix_problem = float("inf"), f"running positions {offset}.. only raised {_error(e)}"
+            else:
+                prefix_problem = f"reusing the cached keys/values differs from the plain forward pass by {diff:.1e}"
+            if diff <= tol:
+                self.can_resume = self.can_skip_prefix = True
+                self.fallback_reason = None
+                return
+            self.kv, self.column_unembed = None, None
+
+        # Prefix off: is resuming (with the batch tiled) still exact?
+        try:
+            diff = gap(self._resumed(n_layers // 2, 0, 2, []))
+        except Exception as e:
+            return self._off(f"calling the blocks directly raised {_error(e)}")
+        if diff > tol:
+            return self._off(f"the resumed pass differs from the plain forward pass by {diff:.1e}")
+        self.can_resume = True
+        self._enable_column_unembed()
+        if self.column_unembed is not None and gap(self._resumed(n_layers - 1, 0, 1, [])) > tol:
+            self.column_unembed = None
+        self._off(prefix_problem, warn=not prefix_problem.startswith("no unchanged prefix"))
+
+    def _record_prefix(self, taps: dict[int, _KVTap], tol: float,
+                       gap: Callable[[torch.Tensor], float]) -> str | None:
+        """Keep the keys and values pass (A) recorded, if every layer's attention read its tap
+        exactly once over every position; else say why the prefix cannot be reused."""
+        n_layers = len(self.model.blocks)
+        if int(self.answer_pos.min()) == 0:
+            return "no unchanged prefix to reuse: an answer is read at position 0"
         unread = [l for l in range(n_layers) if taps[l].calls == 0]
         if unread:
             no_attn = [l for l in unread
                        if not isinstance(getattr(self.model.blocks[l], "attn", None), torch.nn.Module)]
             if no_attn:
-                return self._off(f"block {no_attn[0]} never read the KV cache and has no `attn` to hand it to")
+                return f"block {no_attn[0]} never read the KV cache and has no `attn` to hand it to"
+            # The block did not pass its cache on: hand the tap to the attention module itself.
             self._tap_attention = set(unread)
-            taps = {l: _KVTap(record=True) for l in range(n_layers)}
+            taps.update({l: _KVTap(record=True) for l in range(n_layers)})
             try:
-                diff = gap(self._run_blocks({0: 1}, 0, [], taps), 1)
+                diff = gap(self._run_blocks({0: 1}, 0, [], taps))
             except Exception as e:
                 diff, reason = float("inf"), f"handing attention its KV cache raised {_error(e)}"
             else:
                 reason = f"handing attention its KV cache changes the logits by {diff:.1e}"
             if diff > tol:
                 self._tap_attention = set()
-                return self._off(reason)
+                return reason
+            with contextlib.suppress(TypeError):  # (a model that cannot be weakly referenced)
+                _TAP_ATTENTION[self.model] = frozenset(self._tap_attention)
         for l in range(n_layers):
             if taps[l].calls != 1:
-                return self._off(f"layer {l}'s attention read the KV cache {taps[l].calls} times, not once")
+                return f"layer {l}'s attention read the KV cache {taps[l].calls} times, not once"
             if taps[l].recorded[0].shape[-2] != self.seq_len:
-                return self._off(f"layer {l}'s cached keys cover {taps[l].recorded[0].shape[-2]} positions, "
-                                 f"not {self.seq_len}")
+                return f"layer {l}'s cached keys cover {taps[l].recorded[0].shape[-2]} positions, not {self.seq_len}"
         self.kv = ({l: t.recorded[0] for l, t in taps.items()}, {l: t.recorded[1] for l, t in taps.items()})
-        try:
-            diff = max(gap(self._resumed(l, offset, 2, []), 2) for l in (0, n_layers - 1))
-        except Exception as e:
-            self.kv = None
-            return self._off(f"running positions {offset}.. only raised {_error(e)}")
-        if diff > tol:
-            self.kv = None
-            return self._off(f"reusing the cached keys/values differs from the plain forward pass by {diff:.1e}")
-        self.can_skip_prefix = True
-        self.fallback_reason = None
+        return None
 
     # ------------------------------------------------------------------ forward passes
-    def _answer_logits(self, logits: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        pos = self.answer_pos.to(logits.device).repeat(logits.shape[0] // self.batch) - offset
-        final = logits[rows, pos]
+    def _answer_logits(self, logits: torch.Tensor, answer_only: bool = False) -> torch.Tensor:
+        """``[rows, pos, vocab]`` logits (or ``[rows, 1, vocab]`` with ``answer_only``: already
+        cut to the answer positions) -> ``[rows, n_columns]`` at the answer positions."""
+        if answer_only:
+            final = logits[:, 0]
+        else:
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            final = logits[rows, self.answer_pos.to(logits.device).repeat(logits.shape[0] // self.batch)]
         return final if self.columns is None else final[:, self.columns.to(final.device)]
 
     def _output_transform(self, logits: torch.Tensor) -> torch.Tensor:
@@ -480,8 +552,9 @@ class Engine:
         logits = self._output_transform(self.model.unembed(normed)[:, 0])
         return logits if self.columns is None else logits[:, self.columns.to(logits.device)]
 
-    def _enable_column_unembed(self, target_final: torch.Tensor, tol: float) -> None:
-        """Multiply only the needed unembedding columns, if that reproduces the model's logits."""
+    def _enable_column_unembed(self) -> None:
+        """Multiply only the needed unembedding columns (the self-check then verifies it)."""
+        self.column_unembed = None
         if self.columns is None:
             return
         try:
@@ -493,8 +566,6 @@ class Engine:
                 weight = weight[:, self.columns.to(weight.device)].detach().clone()
                 bias = bias[self.columns.to(bias.device)].detach().clone().to(weight.device)
             self.column_unembed = (weight, bias)
-            if float((self._resumed(len(self.model.blocks) - 1, 0, 1, []) - target_final).abs().max()) > tol:
-                self.column_unembed = None
         except Exception:  # no W_U/b_U (a hand-built model) or another layout: unembed everything
             self.column_unembed = None
 
@@ -611,8 +682,9 @@ class Engine:
 
     def _plain(self, k: int, hooks: Sequence[Hook]) -> torch.Tensor:
         tokens = self.target_tokens.repeat(k, 1)
-        logits = self.model.run_with_hooks(tokens, fwd_hooks=[*self.target_hooks, *hooks])
-        return self._answer_logits(logits)
+        answer_only = self._answer_only_hooks({name for name, _ in hooks})
+        logits = self.model.run_with_hooks(tokens, fwd_hooks=[*self.target_hooks, *hooks, *answer_only])
+        return self._answer_logits(logits, answer_only=bool(answer_only))
 
     # ------------------------------------------------------------------ patches
     def plan(self, patches: Sequence[Patch]) -> list[Chunk]:
@@ -640,17 +712,26 @@ class Engine:
 
         chunks: list[Chunk] = []
         fast.sort(key=lambda p: (-offset_of(p), p.layer))
+        n_layers = len(getattr(self.model, "blocks", ()) or ()) or 1
         current: Chunk | None = None
+        work = 0  # token-layers of `current`: sum over its patches of batch x blocks run
         for p in fast:
             offset = offset_of(p)
             if current is not None:
                 rows = (len(current.patches) + 1) * self.batch
-                if rows * (self.seq_len - min(offset, current.offset)) <= self.max_batch_tokens:
-                    current.offset = min(offset, current.offset)
-                    current.layer = min(p.layer, current.layer)
+                new_offset = min(offset, current.offset)
+                # Taking a patch with a smaller offset makes every row already in the chunk
+                # compute the extra positions too; worth it only while that costs less than
+                # the fixed cost of one more pass.
+                extra = work * (current.offset - new_offset)
+                if (rows * (self.seq_len - new_offset) <= self.max_batch_tokens
+                        and extra <= self._pass_overhead_tokens * (n_layers - p.layer)):
+                    current.offset, current.layer = new_offset, min(p.layer, current.layer)
                     current.patches.append(p)
+                    work += self.batch * (n_layers - p.layer)
                     continue
             current = Chunk(p.layer, offset, [p])
+            work = self.batch * (n_layers - p.layer)
             chunks.append(current)
         for group in plain.values():
             per_pass = max(1, self.max_batch_tokens // (self.batch * self.seq_len))
@@ -659,6 +740,37 @@ class Engine:
             if chunk.layer is not None:
                 chunk.patches.sort(key=lambda p: p.layer)
         return chunks
+
+    def work(self, chunks: Sequence[Chunk] | None = None) -> int:
+        """Block-tokens (one block run over one token of one row) of running ``chunks``, or,
+        without chunks, of one unpatched run plus the self-check. What the progress bar
+        (:class:`patchwidgets.watch.SweepWatch`) counts."""
+        n_layers = len(getattr(self.model, "blocks", ()) or ()) or 1
+        if chunks is None:
+            return 2 * self.batch * self.seq_len * n_layers  # the run, and pass (A) of the check
+        total = 0
+        for chunk in chunks:
+            k = len(chunk.patches)
+            if chunk.layer is None:
+                total += k * self.batch * self.seq_len * n_layers
+                continue
+            positions = self.seq_len - chunk.offset
+            total += sum(self.batch * (n_layers - p.layer) * positions for p in chunk.patches)
+        return total
+
+    @property
+    def _pass_overhead_tokens(self) -> float:
+        """The fixed cost of running a block once, in tokens of that block's arithmetic.
+
+        A block pass reads all its weights (48 d_model^2 bytes in float32) whatever the rows,
+        which at a CPU's ratio of about 5 FLOPs per byte of memory bandwidth costs as much as
+        about 10 tokens of arithmetic (24 d_model^2 FLOPs each); on top, Python and module
+        calls take about 1 ms (50 MFLOP on a laptop core; GPT-2 small: ~4 tokens, toy-ioi:
+        ~130). Only the planner's trade-off between fewer passes and fewer wasted positions
+        reads it, never a result.
+        """
+        d_model = getattr(getattr(self.model, "cfg", None), "d_model", None) or 768
+        return 10.0 + 50e6 / (24 * d_model ** 2)
 
     def run_chunk(self, chunk: Chunk, sources: dict[str, torch.Tensor]) -> torch.Tensor:
         """Answer logits ``[n_patches, batch, vocab]`` for one chunk of patches, in the order

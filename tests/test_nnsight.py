@@ -170,6 +170,25 @@ def test_remote_needs_an_nnsight_model(toy):
         pw.patch(bridge, batch.clean, batch.corrupted, list(zip(batch.correct, batch.incorrect)), remote=True)
 
 
+def test_remote_sends_every_trace_to_ndif(toy, monkeypatch):
+    """``remote=True`` is the local code path with ``remote=True`` on every trace. NDIF cannot
+    be reached offline, so the traces are run locally; what is checked is that none of them
+    would have stayed local, and that the sweep is otherwise the same."""
+    bridge, lm, batch = toy
+    answers = list(zip(batch.correct, batch.incorrect))
+    local = pw.patch(lm, batch.clean, batch.corrupted, answers, site="head_out")
+    real_trace, flags = type(lm).trace, []
+
+    def trace(self, *args, **kwargs):
+        flags.append(kwargs.pop("remote", None))
+        return real_trace(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(lm), "trace", trace)
+    remote = pw.patch(lm, batch.clean, batch.corrupted, answers, site="head_out", remote=True)
+    assert len(flags) >= 3 and all(flag is True for flag in flags), flags
+    torch.testing.assert_close(remote.grid("normalized"), local.grid("normalized"), atol=0, rtol=0)
+
+
 def test_import_does_not_import_nnsight():
     code = ("import sys, patchwidgets, patchwidgets.patching, patchwidgets.nnsight_backend as nb\n"
             "assert not nb.is_nnsight_model(object())\n"
