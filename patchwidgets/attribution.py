@@ -67,13 +67,11 @@ import torch
 from . import metrics as metrics_mod
 from .errors import PatchingInputError
 from .inputs import Prompts
-from .patching import _check_ranges, _raw_indices, metric_context
-from .path_patching import setup_runs
 from .results import PatchResult
-from .sites import Site, enumerate_indices, resolve_sites
+from .sites import Site
 from .sources import ablation_values
+from .sweep import prepare_request, sweep_cells
 
-DISCRETE_METRICS = ("rank", "accuracy")
 _LD = "\0logit_diff"  # plan key shared by logit_diff and normalized (never a user name)
 QK_SITES = {"head_q": "q", "head_q_by_pos": "q", "head_k": "k", "head_k_by_pos": "k"}
 
@@ -123,15 +121,15 @@ def compare(estimate: PatchResult, exact: PatchResult, metric: str | None = None
 
     Both must sweep the same sites and cells (same ``site``, ``layers``, ``positions``, ...).
     """
-    metric = estimate._metric(metric)
-    exact._metric(metric)
+    metric = estimate.metric_name(metric)
+    exact.metric_name(metric)
     if estimate.sites != exact.sites or list(estimate.indices) != list(exact.indices):
         raise ValueError(f"the results sweep different cells ({estimate.sites} vs {exact.sites}); run "
                          "both with the same site and restrictions")
     est = estimate.values[metric].float().mean(-1)     # [n_sites, n_cells]
     ref = exact.values[metric].float().mean(-1)
     err = est - ref
-    frame = estimate._index_frame()
+    frame = estimate.index_frame()
     frame["estimate"], frame["exact"], frame["error"] = est.reshape(-1).numpy(), ref.reshape(-1).numpy(), \
         err.reshape(-1).numpy()
     misses = frame.reindex(frame["error"].abs().sort_values(ascending=False).index).head(top)
@@ -227,62 +225,46 @@ def attribution_patch(
         PatchingInputError: as :func:`patchwidgets.patch`, and for a discrete metric
             (``rank``, ``accuracy``), which has no gradient.
     """
-    runs = setup_runs(model, clean, corrupted, answers, direction, metrics, ablation, noise, noise_positions,
-                      noise_seed)
-    discrete = [m for m in runs.metric_fns.values() if m in DISCRETE_METRICS]
-    if discrete:
-        raise PatchingInputError(
-            f"metric {discrete[0]!r} is discrete, so it has no gradient to estimate patches with; use "
-            "exact patchwidgets.patch() for it, or a smooth metric (logit_diff, normalized, logprob, ...)",
-            "metrics")
-    inputs, cfg = runs.inputs, model.cfg
-    sites = resolve_sites(site, tuple(getattr(model, "hook_dict", {}) or ()))
-    sweep = [
-        enumerate_indices(
-            s, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=getattr(cfg, "n_key_value_heads", None),
-            d_mlp=getattr(cfg, "d_mlp", None), seq_len=inputs.seq_len, layers=layers, positions=positions,
-            heads=heads, neurons=neurons,
-        ) if s.kind != "raw" else _raw_indices(s, index)
-        for s in sites
-    ]
-    indices, shape = sweep[0]
-    _check_ranges(sites[0], indices, inputs.seq_len)
-    hooks_of = [sorted({s.hook_name(i[0]) if s.kind != "raw" else s.hook_template for i in idx})
-                for s, (idx, _) in zip(sites, sweep)]
-    qk_layers = sorted({int(i[0]) for s, (idx, _) in zip(sites, sweep) if s.name in QK_SITES for i in idx}) \
-        if qk_fix else []
-    names = sorted({n for hs in hooks_of for n in hs} | {
+    request = prepare_request(model, clean, corrupted, answers, direction, metrics, ablation=ablation,
+                              noise=noise, noise_positions=noise_positions, noise_seed=noise_seed, gradient=True)
+    inputs, metric_fns = request.inputs, request.metric_fns
+    cells = sweep_cells(model, inputs, site, layers=layers, positions=positions, heads=heads, neurons=neurons,
+                        index=index)
+    sites, indices = cells.sites, cells.indices
+    qk_layers = sorted({int(i[0]) for s in sites if s.name in QK_SITES for i in indices}) if qk_fix else []
+    names = sorted(set(cells.hook_names()) | {
         f"blocks.{l}.attn.hook_{c}" for l in qk_layers for c in ("q", "k", "pattern")})
+    target_run, source_run = request.runs(model)
 
     # --- Forward passes: the source without gradients, the target with them. Both stop before
     # the unembedding once this model has shown that unembedding the answer rows ourselves
     # gives its logits (checked on the first pass ever run on it).
     shortcut = _SHORTCUT_OK.get(model)
     source_logits = None
-    if runs.source_tokens is not None:
+    if source_run is not None:
         with torch.no_grad():
-            source_logits, full, source_acts = _run(model, runs.source_tokens, runs.source_hooks, names,
+            source_logits, full, source_acts = _run(model, source_run.tokens, source_run.hooks, names,
                                                     inputs.answer_pos, stop=bool(shortcut))
         if shortcut is None:
             shortcut = _SHORTCUT_OK[model] = _agrees(source_logits, full)
         source_logits = source_logits if shortcut else full
     with torch.enable_grad():
-        short, full, target_acts = _run(model, runs.target_tokens, runs.target_hooks, names, inputs.answer_pos,
+        short, full, target_acts = _run(model, target_run.tokens, target_run.hooks, names, inputs.answer_pos,
                                         stop=bool(shortcut))
         if shortcut is None:
             shortcut = _SHORTCUT_OK[model] = _agrees(short, full)
         target_logits = short if shortcut else full
-    if runs.source_tokens is None:
-        source_acts = ablation_values({n: a.detach() for n, a in target_acts.items()}, runs.ablation)
-    clean_logits = source_logits if runs.direction == "denoising" else target_logits.detach()
-    ctx, target_values, baselines = metric_context(
-        runs.metric_fns, inputs, runs.direction, target_logits.detach(), source_logits, clean_logits)
+    cells.check_activations(target_acts)
+    if source_run is None:
+        source_acts = ablation_values({n: a.detach() for n, a in target_acts.items()}, request.ablation or "")
+    measure = request.measure(target_logits.detach(), source_logits)
+    ctx = measure.ctx
 
     # --- One backward pass per distinct gradient (normalized is an affine map of logit_diff).
     with torch.enable_grad():
-        base = metrics_mod.compute(runs.metric_fns, target_logits[None], ctx)
+        base = metrics_mod.compute(metric_fns, target_logits[None], ctx)
     plan: dict[str, list[str]] = {}
-    for name, m in runs.metric_fns.items():
+    for name, m in metric_fns.items():
         plan.setdefault(_LD if m in ("logit_diff", "normalized") else name, []).append(name)
     tensors = list({id(target_acts[n]): target_acts[n] for n in names}.values())
     estimates: dict[str, list[torch.Tensor]] = {}
@@ -301,22 +283,21 @@ def attribution_patch(
             qk_ok = False
             warnings.warn("cannot rebuild the attention pattern from hook_q/hook_k on this model (rotary, "
                           "ALiBi or soft-capped scores?): using plain AtP for queries and keys", stacklevel=2)
-        per_site = [_site_estimates(s, idx, inputs.batch, target_acts, source_acts, grad, qk)
-                    for s, (idx, _) in zip(sites, sweep)]
+        per_site = [_site_estimates(s, indices, inputs.batch, target_acts, source_acts, grad, qk) for s in sites]
         for name in members:
-            scale = 1 / ctx.gap if runs.metric_fns[name] == "normalized" else 1.0
+            scale = 1 / ctx.gap if metric_fns[name] == "normalized" else 1.0
             estimates[name] = [e * scale for e in per_site]
 
     n_cells = len(indices)
-    values = {name: target_values[name].float().cpu()[None, None, :] + torch.stack(estimates[name])
-              for name in runs.metric_fns}
+    values = {name: measure.target_values[name].float().cpu()[None, None, :] + torch.stack(estimates[name])
+              for name in metric_fns}
     result = AttributionResult(
-        sites=[s.name for s in sites], axes=sites[0].axes, shape=shape, indices=indices,
-        values={k: v.reshape(len(sites), n_cells, -1) for k, v in values.items()}, direction=runs.direction,
-        baselines=baselines, clean_str_tokens=inputs.clean_str_tokens,
+        sites=cells.names, axes=cells.axes, shape=cells.shape, indices=indices,
+        values={k: v.reshape(len(sites), n_cells, -1) for k, v in values.items()}, direction=request.direction,
+        baselines=measure.baselines, clean_str_tokens=inputs.clean_str_tokens,
         corrupted_str_tokens=inputs.corrupted_str_tokens,
         method="atp*" if qk_fix and (qk_ok or not qk_layers) else "atp")
-    result.stats = {"patches": n_cells * len(sites), "forward_passes": 1 + (runs.source_tokens is not None),
+    result.stats = {"patches": n_cells * len(sites), "forward_passes": 1 + (source_run is not None),
                     "backward_passes": len(plan), "qk_fix": int(qk_ok), "logits_shortcut": int(shortcut)}
     return result
 
@@ -338,7 +319,7 @@ def _site_estimates(site: Site, indices: list[tuple], batch: int, target_acts, s
         if qk is not None and site.name in QK_SITES:
             reduced = qk[(layer, site.name)]
         else:
-            reduced = _reduce(site.kind, _linear(name, target_acts, source_acts, grad))
+            reduced = site.reduce(_linear(name, target_acts, source_acts, grad))
         rows = (idx[:, 0] == layer).nonzero()[:, 0]
         rest = idx[rows, 1:].T
         out[rows] = reduced[(slice(None), *rest)].T.float().cpu()
@@ -352,23 +333,6 @@ def _linear(name: str, target_acts, source_acts, grad) -> torch.Tensor:
     if g is None:  # the metric does not depend on this activation at all
         return torch.zeros_like(a_t, dtype=torch.float32)
     return (source_acts[name].to(a_t.dtype) - a_t).float() * g.float()
-
-
-def _reduce(kind: str, attr: torch.Tensor) -> torch.Tensor:
-    """Sum an elementwise attribution to a tensor indexed like ``(batch, *index[1:])``."""
-    if kind == "pos":            # [b, pos, d_model] -> [b, pos]
-        return attr.sum(-1)
-    if kind == "head":           # [b, pos, head, d_head] -> [b, head]
-        return attr.sum((1, 3))
-    if kind == "head_pos":       # -> [b, pos, head]
-        return attr.sum(-1)
-    if kind == "pattern":        # [b, head, q, k] -> [b, head]
-        return attr.sum((2, 3))
-    if kind == "pattern_pos":    # -> [b, head, q]
-        return attr.sum(-1)
-    if kind == "neuron":         # [b, pos, d_mlp] -> [b, d_mlp]
-        return attr.sum(1)
-    return attr                  # neuron_pos: [b, pos, d_mlp]
 
 
 # ---------------------------------------------------------------------------- AtP* for q and k

@@ -7,9 +7,11 @@ raises a :mod:`patchwidgets.errors` exception that says what is wrong and how to
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
+import numpy as np
 import torch
 
 from .errors import (
@@ -46,14 +48,16 @@ class PreparedInputs:
         return self.clean_tokens.shape[1]
 
 
-def _as_list(prompts: Prompts, field: str) -> list[str] | torch.Tensor:
+def _as_list(prompts: Prompts, field: str, vocab: int) -> list[str] | torch.Tensor:
+    """The prompts as a list of texts, or as ``[batch, pos]`` int64 token ids."""
+    if isinstance(prompts, np.ndarray) and prompts.dtype.kind in "iub":
+        prompts = torch.from_numpy(prompts)
     if isinstance(prompts, torch.Tensor):
-        if prompts.dtype.is_floating_point:
-            raise PatchingInputError(f"{field} tokens must be integer token ids", field)
-        tokens = prompts if prompts.ndim == 2 else prompts.reshape(1, -1)
-        if tokens.numel() == 0:
-            raise EmptyPromptError(f"the {field} prompt is empty", field)
-        return tokens
+        return _token_ids(prompts, field, vocab)
+    if not isinstance(prompts, (str, list, tuple)):
+        raise PatchingInputError(
+            f"{field} must be a prompt, a list of prompts or a [batch, pos] tensor of token ids, "
+            f"got {type(prompts).__name__}", field)
     items = [prompts] if isinstance(prompts, str) else list(prompts)
     if not items:
         raise EmptyPromptError(f"the {field} prompt list is empty", field)
@@ -65,7 +69,34 @@ def _as_list(prompts: Prompts, field: str) -> list[str] | torch.Tensor:
     return items
 
 
-def _tokenize(model: Any, texts: list[str], field: str) -> list[torch.Tensor]:
+def _token_ids(tokens: torch.Tensor, field: str, vocab: int) -> torch.Tensor:
+    """``[batch, pos]`` int64 ids from a ``[batch, pos]`` or ``[pos]`` integer tensor.
+
+    Any integer dtype is accepted (and widened: the embedding wants int64); bool and floating
+    tensors are refused rather than cast, since their values are not token ids.
+    """
+    if tokens.dtype == torch.bool or tokens.dtype.is_floating_point or tokens.dtype.is_complex:
+        raise PatchingInputError(f"{field} tokens must be integer token ids, got dtype {tokens.dtype}", field)
+    if tokens.ndim not in (1, 2):
+        raise PatchingInputError(
+            f"{field} tokens must be [batch, pos] (or [pos] for one prompt), got shape {tuple(tokens.shape)}", field)
+    tokens = tokens.reshape(-1, tokens.shape[-1]).cpu().long()
+    if tokens.numel() == 0:
+        raise EmptyPromptError(f"the {field} prompt is empty", field)
+    outside = ((tokens < 0) | (tokens >= vocab)).nonzero()
+    if len(outside):
+        row, pos = outside[0].tolist()
+        raise PatchingInputError(
+            f"{field} token id {int(tokens[row, pos])} (prompt {row}, position {pos}) is outside the "
+            f"vocabulary [0, {vocab})", field)
+    return tokens
+
+
+def tokenize(model: Any, texts: list[str], field: str) -> list[torch.Tensor]:
+    """Each text's token ids ``[pos]`` (BOS first where the model prepends one).
+
+    An unknown word of a strict tokenizer raises with ``err.field = field``.
+    """
     if getattr(model, "tokenizer", None) is None:
         raise PatchingInputError(
             f"this model has no tokenizer: pass {field} as a tensor of token ids", field
@@ -95,15 +126,23 @@ def _pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Ten
     return tokens, torch.tensor([len(r) - 1 for r in rows])
 
 
-def _answer_id(model: Any, answer: Answer, which: str) -> int:
+def _is_token_id(value: Any) -> bool:
+    """An int of any kind (Python, NumPy) but not a bool, which is an int to Python only."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def answer_id(model: Any, answer: Answer, which: str) -> int:
+    """The token id of one answer: a single-token string or a token id in the vocabulary."""
     vocab = model.cfg.d_vocab
-    if isinstance(answer, (int,)) or (isinstance(answer, torch.Tensor) and answer.numel() == 1):
+    answer = _plain(answer)
+    if _is_token_id(answer):
         token = int(answer)
         if not 0 <= token < vocab:
             raise AnswerTokenError(f"{which} answer id {token} is outside the vocabulary [0, {vocab})")
         return token
     if not isinstance(answer, str) or answer == "":
-        raise AnswerTokenError(f"the {which} answer must be a non-empty string or a token id, got {answer!r}")
+        raise AnswerTokenError(
+            f"the {which} answer must be a non-empty string or an integer token id, got {answer!r}")
     if getattr(model, "tokenizer", None) is None:
         raise AnswerTokenError(f"this model has no tokenizer: give the {which} answer as a token id")
     try:
@@ -127,33 +166,69 @@ def _answer_id(model: Any, answer: Answer, which: str) -> int:
     return ids[0]
 
 
-def _answers(model: Any, answers: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _plain(value: Any) -> Any:
+    """Tensors and arrays as the (nested) Python values they hold; lists and tuples as lists."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _is_answer(value: Any) -> bool:
+    return isinstance(value, str) or _is_token_id(value)
+
+
+def _answer_pairs(answers: Any, batch: int) -> list[tuple[Any, Any]]:
+    """``answers`` as one ``(correct, incorrect or None)`` pair per prompt pair.
+
+    Accepted: one answer; ``(correct, incorrect)``; or a list of one such pair (or one
+    answer) per prompt pair. Tensors and arrays are read as the nested lists they hold.
+    """
+    example = "e.g. (' Mary', ' John') or [(' Mary', ' John'), ...] with one pair per prompt"
     if answers is None:
-        raise AnswerTokenError("give answers=(correct, incorrect), e.g. (' Mary', ' John')")
-    if isinstance(answers, torch.Tensor):
-        answers = answers.tolist()
-    if isinstance(answers, (str, int)):
-        pairs = [(answers, None)] * batch
-    elif len(answers) and all(isinstance(a, (str, int)) for a in answers):
+        raise AnswerTokenError(f"give answers=(correct, incorrect), {example}")
+    answers = _plain(answers)  # (a bool or float tensor holds bools or floats: refused below)
+    if _is_answer(answers):
+        return [(answers, None)] * batch
+    if not isinstance(answers, list) or not answers:
+        raise AnswerTokenError(f"answers must be (correct, incorrect) or one pair per prompt, {example}; "
+                               f"got {answers!r}")
+    if all(_is_answer(a) for a in answers):
         if len(answers) > 2:
-            raise AnswerTokenError("answers must be (correct, incorrect) or one such pair per prompt")
-        pair = (answers[0], answers[1] if len(answers) == 2 else None)
-        pairs = [pair] * batch
-    else:
-        pairs = [tuple(a) if not isinstance(a, (str, int)) else (a, None) for a in answers]
-        if len(pairs) != batch:
-            raise AnswerTokenError(f"got {len(pairs)} answer pairs for {batch} prompt pairs")
-    correct = torch.tensor([_answer_id(model, p[0], "correct") for p in pairs])
-    if any(len(p) < 2 or p[1] is None for p in pairs):
+            raise AnswerTokenError(f"answers must be (correct, incorrect) or one pair per prompt, {example}; "
+                                   f"got {len(answers)} answers")
+        return [(answers[0], answers[1] if len(answers) == 2 else None)] * batch
+    pairs = []
+    for pair in answers:
+        if _is_answer(pair):
+            pair = (pair,)
+        if not isinstance(pair, list) or not 1 <= len(pair) <= 2 or not all(_is_answer(a) for a in pair):
+            raise AnswerTokenError(
+                f"answers must be strings or integer token ids, as (correct, incorrect) or one such pair "
+                f"per prompt; got {pair!r} ({type(pair).__name__}) in answers={answers!r}")
+        pairs.append((pair[0], pair[1] if len(pair) == 2 else None))
+    if len(pairs) != batch:
+        raise AnswerTokenError(f"got {len(pairs)} answer pairs for {batch} prompt pairs")
+    if len({p[1] is None for p in pairs}) > 1:
+        raise AnswerTokenError("give an incorrect answer for every prompt pair or for none")
+    return pairs
+
+
+def _answers(model: Any, answers: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    pairs = _answer_pairs(answers, batch)
+    correct = torch.tensor([answer_id(model, p[0], "correct") for p in pairs])
+    if pairs[0][1] is None:
         return correct, None
-    incorrect = torch.tensor([_answer_id(model, p[1], "incorrect") for p in pairs])
+    incorrect = torch.tensor([answer_id(model, p[1], "incorrect") for p in pairs])
     return correct, incorrect
 
 
 def prepare(model: Any, clean: Prompts, corrupted: Prompts | None, answers: Any) -> PreparedInputs:
     """Tokenise and check the prompts and answers of a sweep."""
-    clean_items = _as_list(clean, "clean")
-    corrupted_items = None if corrupted is None else _as_list(corrupted, "corrupted")
+    vocab = model.cfg.d_vocab
+    clean_items = _as_list(clean, "clean", vocab)
+    corrupted_items = None if corrupted is None else _as_list(corrupted, "corrupted", vocab)
     pad_id = getattr(getattr(model, "tokenizer", None), "pad_token_id", None) or 0
 
     if isinstance(clean_items, torch.Tensor):
@@ -161,7 +236,7 @@ def prepare(model: Any, clean: Prompts, corrupted: Prompts | None, answers: Any)
         answer_pos = torch.full((clean_tokens.shape[0],), clean_tokens.shape[1] - 1)
         clean_rows = list(clean_tokens)
     else:
-        clean_rows = _tokenize(model, clean_items, "clean")
+        clean_rows = tokenize(model, clean_items, "clean")
         clean_tokens, answer_pos = _pad(clean_rows, pad_id)
 
     corrupted_tokens = None
@@ -169,7 +244,7 @@ def prepare(model: Any, clean: Prompts, corrupted: Prompts | None, answers: Any)
         if isinstance(corrupted_items, torch.Tensor):
             corrupted_rows = list(corrupted_items.cpu())
         else:
-            corrupted_rows = _tokenize(model, corrupted_items, "corrupted")
+            corrupted_rows = tokenize(model, corrupted_items, "corrupted")
         if len(corrupted_rows) != len(clean_rows):
             raise PatchingInputError(
                 f"got {len(clean_rows)} clean and {len(corrupted_rows)} corrupted prompts; "

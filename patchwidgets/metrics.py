@@ -37,6 +37,7 @@ A custom metric is any callable ``fn(logits)`` or ``fn(logits, correct, incorrec
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, Union
 
@@ -89,7 +90,6 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in [
                "the prediction moved away from the clean run's"),
 ]}
 BUILTIN_METRICS = tuple(METRICS)
-NEEDS_INCORRECT = tuple(m.name for m in METRICS.values() if m.needs_incorrect)
 ALIASES = {"normalised": "normalized", "logit_difference": "logit_diff", "ld": "logit_diff",
            "log_prob": "logprob", "probability": "prob", "top1": "accuracy", "acc": "accuracy"}
 
@@ -113,12 +113,17 @@ def resolve_metrics(metrics: MetricSpec) -> dict[str, Union[str, MetricFn]]:
     """Normalise the ``metrics=`` argument into an ordered ``{column name: metric}`` dict."""
     if isinstance(metrics, str) or callable(metrics):
         metrics = [metrics]
+    if not isinstance(metrics, (Mapping, list, tuple)):
+        raise UnknownMetricError(
+            f"metrics must be a metric name, a callable, or a list or dict of them, got {metrics!r}")
     items = metrics.items() if isinstance(metrics, Mapping) else [
         (m if isinstance(m, str) else getattr(m, "__name__", f"metric_{k}"), m)
         for k, m in enumerate(metrics)
     ]
     resolved: dict[str, Union[str, MetricFn]] = {}
     for name, m in items:
+        if not isinstance(name, str):
+            raise UnknownMetricError(f"metric names (the dict's keys) must be strings, got {name!r}")
         if isinstance(m, str):
             key = ALIASES.get(m, m)
             if key not in BUILTIN_METRICS:
@@ -143,15 +148,61 @@ def logit_diff(logits: torch.Tensor, correct: torch.Tensor, incorrect: torch.Ten
     return c - i
 
 
-def check_normalization(ctx: MetricContext, tol: float = 1e-4) -> None:
-    """Refuse to normalise by a gap that is (almost) zero."""
-    gap = float(ctx.gap)
-    if abs(gap) < tol:
+#: ``normalized`` divides by the mean gap ``mean(LD_clean - LD_corrupted)``; below these
+#: fractions that gap measures no effect, and dividing by it turns noise into big numbers.
+MIN_GAP_FRACTION = 0.05   # of the typical size of the two runs' logit differences
+MIN_GAP_AGREEMENT = 0.2   # of the mean size of the per-pair gaps (they cancel below it)
+
+
+def check_normalization(clean_ld: torch.Tensor, corrupted_ld: torch.Tensor) -> None:
+    """Refuse to normalise by a gap that does not measure an effect.
+
+    ``clean_ld``/``corrupted_ld`` are the unpatched runs' logit differences, ``[batch]``.
+    The criterion is relative, so it does not depend on the model's logit scale:
+
+    * the mean gap is under :data:`MIN_GAP_AGREEMENT` of the mean per-pair gap size (pairs
+      whose gaps have opposite signs cancel: gaps +17 and -17 average to ~0), or
+    * the mean gap is under :data:`MIN_GAP_FRACTION` of the logit differences themselves
+      (a corruption that barely moves the answer: 7.48 -> 7.44 gives "normalised" values of
+      +-3 from rounding-sized changes).
+
+    Raises :class:`DegenerateNormalizationError` listing the per-pair gaps.
+    """
+    gaps = (clean_ld.double() - corrupted_ld.double()).cpu()     # [batch]
+    mean_gap = float(gaps.mean())
+    size = float(torch.maximum(clean_ld.abs(), corrupted_ld.abs()).double().mean())
+    spread = float(gaps.abs().mean())
+    listed = _listed(gaps)
+    advice = "Choose a corrupted prompt that changes the answer, or use metric 'logit_diff'."
+    if not math.isfinite(mean_gap) or not math.isfinite(size):
         raise DegenerateNormalizationError(
-            f"cannot normalise: the clean and corrupted runs give the same logit difference "
-            f"(mean gap {gap:.2e}), so 'fraction of the effect restored' is undefined. Choose a "
-            "corrupted prompt that changes the answer, or use metric 'logit_diff'."
-        )
+            f"cannot normalise: the logit differences are not finite (per-pair gaps clean - "
+            f"corrupted: {listed}).")
+    if abs(mean_gap) < MIN_GAP_AGREEMENT * spread:
+        # The minority sign (negative gaps when they balance): likely answers given the wrong way round.
+        against = [i for i, g in enumerate(gaps.tolist()) if (g < 0 if mean_gap >= 0 else g > 0)]
+        raise DegenerateNormalizationError(
+            f"cannot normalise: the per-pair gaps (clean - corrupted logit difference) have "
+            f"opposite signs and cancel: mean {mean_gap:+.3g} against a mean size of {spread:.3g}. "
+            f"Per-pair gaps: {listed}. Check pairs {against}: are their answers the right way "
+            f"round? Or use metric 'logit_diff'.")
+    if abs(mean_gap) <= MIN_GAP_FRACTION * size:
+        raise DegenerateNormalizationError(
+            f"cannot normalise: the corrupted run barely changes the logit difference (mean gap "
+            f"clean - corrupted {mean_gap:+.3g}, {_percent(mean_gap, size)} of the logit "
+            f"differences' size {size:.3g}; normalising needs at least {MIN_GAP_FRACTION:.0%}), so "
+            f"'fraction of the effect restored' would divide by almost nothing. Per-pair gaps: "
+            f"{listed}. {advice}")
+
+
+def _listed(values: torch.Tensor, limit: int = 32) -> str:
+    shown = ", ".join(f"{v:+.3g}" for v in values[:limit].tolist())
+    more = f", ... ({len(values) - limit} more)" if len(values) > limit else ""
+    return f"[{shown}{more}]"
+
+
+def _percent(part: float, whole: float) -> str:
+    return f"{abs(part) / whole:.1%}" if whole > 0 else "all"
 
 
 def compute(

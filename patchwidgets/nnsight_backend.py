@@ -85,12 +85,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import metrics as metrics_mod
 from .errors import PatchingInputError, UnknownSiteError
-from .inputs import Prompts, prepare
+from .inputs import Prompts
 from .results import PatchResult
-from .sites import Site, enumerate_indices, resolve_sites
-from .sources import ablation_values, check_direction, differing_positions, noised_positions
+from .sites import Site, resolve_sites
+from .sources import ablation_values, noised_positions
+from .streaming import run_streaming
+from .sweep import new_result, prepare_request, sweep_cells, sweep_stats
 
 #: The sites the nnsight backend can patch (groups made only of these work too: ``block``).
 SUPPORTED_SITES = (
@@ -412,20 +413,6 @@ def _noise(info: NNsightModelInfo, inputs, scale: float, noise_positions, seed: 
 
 
 # ---------------------------------------------------------------------------------- the sweep
-def _check_axes(cfg: Any, sites: list[Site], layers, heads, neurons) -> None:
-    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
-    limits = {"layer": ("layers", layers, cfg.n_layers)}
-    for s in sites:
-        if "head" in s.axes:
-            limits[f"head{s.key_value}"] = ("heads", heads, n_kv if s.key_value else cfg.n_heads)
-        if "neuron" in s.axes:
-            limits["neuron"] = ("neurons", neurons, cfg.d_mlp)
-    for arg, values, n in limits.values():
-        bad = [v for v in (values or ()) if not 0 <= int(v) < n]
-        if bad:
-            raise PatchingInputError(f"{arg}: {bad[0]} is out of range (the model has {n})", "site")
-
-
 @torch.no_grad()
 def patch(
     model: Any,
@@ -456,22 +443,17 @@ def patch(
     ``remote=True`` runs every trace on NDIF (``model.trace(remote=True)``; needs nnsight's
     NDIF API key). Not tested offline: see the module docstring.
     """
-    from .patching import check_request, metric_context, run_streaming  # (patching imports us lazily)
-    from .engine import Patch
-
     if not is_nnsight_model(model):
         raise PatchingInputError("the nnsight backend (and remote=True, which runs on NDIF) needs an "
                                  "nnsight model (nnsight.TransformersModel); this model is not one")
-    direction = check_direction(direction, corrupted, ablation)
-    metric_fns = metrics_mod.resolve_metrics(metrics)
     if not remote and not getattr(model, "dispatched", True):
         model.dispatch()  # load the weights of a lazily loaded model (nnsight would on the first trace)
     info = NNsightModelInfo(model)
-    inputs = prepare(info, clean, None if ablation else corrupted, answers)
-    check_request(metric_fns, inputs, ablation)
-
+    request = prepare_request(info, clean, corrupted, answers, direction, metrics, ablation=ablation,
+                              noise=noise, noise_positions=noise_positions, noise_seed=noise_seed)
+    inputs = request.inputs
     try:
-        sites = resolve_sites(site, ())
+        sites = resolve_sites(site)
     except UnknownSiteError:
         raise unsupported_site(site) from None
     for s in sites:
@@ -480,64 +462,35 @@ def patch(
     if index is not None:
         raise PatchingInputError("index= is for hook-name sites, which the nnsight backend does not "
                                  "support; restrict a sweep with layers=, positions=, heads=, neurons=", "site")
-    cfg = info.cfg
-    _check_axes(cfg, sites, layers, heads, neurons)
-    sweep = [enumerate_indices(
-        s, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-        n_kv_heads=getattr(cfg, "n_key_value_heads", None), d_mlp=getattr(cfg, "d_mlp", None),
-        seq_len=inputs.seq_len, layers=layers, positions=positions, heads=heads, neurons=neurons,
-    ) for s in sites]
-    indices, shape = sweep[0]
-    if "pos" in sites[0].axes:
-        bad = [i[sites[0].pos_index] for i in indices if not 0 <= i[sites[0].pos_index] < inputs.seq_len]
-        if bad:
-            raise PatchingInputError(f"position {bad[0]} is outside the prompt (0..{inputs.seq_len - 1})", "site")
-    where = {(s.name, layer): info.point(s, layer)
-             for s, (idx, _) in zip(sites, sweep) for layer in sorted({i[0] for i in idx})}
+    cells = sweep_cells(info, inputs, site, layers=layers, positions=positions, heads=heads, neurons=neurons)
+    where = {(s.name, layer): info.point(s, layer) for s in cells.sites
+             for layer in sorted({i[0] for i in cells.indices})}
     points = list(dict.fromkeys(where.values()))
 
     # --- The two unpatched runs: target (patched into) and source (values come from).
-    noise_spec = _noise(info, inputs, noise, noise_positions, noise_seed) if ablation == "noise" else None
-    corrupted_tokens = inputs.clean_tokens if ablation else inputs.corrupted_tokens
+    ablated = request.ablation in ("zero", "mean")
+    noise_spec = _noise(info, inputs, request.noise, request.noise_positions, request.noise_seed) \
+        if request.ablation == "noise" else None
+    corrupted_tokens = inputs.clean_tokens if request.ablation else inputs.corrupted_tokens
     clean_run = _Run(info, inputs.clean_tokens, inputs.answer_pos, remote=remote)
     corrupted_run = _Run(info, corrupted_tokens, inputs.answer_pos, noise_spec, remote)
-    target, source = (corrupted_run, clean_run) if direction == "denoising" else (clean_run, corrupted_run)
-    target_logits, target_acts = target.record(points if ablation in ("zero", "mean") else [])
-    if ablation in ("zero", "mean"):
-        clean_logits, source_logits = target_logits, None
-        source_acts = ablation_values(target_acts, ablation)
+    target, source = (corrupted_run, clean_run) if request.direction == "denoising" else (clean_run, corrupted_run)
+    target_logits, target_acts = target.record(points if ablated else [])
+    if ablated:
+        source_logits, source_acts = None, ablation_values(target_acts, request.ablation or "")
     else:
         source_logits, source_acts = source.record(points)
-        clean_logits = source_logits if direction == "denoising" else target_logits
-
-    ctx, target_values, baselines = metric_context(
-        metric_fns, inputs, direction, target_logits, source_logits, clean_logits)
-
-    def measure(logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        return metrics_mod.compute(metric_fns, logits, ctx)
+    measure = request.measure(target_logits, source_logits)
 
     # --- The patches; one where both runs are bound to agree is already done (as on a bridge).
-    changed = differing_positions(inputs, ablation, noise_positions)
-    n_cells = len(indices)
-    patches = [Patch(s, ix, site_idx * n_cells + cell, s.first_changed_position(ix, changed))
-               for site_idx, (s, (idx, _)) in enumerate(zip(sites, sweep)) for cell, ix in enumerate(idx)]
-    n_total = len(patches)
-    values = {k: v.expand(n_total, -1).clone() for k, v in target_values.items()}
-    done = torch.tensor([p.first_pos is None for p in patches])
-    result = PatchResult(
-        sites=[s.name for s in sites], axes=sites[0].axes, shape=shape, indices=indices,
-        values={k: v.view(len(sites), n_cells, -1) for k, v in values.items()},
-        direction=direction, baselines=baselines,
-        clean_str_tokens=inputs.clean_str_tokens, corrupted_str_tokens=inputs.corrupted_str_tokens,
-        done=done.view(len(sites), n_cells),
-    )
-
+    patches = cells.patches(request.changed)
+    result = new_result(PatchResult, request, measure, sites=cells.names, axes=cells.axes, shape=cells.shape,
+                        indices=cells.indices, first_pos=[p.first_pos for p in patches])
     todo = [p for p in patches if p.first_pos is not None]
     per_trace = max(1, max_batch_tokens // (inputs.batch * inputs.seq_len))
     chunks = [todo[i:i + per_trace] for i in range(0, len(todo), per_trace)]
-    result.stats = {"patches": n_total, "skipped_noop": int(done.sum()), "forward_passes": len(chunks),
-                    "resumed": 0, "prefix_skipped": 0,
-                    "fallback_reason": "nnsight backend: every patch runs the whole model"}
+    result.stats = sweep_stats(result, len(chunks), resumed=0, prefix_skipped=0,
+                               fallback_reason="nnsight backend: every patch runs the whole model")
 
     def writes(chunk: list) -> list:
         out = []
@@ -549,4 +502,4 @@ def patch(
 
     jobs = [([p.slot for p in chunk], functools.partial(lambda c: target.patched(writes(c)), chunk))
             for chunk in chunks]
-    return run_streaming(result, values, done, jobs, measure, progress=progress, callback=callback, cancel=cancel)
+    return run_streaming(result, jobs, measure, progress=progress, callback=callback, cancel=cancel)

@@ -65,55 +65,16 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import metrics as metrics_mod
 from .engine import Engine
 from .errors import PatchingInputError
-from .inputs import PreparedInputs, Prompts, prepare
-from .patching import PatchUpdate, check_request, metric_context, run_streaming
+from .inputs import Prompts
 from .results import PatchResult
-from .sites import SITES, enumerate_indices
-from .sources import ablation_values, check_direction, differing_positions, noise_hooks
+from .sites import SITES, Dims
+from .streaming import PatchUpdate, run_streaming
+from .sweep import new_result, prepare_request, run_unpatched, sweep_stats
+from .validation import as_int, check_restrictions
 
 Head = tuple[int, int]
-
-
-# ---------------------------------------------------------------------------- shared setup
-@dataclass
-class Runs:
-    """The two unpatched runs of a sweep, described (not yet run).
-
-    Shared by :func:`path_patch` and :func:`patchwidgets.attribution.attribution_patch`, so
-    both accept exactly the inputs and raise exactly the errors of :func:`patchwidgets.patch`.
-    """
-
-    inputs: PreparedInputs
-    direction: str
-    metric_fns: dict
-    ablation: str | None
-    target_tokens: torch.Tensor
-    target_hooks: list
-    source_tokens: torch.Tensor | None    # None: a zero/mean ablation, built from the target
-    source_hooks: list
-    changed: torch.Tensor                 # [pos] bool: where the source's input differs from the target's
-
-
-def setup_runs(model: Any, clean: Prompts, corrupted: Prompts | None, answers: Any,
-               direction: str | None, metrics: Any, ablation: str | None = None,
-               noise: float = 3.0, noise_positions: Sequence[int] | None = None,
-               noise_seed: int = 0) -> Runs:
-    """Check every input as :func:`patchwidgets.patch` does and say which run is which."""
-    direction = check_direction(direction, corrupted, ablation)
-    metric_fns = metrics_mod.resolve_metrics(metrics)
-    inputs = prepare(model, clean, None if ablation else corrupted, answers)
-    check_request(metric_fns, inputs, ablation)
-    noise = noise_hooks(model, inputs, noise, noise_positions, noise_seed) if ablation == "noise" else []
-    clean_run = (inputs.clean_tokens, [])
-    corrupted_run = (inputs.clean_tokens if ablation else inputs.corrupted_tokens, noise)
-    target, source = (corrupted_run, clean_run) if direction == "denoising" else (clean_run, corrupted_run)
-    if ablation in ("zero", "mean"):
-        source = (None, [])
-    changed = differing_positions(inputs, ablation, noise_positions)
-    return Runs(inputs, direction, metric_fns, ablation, target[0], target[1], source[0], source[1], changed)
 
 
 # ---------------------------------------------------------------------------- the result
@@ -136,15 +97,18 @@ class PathPatchResult(PatchResult):
 
 # ---------------------------------------------------------------------------- argument checks
 def _heads(value: Any, what: str, n_layers: int, n_heads: int) -> list[Head]:
-    try:
-        heads = [(int(l), int(h)) for l, h in value]
-    except (TypeError, ValueError):
-        raise PatchingInputError(f"{what} must be a list of (layer, head) pairs, got {value!r}", "site") from None
-    for l, h in heads:
-        if not (0 <= l < n_layers and 0 <= h < n_heads):
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise PatchingInputError(f"{what} must be a list of (layer, head) pairs, got {value!r}", "site")
+    heads = []
+    for pair in value:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise PatchingInputError(f"{what} must be a list of (layer, head) pairs, got {pair!r} in it", "site")
+        layer, head = (as_int(x, f"{what}: {tuple(pair)}", "site") for x in pair)
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
             raise PatchingInputError(
-                f"{what}: head ({l}, {h}) does not exist; layers are 0..{n_layers - 1} and heads "
+                f"{what}: head ({layer}, {head}) does not exist; layers are 0..{n_layers - 1} and heads "
                 f"0..{n_heads - 1}", "site")
+        heads.append((layer, head))
     if not heads:
         raise PatchingInputError(f"{what} is empty: name at least one (layer, head)", "site")
     return heads
@@ -159,21 +123,22 @@ def _receiver_inputs(receiver_input: Any) -> tuple[str, ...]:
     return tuple(c for c in "qkv" if c in items)
 
 
-def _sender_groups(senders: Any, layers, heads, n_layers: int, n_heads: int, seq_len: int):
+def _sender_groups(senders: Any, layers: Any, heads: Any, dims: Dims):
     """The sender groups (one patch each), their index tuples, the grid shape and axes."""
     if senders is None:
-        indices, shape = enumerate_indices(
-            SITES["head_out"], n_layers=n_layers, n_heads=n_heads, n_kv_heads=None, d_mlp=None,
-            seq_len=seq_len, layers=layers, heads=heads)
+        site = SITES["head_out"]
+        indices, shape = site.grid(dims, check_restrictions([site], dims, layers=layers, heads=heads))
         return [((l, h),) for l, h in indices], indices, shape, ("layer", "head")
     if layers is not None or heads is not None:
         raise PatchingInputError("give either senders=[...] or layers=/heads=, not both", "site")
+    if isinstance(senders, (str, bytes)) or not isinstance(senders, (list, tuple)) or not senders:
+        raise PatchingInputError(f"senders must be a non-empty list of (layer, head) pairs or groups of them, "
+                                 f"got {senders!r}", "site")
     groups = []
     for entry in senders:
-        is_pair = len(entry) == 2 and not any(isinstance(x, (tuple, list)) for x in entry)
-        groups.append(tuple(_heads([entry] if is_pair else entry, "senders", n_layers, n_heads)))
-    if not groups:
-        raise PatchingInputError("senders is empty: name at least one (layer, head)", "site")
+        is_pair = isinstance(entry, (list, tuple)) and len(entry) == 2 \
+            and not any(isinstance(x, (tuple, list)) for x in entry)
+        groups.append(tuple(_heads([entry] if is_pair else entry, "senders", dims.n_layers, dims.n_heads)))
     labels = [("+".join(f"L{l}H{h}" for l, h in g),) for g in groups]
     return groups, labels, (len(groups),), ("sender",)
 
@@ -181,11 +146,6 @@ def _sender_groups(senders: Any, layers, heads, n_layers: int, n_heads: int, seq
 # ---------------------------------------------------------------------------- the sweep
 class _Stop(Exception):
     """Raised by a hook to end a forward pass once it has recorded everything it needs."""
-
-
-def _tiled_forward(engine: Engine, k: int, hooks: list, layer: int | None, offset: int) -> torch.Tensor:
-    """Answer logits ``[k * batch, vocab]`` of the target tiled ``k`` times, with ``hooks``."""
-    return engine.run_pass(layer, offset, k, hooks)
 
 
 def path_patch(
@@ -232,74 +192,54 @@ def path_patch(
     Returns:
         A :class:`PathPatchResult`.
     """
-    runs = setup_runs(model, clean, corrupted, answers, direction, metrics, ablation,
-                      noise, noise_positions, noise_seed)
-    inputs, cfg = runs.inputs, model.cfg
+    request = prepare_request(model, clean, corrupted, answers, direction, metrics, ablation=ablation,
+                              noise=noise, noise_positions=noise_positions, noise_seed=noise_seed)
+    inputs, cfg = request.inputs, model.cfg
+    dims = Dims.of(cfg, inputs.seq_len)
     n_layers, n_heads, batch = cfg.n_layers, cfg.n_heads, inputs.batch
     comps = _receiver_inputs(receiver_input)
     recv = None if receivers is None or isinstance(receivers, str) and receivers in ("logits", "resid_final") \
         else _heads(receivers, "receivers", n_layers, n_heads)
-    kv_heads = getattr(cfg, "n_key_value_heads", None)
-    if recv and kv_heads and kv_heads != n_heads and set(comps) & {"k", "v"}:
+    if recv and dims.n_kv_heads != n_heads and set(comps) & {"k", "v"}:
         raise PatchingInputError(
-            f"this model shares keys and values between heads ({kv_heads} key/value heads for "
+            f"this model shares keys and values between heads ({dims.n_kv_heads} key/value heads for "
             f"{n_heads} query heads), so a single receiver's k or v input is not defined; use 'q'",
             "site")
-    groups, indices, shape, axes = _sender_groups(senders, layers, heads, n_layers, n_heads, inputs.seq_len)
+    groups, indices, shape, axes = _sender_groups(senders, layers, heads, dims)
     if "blocks.0.attn.hook_z" not in (getattr(model, "hook_dict", None) or {}):
         raise PatchingInputError("path patching needs a model with per-head hooks (blocks.L.attn.hook_z)", "site")
 
     # --- The two unpatched runs: every head's output (and every MLP's, to freeze them).
-    z_name = "blocks.{}.attn.hook_z".format
-    names = [z_name(l) for l in range(n_layers)]
+    names = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
     if freeze_mlps:
         names += [f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]
-    target = Engine(model, runs.target_tokens, inputs.answer_pos, runs.target_hooks, max_batch_tokens)
-    with torch.no_grad():  # (the engine's self-check runs passes of its own)
-        target_logits, target_acts = target.run_target(names)
-        if runs.source_tokens is None:
-            source_logits, source_acts = None, ablation_values(target_acts, runs.ablation)
-        else:
-            source = Engine(model, runs.source_tokens, inputs.answer_pos, runs.source_hooks)
-            source_logits, source_acts = source.run_target(names, record=False)
-    clean_logits = source_logits if runs.direction == "denoising" else target_logits
-    ctx, target_values, baselines = metric_context(
-        runs.metric_fns, inputs, runs.direction, target_logits, source_logits, clean_logits)
+    runs = run_unpatched(model, request, names, max_batch_tokens)
+    measure = request.measure(runs.target_logits, runs.source_logits)
 
     # --- Which senders change anything, and from which position on.
     last_receiver_layer = max(l for l, _ in recv) if recv else n_layers
     first_pos: list[int | None] = []
     for group in groups:
-        firsts = [SITES["head_out"].first_changed_position((l, h), runs.changed) for l, h in group]
+        firsts = [SITES["head_out"].first_changed_position((l, h), request.changed) for l, h in group]
         firsts = [f for f in firsts if f is not None]
         reaches = min(l for l, _ in group) < last_receiver_layer
         first_pos.append(min(firsts) if firsts and reaches else None)
-
-    n_cells = len(groups)
-    values = {k: v.cpu().expand(n_cells, -1).clone() for k, v in target_values.items()}
-    done = torch.tensor([f is None for f in first_pos])
-    result = PathPatchResult(
-        sites=[_site_label(recv, comps)], axes=axes, shape=shape, indices=list(indices),
-        values={k: v.view(1, n_cells, -1) for k, v in values.items()}, direction=runs.direction,
-        baselines=baselines, clean_str_tokens=inputs.clean_str_tokens,
-        corrupted_str_tokens=inputs.corrupted_str_tokens, done=done.view(1, n_cells),
-        senders=groups, receivers=recv, receiver_input=comps if recv else (), freeze_mlps=freeze_mlps)
+    result = new_result(
+        PathPatchResult, request, measure, sites=[_site_label(recv, comps)], axes=axes, shape=shape,
+        indices=indices, first_pos=first_pos, senders=groups, receivers=recv,
+        receiver_input=comps if recv else (), freeze_mlps=freeze_mlps)
 
     chunks = _plan(groups, first_pos, batch, inputs.seq_len, int(inputs.answer_pos.min()), max_batch_tokens)
-    result.stats = {"patches": n_cells, "skipped_noop": int(done.sum()),
-                    "forward_passes": len(chunks) * (2 if recv else 1), **target.shortcut_report()}
+    result.stats = sweep_stats(result, len(chunks) * (2 if recv else 1), **runs.target.shortcut_report())
 
     def run(cells, offset):
         with torch.no_grad():
-            logits = _run_chunk(target, [groups[c] for c in cells], offset, target_acts, source_acts, recv, comps,
-                                freeze_mlps, n_layers)
+            logits = _run_chunk(runs.target, [groups[c] for c in cells], offset, runs.target_acts, runs.source_acts,
+                                recv, comps, freeze_mlps, n_layers)
         return logits.reshape(len(cells), batch, -1)
 
-    def measure(logits):
-        return metrics_mod.compute(runs.metric_fns, logits, ctx)
-
     jobs = [(cells, functools.partial(run, cells, offset)) for cells, offset in chunks]
-    return run_streaming(result, values, done, jobs, measure, progress=progress, callback=callback, cancel=cancel)
+    return run_streaming(result, jobs, measure, progress=progress, callback=callback, cancel=cancel)
 
 
 def _site_label(recv: list[Head] | None, comps: tuple[str, ...]) -> str:
@@ -358,7 +298,7 @@ def _run_chunk(engine: Engine, groups, offset: int, target_acts, source_acts, re
     if freeze_mlps:
         hooks += [(f"blocks.{l}.hook_mlp_out", freeze_mlp(l)) for l in range(start, n_layers)]
     if recv is None:
-        return _tiled_forward(engine, k, hooks, start, offset)
+        return engine.run_pass(start, offset, k, hooks)
 
     # Step 1: record the receivers' inputs, then stop the pass.
     wanted = {(l, c): [h for rl, h in recv if rl == l] for l, _ in recv for c in comps if l >= start}
@@ -373,7 +313,7 @@ def _run_chunk(engine: Engine, groups, offset: int, target_acts, source_acts, re
 
     step1 = hooks + [(f"blocks.{l}.attn.hook_{c}", record((l, c))) for l, c in wanted]
     try:
-        _tiled_forward(engine, k, step1, start, offset)
+        engine.run_pass(start, offset, k, step1)
     except _Stop:
         pass
     if len(recorded) != len(wanted):
@@ -388,4 +328,4 @@ def _run_chunk(engine: Engine, groups, offset: int, target_acts, source_acts, re
         return hook
 
     step2 = [(f"blocks.{l}.attn.hook_{c}", paste((l, c))) for l, c in wanted]
-    return _tiled_forward(engine, k, step2, min(l for l, _ in wanted), offset)
+    return engine.run_pass(min(l for l, _ in wanted), offset, k, step2)

@@ -42,7 +42,8 @@ class PatchResult:
     def complete(self) -> bool:
         return self.done is None or bool(self.done.all())
 
-    def _metric(self, metric: str | None) -> str:
+    def metric_name(self, metric: str | None) -> str:
+        """``metric``, checked to be computed; ``None``: the first metric."""
         if metric is None:
             return self.metrics[0]
         if metric not in self.values:
@@ -57,14 +58,15 @@ class PatchResult:
         With ``per_pair=True`` a trailing pair axis is kept instead of averaging.
         Cells not computed yet (a cancelled or streaming sweep) are NaN.
         """
-        v = self.values[self._metric(metric)]
+        v = self.values[self.metric_name(metric)]
         if self.done is not None:
             v = v.masked_fill(~self.done[..., None], float("nan"))
         v = v if per_pair else v.mean(-1)
         v = v.reshape(len(self.sites), *self.shape, *(() if not per_pair else (v.shape[-1],)))
         return v[0] if len(self.sites) == 1 else v
 
-    def _index_frame(self) -> pd.DataFrame:
+    def index_frame(self) -> pd.DataFrame:
+        """One row per cell: its site and index (and the token, for a position axis)."""
         rows = [(s, *idx) for s in self.sites for idx in self.indices]
         df = pd.DataFrame(rows, columns=["site", *self.axes])
         if self.clean_str_tokens is not None and "pos" in self.axes:
@@ -75,7 +77,7 @@ class PatchResult:
     @property
     def frame(self) -> pd.DataFrame:
         """One row per patch: site, index columns, each metric's mean (and ``_se``)."""
-        df = self._index_frame()
+        df = self.index_frame()
         n = self.n_pairs
         for name, v in self.values.items():
             flat = v.reshape(-1, n)
@@ -89,7 +91,7 @@ class PatchResult:
     @property
     def frame_per_pair(self) -> pd.DataFrame:
         """Long table: one row per patch and prompt pair (column ``pair``)."""
-        base = self._index_frame()
+        base = self.index_frame()
         n = self.n_pairs
         df = base.loc[base.index.repeat(n)].reset_index(drop=True)
         df.insert(1, "pair", list(range(n)) * len(base))
@@ -106,7 +108,7 @@ class PatchResult:
         """A plotly heatmap of ``grid(metric)`` (one panel per site), centred on 0."""
         from .plotting import heatmap_figure
 
-        return heatmap_figure(self, self._metric(metric), title=title)
+        return heatmap_figure(self, self.metric_name(metric), title=title)
 
     def __repr__(self) -> str:
         axes = " x ".join(f"{a}={n}" for a, n in zip(self.axes, self.shape))

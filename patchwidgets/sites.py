@@ -26,6 +26,7 @@ tuples to patch, each indexing the activation after its batch axis.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -45,6 +46,27 @@ from .errors import UnknownSiteError
 
 
 @dataclass(frozen=True)
+class Dims:
+    """The sizes a sweep's axes range over: the model's, and the prompt's length."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int          # key/value heads (fewer than n_heads in grouped-query models)
+    d_mlp: int | None
+    seq_len: int
+
+    @classmethod
+    def of(cls, cfg, seq_len: int) -> "Dims":
+        """From a TransformerLens config (``n_layers``, ``n_heads``, ...)."""
+        return cls(cfg.n_layers, cfg.n_heads, getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
+                   getattr(cfg, "d_mlp", None), seq_len)
+
+    def size(self, axis: str) -> int:
+        """How many values a sweep axis has (``"head"``: query heads)."""
+        return {"layer": self.n_layers, "pos": self.seq_len, "head": self.n_heads, "neuron": self.d_mlp or 0}[axis]
+
+
+@dataclass(frozen=True)
 class Site:
     """One kind of activation to patch; see the module docstring."""
 
@@ -52,11 +74,28 @@ class Site:
     hook_template: str
     axes: tuple[str, ...]
     kind: str
-    description: str
     key_value: bool = False  # k and v have n_key_value_heads heads in grouped-query models
 
     def hook_name(self, layer: int) -> str:
         return self.hook_template.format(layer=layer)
+
+    def hook_of(self, index: tuple) -> str:
+        """The hook that carries the activation ``index`` patches."""
+        return self.hook_template if self.kind == "raw" else self.hook_name(index[0])
+
+    def axis_size(self, axis: str, dims: Dims) -> int:
+        """How many values ``axis`` has on this site."""
+        return dims.n_kv_heads if axis == "head" and self.key_value else dims.size(axis)
+
+    def grid(self, dims: Dims, chosen: dict[str, list[int] | None]) -> tuple[list[tuple], tuple[int, ...]]:
+        """Every index tuple of a sweep over this site in row-major order, and the grid shape.
+
+        ``chosen`` restricts an axis to some values (``None``: all of them). The order matches
+        ``transformer_lens.patching`` (layer outermost), so results reshape to the same
+        ``[layer, pos]`` or ``[layer, pos, head]`` grids.
+        """
+        ranges = [chosen.get(a) or list(range(self.axis_size(a, dims))) for a in self.axes]
+        return list(itertools.product(*ranges)), tuple(len(r) for r in ranges)
 
     @property
     def pos_axis(self) -> int | None:
@@ -99,6 +138,29 @@ class Site:
             return (all_, index[1] - offset, index[2])
         return (all_, *index)
 
+    def reduce(self, attr: torch.Tensor) -> torch.Tensor:
+        """Sum an elementwise ``[batch, ...]`` tensor over what each index patches.
+
+        The result is indexed like ``(batch, *index[1:])``: summing an attribution
+        ``(a_source - a_target) * grad`` this way prices every patch of one layer at once.
+        """
+        k = self.kind
+        if k == "pos":            # [b, pos, d_model] -> [b, pos]
+            return attr.sum(-1)
+        if k == "head":           # [b, pos, head, d_head] -> [b, head]
+            return attr.sum((1, 3))
+        if k == "head_pos":       # -> [b, pos, head]
+            return attr.sum(-1)
+        if k == "pattern":        # [b, head, q, k] -> [b, head]
+            return attr.sum((2, 3))
+        if k == "pattern_pos":    # -> [b, head, q]
+            return attr.sum(-1)
+        if k == "neuron":         # [b, pos, d_mlp] -> [b, d_mlp]
+            return attr.sum(1)
+        if k == "neuron_pos":     # [b, pos, d_mlp], one value per neuron already
+            return attr
+        raise ValueError(f"a {k!r} site has no fixed layout to reduce over; sum its slices instead")
+
     def first_changed_position(self, index: tuple, changed: torch.Tensor) -> int | None:
         """First position the patch changes, or ``None`` when the patch is a no-op.
 
@@ -124,40 +186,26 @@ _S = Site
 SITES: dict[str, Site] = {
     s.name: s
     for s in [
-        _S("resid_pre", "blocks.{layer}.hook_resid_pre", ("layer", "pos"), "pos",
-           "residual stream entering each block"),
-        _S("resid_mid", "blocks.{layer}.hook_resid_mid", ("layer", "pos"), "pos",
-           "residual stream between attention and MLP"),
-        _S("resid_post", "blocks.{layer}.hook_resid_post", ("layer", "pos"), "pos",
-           "residual stream leaving each block"),
-        _S("attn_out", "blocks.{layer}.hook_attn_out", ("layer", "pos"), "pos",
-           "output of each attention layer"),
-        _S("mlp_out", "blocks.{layer}.hook_mlp_out", ("layer", "pos"), "pos",
-           "output of each MLP layer"),
-        _S("head_out", "blocks.{layer}.attn.hook_z", ("layer", "head"), "head",
-           "each head's output (z), all positions"),
-        _S("head_q", "blocks.{layer}.attn.hook_q", ("layer", "head"), "head",
-           "each head's queries, all positions"),
-        _S("head_k", "blocks.{layer}.attn.hook_k", ("layer", "head"), "head",
-           "each head's keys, all positions", key_value=True),
-        _S("head_v", "blocks.{layer}.attn.hook_v", ("layer", "head"), "head",
-           "each head's values, all positions", key_value=True),
-        _S("head_pattern", "blocks.{layer}.attn.hook_pattern", ("layer", "head"), "pattern",
-           "each head's attention pattern, all positions"),
-        _S("head_out_by_pos", "blocks.{layer}.attn.hook_z", ("layer", "pos", "head"),
-           "head_pos", "each head's output (z) at one position"),
-        _S("head_q_by_pos", "blocks.{layer}.attn.hook_q", ("layer", "pos", "head"),
-           "head_pos", "each head's query at one position"),
-        _S("head_k_by_pos", "blocks.{layer}.attn.hook_k", ("layer", "pos", "head"),
-           "head_pos", "each head's key at one position", key_value=True),
-        _S("head_v_by_pos", "blocks.{layer}.attn.hook_v", ("layer", "pos", "head"),
-           "head_pos", "each head's value at one position", key_value=True),
-        _S("head_pattern_by_pos", "blocks.{layer}.attn.hook_pattern", ("layer", "head", "pos"),
-           "pattern_pos", "each head's attention from one destination position"),
-        _S("neuron", "blocks.{layer}.mlp.hook_post", ("layer", "neuron"), "neuron",
-           "each MLP neuron (post-activation), all positions"),
-        _S("neuron_by_pos", "blocks.{layer}.mlp.hook_post", ("layer", "pos", "neuron"),
-           "neuron_pos", "each MLP neuron (post-activation) at one position"),
+        _S("resid_pre", "blocks.{layer}.hook_resid_pre", ("layer", "pos"), "pos"),     # entering each block
+        _S("resid_mid", "blocks.{layer}.hook_resid_mid", ("layer", "pos"), "pos"),     # between attention and MLP
+        _S("resid_post", "blocks.{layer}.hook_resid_post", ("layer", "pos"), "pos"),   # leaving each block
+        _S("attn_out", "blocks.{layer}.hook_attn_out", ("layer", "pos"), "pos"),
+        _S("mlp_out", "blocks.{layer}.hook_mlp_out", ("layer", "pos"), "pos"),
+        # Each head at every position: output (z), query, key, value, attention pattern.
+        _S("head_out", "blocks.{layer}.attn.hook_z", ("layer", "head"), "head"),
+        _S("head_q", "blocks.{layer}.attn.hook_q", ("layer", "head"), "head"),
+        _S("head_k", "blocks.{layer}.attn.hook_k", ("layer", "head"), "head", key_value=True),
+        _S("head_v", "blocks.{layer}.attn.hook_v", ("layer", "head"), "head", key_value=True),
+        _S("head_pattern", "blocks.{layer}.attn.hook_pattern", ("layer", "head"), "pattern"),
+        # Each head at one position (the pattern: from one destination position).
+        _S("head_out_by_pos", "blocks.{layer}.attn.hook_z", ("layer", "pos", "head"), "head_pos"),
+        _S("head_q_by_pos", "blocks.{layer}.attn.hook_q", ("layer", "pos", "head"), "head_pos"),
+        _S("head_k_by_pos", "blocks.{layer}.attn.hook_k", ("layer", "pos", "head"), "head_pos", key_value=True),
+        _S("head_v_by_pos", "blocks.{layer}.attn.hook_v", ("layer", "pos", "head"), "head_pos", key_value=True),
+        _S("head_pattern_by_pos", "blocks.{layer}.attn.hook_pattern", ("layer", "head", "pos"), "pattern_pos"),
+        # Each MLP neuron (post-activation), at every position or at one.
+        _S("neuron", "blocks.{layer}.mlp.hook_post", ("layer", "neuron"), "neuron"),
+        _S("neuron_by_pos", "blocks.{layer}.mlp.hook_post", ("layer", "pos", "neuron"), "neuron_pos"),
     ]
 }
 
@@ -198,42 +246,9 @@ def resolve_sites(site: str | Site, hook_names: Sequence[str] = ()) -> list[Site
     if name in GROUPS:
         return [SITES[n] for n in GROUPS[name]]
     if site in hook_names:
-        return [Site(site, site, ("index",), "raw", f"hook {site}")]
+        return [Site(site, site, ("index",), "raw")]
     raise UnknownSiteError(
         f"unknown site {site!r}. Valid sites: {', '.join(site_names())}; "
         f"aliases: {', '.join(sorted(ALIASES))}; or any hook name of the model "
         "(e.g. 'blocks.0.attn.hook_z') together with index=[...]."
     )
-
-
-def enumerate_indices(
-    site: Site,
-    *,
-    n_layers: int,
-    n_heads: int,
-    n_kv_heads: int | None,
-    d_mlp: int | None,
-    seq_len: int,
-    layers: Sequence[int] | None = None,
-    positions: Sequence[int] | None = None,
-    heads: Sequence[int] | None = None,
-    neurons: Sequence[int] | None = None,
-) -> tuple[list[tuple], tuple[int, ...]]:
-    """All index tuples of a sweep over ``site`` in row-major order, and the grid shape.
-
-    The order matches ``transformer_lens.patching`` (layer outermost), so results reshape
-    to the same ``[layer, pos]`` or ``[layer, pos, head]`` grids.
-    """
-    head_count = n_kv_heads if (site.key_value and n_kv_heads) else n_heads
-    ranges = {
-        "layer": list(range(n_layers)) if layers is None else list(layers),
-        "pos": list(range(seq_len)) if positions is None else list(positions),
-        "head": list(range(head_count)) if heads is None else list(heads),
-        "neuron": list(range(d_mlp or 0)) if neurons is None else list(neurons),
-    }
-    axes_ranges = [ranges[a] for a in site.axes]
-    shape = tuple(len(r) for r in axes_ranges)
-    grid = torch.cartesian_prod(*[torch.tensor(r) for r in axes_ranges])
-    if grid.ndim == 1:
-        grid = grid[:, None]
-    return [tuple(int(x) for x in row) for row in grid.tolist()], shape

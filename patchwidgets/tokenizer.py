@@ -30,6 +30,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -197,14 +198,44 @@ def _unknown_word_error(tokenizer: Any, text: str, piece: str) -> UnknownWordErr
 
 
 def _check_known(tokenizer: Any, inputs: Iterable[Any]) -> None:
-    """Raise :class:`UnknownWordError` for the first unknown piece in ``inputs``."""
+    """Raise :class:`UnknownWordError` for the first unknown piece in ``inputs``.
+
+    The literal text ``[UNK]`` is refused too: it encodes to the unknown-word id, which is
+    exactly the silent failure strict mode exists to prevent.
+    """
     unk_id = tokenizer.unk_token_id
     backend = tokenizer.backend_tokenizer
     for text in (s for value in inputs for s in _strings(value)):
+        if UNK_TOKEN in text:
+            raise UnknownWordError(
+                f"{UNK_TOKEN!r} is the tokenizer's placeholder for unknown words, not a word: "
+                "the model would read it as 'some word I do not know'. Type a word from the "
+                "vocabulary instead.", word=UNK_TOKEN, text=text)
         encoding = backend.encode(text, add_special_tokens=False)
         for token_id, (start, end) in zip(encoding.ids, encoding.offsets):
-            if token_id == unk_id and text[start:end] != UNK_TOKEN:
-                raise _unknown_word_error(tokenizer, text, text[start:end])
+            if token_id == unk_id:
+                raise _unknown_word_error(tokenizer, text, _whole_word(text, start, end))
+
+
+def _is_word_character(ch: str) -> bool:
+    # Letters and digits of any script, apostrophes, and combining marks (the accent of a
+    # decomposed "a\u0301" is a separate character the pre-tokenizer cuts the word at).
+    return ch.isalnum() or ch == "'" or unicodedata.category(ch).startswith("M")
+
+
+def _whole_word(text: str, start: int, end: int) -> str:
+    """The unknown piece ``text[start:end]`` grown to the whole word around it.
+
+    The pre-tokenizer's pattern knows only ASCII letters, so it cuts "J\u00f6hn" into
+    " J", "\u00f6", "hn"; the error should name "J\u00f6hn", not the fragment " J".
+    """
+    if not text[start:end].strip():
+        return text[start:end]  # a whitespace piece: the message explains spacing instead
+    while _is_word_character(text[start]) and start > 0 and _is_word_character(text[start - 1]):
+        start -= 1
+    while end < len(text) and _is_word_character(text[end]):
+        end += 1
+    return text[start:end]
 
 
 def _strict_class(base: type) -> type:

@@ -38,9 +38,9 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .attribution import DISCRETE_METRICS, attribution_patch
+from .attribution import attribution_patch
 from .errors import DegenerateNormalizationError, PatchingCancelled
-from .metrics import BUILTIN_METRICS
+from .metrics import BUILTIN_METRICS, METRICS
 from .patching import patch
 from .path_patching import path_patch
 from .widget_state import INPUT_FIELDS, WIDGET_SITES, heatmap_payload
@@ -303,7 +303,7 @@ class SweepJobs:
         fails on skips the preview; ``self.preview_skipped`` keeps the reason.
         """
         metric, inputs = self.metric, view.inputs
-        if metric in DISCRETE_METRICS:
+        if not METRICS[metric].differentiable:
             self.preview_skipped = f"metric {metric!r} has no gradient"
             return
         try:

@@ -413,7 +413,7 @@ def preview(model: Any, texts: dict[str, str], answers: dict[str, str],
             errors[name] = f"The {name} prompt is empty: type a sentence for the model to complete."
             continue
         try:
-            ids[name] = inputs_mod._tokenize(model, [text], name)[0]
+            ids[name] = inputs_mod.tokenize(model, [text], name)[0]
         except ValueError as err:
             errors[name] = str(err)
     if len(ids) == 2:
@@ -448,7 +448,7 @@ def preview(model: Any, texts: dict[str, str], answers: dict[str, str],
             errors[answer] = f"Type the {answer} answer token, e.g. ' Mary'."
             continue
         try:
-            answer_ids[answer] = inputs_mod._answer_id(model, value, answer)
+            answer_ids[answer] = inputs_mod.answer_id(model, value, answer)
         except ValueError as err:
             errors[answer] = str(err)
     baseline: dict[str, Any] = {f"{n}_top": top.get(n) for n in texts}
