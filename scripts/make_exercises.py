@@ -29,6 +29,13 @@ line ``<!-- EXERCISE: text -->`` becomes ``text``.
 Each code cell that had a solution block is followed, in the exercise notebook, by a generated
 markdown cell holding the solution in a collapsed ``<details>`` block.
 
+Metadata for the grader (``patchwidgets grade``, see ``patchwidgets/grading/_notebook.py``):
+the notebook gets ``{"patchwidgets": {"notebook": <file stem>, "exercises": [...]}}``, each
+exercise cell (a solution-block cell followed by a ``check_<name>(...)`` cell)
+``{"patchwidgets": {"exercise": <name>, "check": "check_<name>"}}`` and each such check cell
+``{"patchwidgets": {"self_check": <name>}}``. With it the grader recognises a learner's copy
+under any file name and lists every exercise, even one whose cells were deleted.
+
 Exercise notebooks are stored without outputs or execution counts; solution notebooks keep
 the outputs from their last run.
 
@@ -64,7 +71,8 @@ MD_END = re.compile(r"^\s*<!-- END SOLUTION -->\s*$")
 MD_STUB = re.compile(r"^(\s*)<!-- EXERCISE: (.*?) -->\s*$")
 SOLUTION_SUMMARY = "<details><summary>Solution</summary>"
 HINT_SUMMARY = "<details><summary>Hint"
-CHECK_CALL = re.compile(r"\bcheck_\w+\s*\(")
+CHECK_CALL = re.compile(r"\bcheck_(\w+)\s*\(")
+META = "patchwidgets"
 
 
 class MarkerError(ValueError):
@@ -155,6 +163,8 @@ def make_exercise(solution: nbformat.NotebookNode, name: str = "") -> nbformat.N
     out = []
     pending = None  # the solution cell waiting to be placed
     state = ""
+    exercise_cell = None  # the exercise cell whose check cell comes next
+    exercises = []
     for i, cell in enumerate(nb.cells):
         where = f"{name} cell {i}"
         if cell.cell_type == "code":
@@ -168,6 +178,7 @@ def make_exercise(solution: nbformat.NotebookNode, name: str = "") -> nbformat.N
             cell.source = strip_markdown(cell.source, where)
         if pending is not None:
             if state == "check" and cell.cell_type == "code" and CHECK_CALL.search(cell.source):
+                _tag_exercise(exercise_cell, cell, CHECK_CALL.search(cell.source).group(1), exercises)
                 out.append(cell)
                 state = "hints"
                 continue
@@ -179,10 +190,22 @@ def make_exercise(solution: nbformat.NotebookNode, name: str = "") -> nbformat.N
         out.append(cell)
         if cell.cell_type == "code" and cell.source != original:
             pending, state = solution_dropdown(original, cell.get("id") or f"cell{i}"), "check"
+            exercise_cell = cell
     if pending is not None:
         out.append(pending)
     nb.cells = out
+    if name or exercises:
+        nb.metadata[META] = {**({"notebook": Path(name).stem} if name else {}), "exercises": exercises}
     return nb
+
+
+def _tag_exercise(exercise_cell, check_cell, exercise: str, exercises: list) -> None:
+    """Name the exercise on its cell and on its check cell, if the cell defines it."""
+    if not re.search(rf"^\s*def {re.escape(exercise)}\(", exercise_cell.source, re.M):
+        return
+    exercise_cell.metadata[META] = {"exercise": exercise, "check": f"check_{exercise}"}
+    check_cell.metadata[META] = {"self_check": exercise}
+    exercises.append(exercise)
 
 
 def exercise_text(solution_path: Path) -> str:

@@ -2,8 +2,10 @@
 
 Every exercise in ``exercises/*.ipynb`` is a function stub; the cell after it calls one of the
 ``check_*`` functions below with the learner's function. A check runs that function on the
-bundled ``toy-ioi`` model (whatever model the notebook itself uses) and compares what comes
-back with the library's own answer (:func:`patchwidgets.patch` or :mod:`patchwidgets.metrics`):
+bundled ``toy-ioi`` model (whatever model the notebook itself uses), with its own four-prompt
+batch, cache and metric (copies, so a wrong answer cannot change what the next check sees),
+and compares what comes back with the library's own answer (:func:`patchwidgets.patch` or
+:mod:`patchwidgets.metrics`):
 
 * on success it prints exactly one line, ``✅ <exercise>: passed (...)``;
 * on a wrong answer it raises :class:`GradingError` (an ``AssertionError``) that says what was
@@ -12,7 +14,13 @@ back with the library's own answer (:func:`patchwidgets.patch` or :mod:`patchwid
   wrong answer looks like (patching ``resid_post`` instead of ``resid_pre``, say);
 * on a stub that still raises ``NotImplementedError`` it re-raises ``NotImplementedError``, so
   the grader (``patchwidgets grade NOTEBOOK``, see :mod:`patchwidgets.cli`) can report the
-  exercise as *not attempted* rather than *failed*.
+  exercise as *not attempted* rather than *failed*;
+* when the learner's function raises, a :class:`GradingError` that says where, and what the
+  check passed in (and which notebook variables the function reads instead of its arguments).
+
+The check cells in a notebook are for the learner. The grader does not run them or read their
+output: it runs the learner's cells, then calls each check itself, from its own process, on the
+learner's functions (see :mod:`patchwidgets.grading.grader`).
 
 The course helpers :func:`ioi_batch` and :func:`normalized_ld_metric` build the data and the
 metric the exercises use, so that the learner's experiment and the check's agree.
@@ -28,6 +36,7 @@ from ._common import (  # noqa: F401
     ioi_batch,
     IOIBatch,
     normalized_ld_metric,
+    NormalizedLDMetric,
     _sweep_setup,
     _library_grid,
 )
@@ -73,9 +82,13 @@ from .check_advanced import (  # noqa: F401  (the private ones are used by tests
     _library_attribution,
 )
 
+#: ``exercise name -> its check``, captured when this package is imported: the grader calls
+#: these objects, never whatever ``grading.check_...`` names at the time.
+CHECKS = {name: globals()[f"check_{name}"] for names in EXERCISES.values() for name in names}
+
 __all__ = [
-    "GradingError", "EXERCISES", "PASS_MARK", "bundled_model", "ioi_batch", "IOIBatch",
-    "normalized_ld_metric",
+    "GradingError", "EXERCISES", "CHECKS", "PASS_MARK", "bundled_model", "ioi_batch", "IOIBatch",
+    "normalized_ld_metric", "NormalizedLDMetric",
     # 02_metrics
     "check_logit_diff", "check_normalized_metric", "check_noising_metric", "check_logprob",
     "check_prob", "check_rank", "check_kl",

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+
+from ._learner_code import describe_args, notebook_globals, where_raised
 
 
 #: What a passing check prints at the start of its one line; the grader looks for it.
@@ -45,6 +50,21 @@ class GradingError(AssertionError):
 
 _MODEL: Any = None
 
+# Models a check hands to the learner's function, by name. The grader runs that function in
+# the learner's kernel (see grader.py) and a model cannot travel there by pickle: the kernel
+# builds its own from the name instead.
+_MODEL_REFS: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
+
+
+def name_model(model: Any, *ref: Any) -> Any:
+    """Record how the kernel can build its own copy of ``model`` (see :mod:`._worker`)."""
+    _MODEL_REFS[model] = ref
+    return model
+
+
+def model_ref(model: Any) -> tuple | None:
+    return _MODEL_REFS.get(model)
+
 
 def bundled_model() -> Any:
     """The bundled ``toy-ioi`` model on the CPU, loaded once per process."""
@@ -52,7 +72,7 @@ def bundled_model() -> Any:
     if _MODEL is None:
         from ..loading import load_model
 
-        _MODEL = load_model("toy-ioi", device="cpu")
+        _MODEL = name_model(load_model("toy-ioi", device="cpu"), "bundled_model")
     return _MODEL
 
 
@@ -136,10 +156,38 @@ def ioi_batch(model: Any = None, n: int = 8, seed: int = 0, include_reference: b
     )
 
 
+class NormalizedLDMetric:
+    """The metric :func:`normalized_ld_metric` returns: ``metric(logits) -> scalar``.
+
+    A class rather than a closure so that it can be pickled: the grader sends it, with the rest
+    of a check's arguments, to the learner's kernel.
+    """
+
+    def __init__(self, clean_ld: torch.Tensor, corrupted_ld: torch.Tensor, correct_ids: torch.Tensor,
+                 incorrect_ids: torch.Tensor, direction: str = "denoising"):
+        self.clean_ld, self.corrupted_ld = clean_ld, corrupted_ld
+        self.correct_ids, self.incorrect_ids, self.direction = correct_ids, incorrect_ids, direction
+
+    def mean_ld(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mean over the batch of ``logit[correct] - logit[incorrect]`` at the last position."""
+        final = logits[:, -1].float()
+        rows = torch.arange(len(self.correct_ids))
+        return (final[rows, self.correct_ids] - final[rows, self.incorrect_ids]).mean()
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        target, source = ((self.corrupted_ld, self.clean_ld) if self.direction == "denoising"
+                          else (self.clean_ld, self.corrupted_ld))
+        return (self.mean_ld(logits) - target) / (source - target)
+
+    def copy(self) -> "NormalizedLDMetric":
+        return NormalizedLDMetric(self.clean_ld.clone(), self.corrupted_ld.clone(), self.correct_ids.clone(),
+                                  self.incorrect_ids.clone(), self.direction)
+
+
 def normalized_ld_metric(
     clean_logits: torch.Tensor, corrupted_logits: torch.Tensor, correct_ids: torch.Tensor,
     incorrect_ids: torch.Tensor, direction: str = "denoising",
-) -> Callable[[torch.Tensor], torch.Tensor]:
+) -> NormalizedLDMetric:
     """A metric ``fn(logits [batch, pos, vocab]) -> scalar`` for hand-written sweeps.
 
     It reads the last position's logits, takes the mean logit difference
@@ -147,18 +195,9 @@ def normalized_ld_metric(
     the run being patched" and 1 means "as the run the patched values come from": for
     denoising 0 = corrupted and 1 = clean; for noising 0 = clean and 1 = corrupted.
     """
-    rows = torch.arange(len(correct_ids))
-
-    def mean_ld(logits: torch.Tensor) -> torch.Tensor:
-        final = logits[:, -1].float()
-        return (final[rows, correct_ids] - final[rows, incorrect_ids]).mean()
-
-    clean_ld, corrupted_ld = mean_ld(clean_logits).detach(), mean_ld(corrupted_logits).detach()
-    target, source = (corrupted_ld, clean_ld) if direction == "denoising" else (clean_ld, corrupted_ld)
-
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        return (mean_ld(logits) - target) / (source - target)
-
+    metric = NormalizedLDMetric(torch.tensor(0.0), torch.tensor(0.0), correct_ids, incorrect_ids, direction)
+    metric.clean_ld = metric.mean_ld(clean_logits).detach()
+    metric.corrupted_ld = metric.mean_ld(corrupted_logits).detach()
     return metric
 
 
@@ -167,7 +206,8 @@ def normalized_ld_metric(
 # ---------------------------------------------------------------------------------------------
 
 def _call(name: str, fn: Callable, *args, **kwargs) -> Any:
-    """Call the learner's ``fn``; a stub's NotImplementedError becomes a clear one."""
+    """Call the learner's ``fn``; a stub's NotImplementedError becomes a clear one, and any
+    other exception a GradingError that says what the check passed in (see :func:`_crashed`)."""
     if not callable(fn):
         raise GradingError(f"{name}: expected a function, got {type(fn).__name__} {fn!r}")
     try:
@@ -176,6 +216,42 @@ def _call(name: str, fn: Callable, *args, **kwargs) -> Any:
         raise NotImplementedError(
             f"{name} is not implemented yet: replace `raise NotImplementedError()` in the cell "
             "above with your code, run that cell, then run this check again") from None
+    except GradingError:
+        raise
+    except Exception as err:
+        raise GradingError(_crashed(name, fn, args, err)) from err
+
+
+def _globals_read(fn: Callable) -> list[str]:
+    # A RemoteFunction (the grader's stand-in) brings the list from the kernel.
+    found = getattr(fn, "notebook_globals", None)
+    return list(found) if found is not None else notebook_globals(fn)
+
+
+def _globals_note(fn: Callable) -> str:
+    names = _globals_read(fn)
+    if not names:
+        return ""
+    listed = ", ".join(f"`{n}`" for n in names)
+    return (f"Your function reads the notebook variable(s) {listed}; the check passes its own "
+            "model, tokens, cache and metric as arguments, so use those instead.")
+
+
+def _crashed(name: str, fn: Callable, args: Sequence[Any], err: Exception) -> str:
+    """The message for a learner's function that raised: the error, where, and with what."""
+    type_name = getattr(err, "type_name", type(err).__name__)  # a LearnerError keeps the kernel's type
+    where = getattr(err, "where", None) or where_raised(err, fn)
+    lines = [f"{name} raised {type_name}: {err}"]
+    if where:
+        lines.append(f"  at {where}")
+    lines.append(f"The check called {name} with its own arguments: {describe_args(args)}.")
+    note = _globals_note(fn)
+    if note:
+        lines.append(note)
+    elif type_name in ("IndexError", "RuntimeError", "ValueError"):
+        lines.append("A shape or index that does not fit these arguments often means the function "
+                     "relies on the notebook's own batch (its size, its positions) somewhere.")
+    return "\n".join(lines)
 
 
 def _passed(name: str, detail: str) -> None:
@@ -215,20 +291,20 @@ def _compare(
     atol: float = ATOL,
     rtol: float = RTOL,
 ) -> torch.Tensor:
-    """Raise a GradingError describing the first mismatch of ``got`` against ``expected``."""
+    """Raise a GradingError describing the first mismatch of ``got`` against ``expected``.
+
+    After the mismatch itself, the message says what the wrong answer looks like, most specific
+    first: one of the check's known ``alternatives`` (``(description, make_wrong_answer)``),
+    else a pattern any wrong sweep can show (see :func:`_patterns`).
+    """
     labels = labels or {}
     got = _as_tensor(name, got)
     expected = expected.detach().cpu().float()
     shape_desc = " x ".join(f"{a}={n}" for a, n in zip(axes, expected.shape))
     if got.shape != expected.shape:
-        hint = ""
-        if got.ndim == 2 and expected.ndim == 2 and got.shape == expected.shape[::-1]:
-            hint = " It looks transposed: put the first axis first."
-        elif got.numel() == expected.numel():
-            hint = f" It has the right number of values: reshape it to {tuple(expected.shape)}."
         raise GradingError(
             f"{name}: expected a tensor of shape {tuple(expected.shape)} ({shape_desc}), "
-            f"got shape {tuple(got.shape)}.{hint}")
+            f"got shape {tuple(got.shape)}.{_shape_hint(got, expected, axes, atol, rtol)}")
     if torch.isnan(got).any() and not torch.isnan(expected).any():
         idx = [int(i) for i in torch.nonzero(torch.isnan(got))[0]]
         raise GradingError(
@@ -247,20 +323,96 @@ def _compare(
     ]
     if expected.numel() <= 64 and expected.ndim <= 2:
         lines.append(f"Expected:\n{_table(expected)}\nGot:\n{_table(got)}")
-    if bool((got == 0).all()):
-        lines.append("Everything you returned is 0: did you fill in the results tensor?")
-    elif got.numel() > 1 and float(got.max() - got.min()) < 1e-6:
-        lines.append("Every value is the same: is the patch applied at all (the hook name, "
-                     "fwd_hooks=..., returning the patched activation)?")
+
+    def same(alt: torch.Tensor) -> bool:
+        return alt.shape == got.shape and bool(torch.isclose(got, alt, atol=atol, rtol=rtol).all())
+
     for description, make in alternatives:
         try:
             alt = make().detach().cpu().float()
         except Exception:
             continue
-        if alt.shape == got.shape and bool(torch.isclose(got, alt, atol=atol, rtol=rtol).all()):
+        if same(alt):
             lines.append(f"Your values match what you get when you {description}.")
             break
+    else:
+        lines += _patterns(got, expected, axes, same)
     raise GradingError("\n".join(lines))
+
+
+def _axes_order(axes: Sequence[str], perm: Sequence[int]) -> str:
+    return "[" + ", ".join(axes[p] if p < len(axes) else f"axis {p}" for p in perm) + "]"
+
+
+def _shape_hint(got: torch.Tensor, expected: torch.Tensor, axes: Sequence[str], atol: float, rtol: float) -> str:
+    """Why the shape is wrong: axes in another order (say which, and the permute that fixes
+    it) before "the right number of values", since reshaping permuted axes scrambles them."""
+    if got.ndim == expected.ndim and sorted(got.shape) == sorted(expected.shape):
+        orders = [p for p in itertools.permutations(range(expected.ndim))
+                  if tuple(expected.permute(p).shape) == tuple(got.shape)]
+        exact = [p for p in orders if torch.isclose(expected.permute(p), got, atol=atol, rtol=rtol).all()]
+        p = (exact or orders)[0]
+        back = tuple(p.index(i) for i in range(len(p)))  # got.permute(back) has the expected order
+        fix = ".T" if got.ndim == 2 else f".permute{back}"
+        kind = " It looks transposed." if got.ndim == 2 else ""
+        values = "the right values, with " if exact else ""
+        return (f"{kind} It has {values}the axes in the order {_axes_order(axes, p)}; the check wants "
+                f"{_axes_order(axes, range(len(axes)))}: reorder them with {fix} (reshape or view "
+                "would keep the values in the wrong places).")
+    if got.numel() == expected.numel():
+        return f" It has the right number of values: reshape it to {tuple(expected.shape)}."
+    return ""
+
+
+def _patterns(got: torch.Tensor, expected: torch.Tensor, axes: Sequence[str],
+              same: Callable[[torch.Tensor], bool]) -> list[str]:
+    """What a wrong grid looks like, for mistakes any check can recognise without knowing the
+    exercise: nothing patched, every position patched at once, the axes scrambled by a
+    reshape, a sign flip, a missing or different normalisation."""
+    if bool((got.abs() < 1e-6).all()):
+        return ["Every value is 0, the metric of the corrupted run with nothing patched. Is the patch "
+                "applied at all? A hook that returns nothing changes the activation only if it writes "
+                "into it in place; check the hook name and fwd_hooks=[(name, hook)]. (A results tensor "
+                "that is never written to stays 0 too.)"]
+    if "pos" in axes and got.ndim > 1:
+        pos = list(axes).index("pos")
+        flat = (got.amax(pos) - got.amin(pos)).abs().max() < 1e-6
+        if flat and float((expected.amax(pos) - expected.amin(pos)).abs().max()) > 1e-3:
+            everything = " (every value is 1: each patch restores the whole clean run)" if \
+                bool(((got - 1).abs() < 1e-4).all()) else ""
+            return [f"Your values do not change along the position axis{everything}: each patch "
+                    "seems to paste every position at once. Paste only the one position, "
+                    "activation[:, position] = ..., not the whole activation."]
+    if got.numel() > 1 and float(got.max() - got.min()) < 1e-6:
+        return [f"Every value is the same ({_fmt(float(got.flatten()[0]))}): do the results depend on the "
+                "layer, position or head you patch?"]
+    if 1 < expected.ndim <= 4:
+        for p in itertools.permutations(range(expected.ndim)):
+            if list(p) != sorted(p) and same(expected.permute(p).reshape(expected.shape)):
+                return [f"Your values are the right ones in the wrong places: this is a tensor with the axes "
+                        f"{_axes_order(axes, p)} reshaped (or viewed) to the expected shape. Reorder axes "
+                        "with .permute(...), not reshape or view."]
+    if same(-expected):
+        return ["Every value has the opposite sign: subtract the other way round "
+                "(correct - incorrect, clean - corrupted)."]
+    if same(1 - expected):
+        return ["Your values are 1 minus the expected ones: 0 and 1 are swapped. 0 is the run being "
+                "patched, 1 the run the patched values come from."]
+    return _affine_hint(got, expected)
+
+
+def _affine_hint(got: torch.Tensor, expected: torch.Tensor) -> list[str]:
+    """``got = a * expected + b`` exactly (but not the identity): a normalisation problem."""
+    x, y = expected.flatten().double(), got.flatten().double()
+    if x.numel() < 3 or float(x.std()) < 1e-6:
+        return []
+    a = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+    b = float(y.mean() - a * x.mean())
+    if float((y - (a * x + b)).abs().max()) > 1e-3 * max(1.0, float(y.abs().max())):
+        return []
+    return [f"Your values are exactly {a:.4g} x expected {'+' if b >= 0 else '-'} {abs(b):.4g}: the "
+            "right experiment on a different scale. A missing or different normalisation? "
+            "Normalised = (value - corrupted) / (clean - corrupted), so 0 = corrupted and 1 = clean."]
 
 
 def _table(t: torch.Tensor) -> str:
@@ -276,13 +428,63 @@ def _mean_ld(logits: torch.Tensor, correct: torch.Tensor, incorrect: torch.Tenso
 
 @dataclass
 class _SweepSetup:
+    """What the sweep checks share, built once per process: the model, a 4-prompt batch, its
+    clean run and cache, and the denoising metric.
+
+    The learner's function never gets these objects themselves, only :meth:`learner_args`
+    (fresh copies), and :meth:`guard` puts the model's weights back if a call changed them:
+    a wrong answer that writes into ``clean_cache`` or the weights must not make a right answer
+    fail in the next check.
+    """
+
     model: Any
     batch: IOIBatch
     clean_logits: torch.Tensor
     corrupted_logits: torch.Tensor
     clean_cache: Any
-    metric: Callable[[torch.Tensor], torch.Tensor]
+    metric: NormalizedLDMetric
     labels: dict[str, list[str]]
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def learner_args(self) -> tuple[Any, torch.Tensor, Any, NormalizedLDMetric]:
+        """``(model, corrupted_tokens, clean_cache, metric)``, all but the model copies."""
+        return self.model, self.batch.corrupted_tokens.clone(), _copy_cache(self.clean_cache), self.metric.copy()
+
+    def guard(self, name: str) -> "_WeightGuard":
+        return _WeightGuard(name, self.model, self.weights)
+
+
+def _copy_cache(cache: Any) -> Any:
+    """A copy of an ActivationCache (or dict) whose tensors the learner may write into."""
+    new = copy.copy(cache)
+    if hasattr(cache, "cache_dict"):
+        new.cache_dict = {k: v.clone() for k, v in cache.cache_dict.items()}
+        return new
+    return {k: v.clone() for k, v in cache.items()}
+
+
+class _WeightGuard:
+    """Around a call of the learner's function: no hooks before or after, and the same weights
+    after as before (restored, and reported as a mistake, if the function changed them)."""
+
+    def __init__(self, name: str, model: Any, weights: dict[str, torch.Tensor]):
+        self.name, self.model, self.weights = name, model, weights
+
+    def __enter__(self) -> None:
+        self.model.reset_hooks()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.model.reset_hooks()
+        changed = [n for n, p in self.model.named_parameters() if not torch.equal(p.detach(), self.weights[n])]
+        if changed:
+            with torch.no_grad():
+                for n, p in self.model.named_parameters():
+                    p.copy_(self.weights[n])
+            if exc_type is None or issubclass(exc_type, Exception):
+                raise GradingError(
+                    f"{self.name} changed the model's weights ({', '.join(changed[:3])}"
+                    f"{', ...' if len(changed) > 3 else ''}). Patching changes activations, through hooks, "
+                    "never parameters. (The check has put the weights back.)") from exc
 
 
 _SETUPS: dict[int, _SweepSetup] = {}
@@ -301,7 +503,8 @@ def _sweep_setup(model: Any = None, n: int = 4) -> _SweepSetup:
         labels = {"pos": [repr(t) for t in batch.str_tokens],
                   "site": ["resid_pre", "attn_out", "mlp_out"],
                   "component": ["output (z)", "query", "key", "value", "pattern"]}
-        _SETUPS[key] = _SweepSetup(model, batch, clean_logits, corrupted_logits, clean_cache, metric, labels)
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        _SETUPS[key] = _SweepSetup(model, batch, clean_logits, corrupted_logits, clean_cache, metric, labels, weights)
     return _SETUPS[key]
 
 
@@ -325,11 +528,8 @@ def _library_grid(setup: _SweepSetup, site: str, direction: str = "denoising") -
 
 
 def _run_sweep_exercise(name: str, fn: Callable, setup: _SweepSetup) -> Any:
-    setup.model.reset_hooks()
-    try:
-        return _call(name, fn, setup.model, setup.batch.corrupted_tokens, setup.clean_cache, setup.metric)
-    finally:
-        setup.model.reset_hooks()
+    with setup.guard(name):
+        return _call(name, fn, *setup.learner_args())
 
 
 def _check_sweep(name: str, fn: Callable, model: Any, site: str, axes: Sequence[str],
@@ -342,6 +542,14 @@ def _check_sweep(name: str, fn: Callable, model: Any, site: str, axes: Sequence[
     setup = _sweep_setup(model)
     got = run(name, fn, setup)
     expected = library(setup, site)
-    _compare(name, got, expected, axes, setup.labels, atol=atol, alternatives=[
-        (why, (lambda wrong=wrong: wrong(setup, expected))) for why, wrong in alternatives])
+    gap = setup.metric.clean_ld - setup.metric.corrupted_ld
+    alternatives = [*alternatives, (
+        "return the raw logit difference instead of the normalised metric (0 = corrupted, 1 = clean)",
+        lambda _, expected: expected * gap + setup.metric.corrupted_ld)]
+    try:
+        _compare(name, got, expected, axes, setup.labels, atol=atol, alternatives=[
+            (why, (lambda wrong=wrong: wrong(setup, expected))) for why, wrong in alternatives])
+    except GradingError as err:
+        note = _globals_note(fn)  # a function that reads notebook data computes something else
+        raise GradingError(f"{err}\n{note}" if note else str(err)) from None
     _passed(name, f"{tuple(expected.shape)} grid matches {library_name}(site='{site}')")

@@ -7,7 +7,8 @@ from typing import Any, Callable
 
 import torch
 
-from ._common import _check_sweep, ATOL, GradingError, _SweepSetup, _as_tensor, _call, _library_grid, _passed, _sweep_setup
+from ._common import (_check_sweep, ATOL, GradingError, _SweepSetup, _as_tensor, _call, _copy_cache, _library_grid,
+                      _passed, _sweep_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,12 +54,10 @@ def check_path_patch_to_logits(path_patch_to_logits: Callable, model: Any = None
     corrupted_cache = _corrupted_cache(setup)
     for sender in [(0, 0), (1, 5), (2, 1)]:
         for freeze in (False, True):
-            setup.model.reset_hooks()
-            with torch.no_grad():
-                got = _scalar(name, _call(name, path_patch_to_logits, setup.model, setup.batch.corrupted_tokens,
-                                          setup.clean_cache, corrupted_cache, sender, setup.metric,
-                                          freeze_mlps=freeze))
-            setup.model.reset_hooks()
+            model, tokens, clean_cache, metric = setup.learner_args()
+            with torch.no_grad(), setup.guard(name):
+                got = _scalar(name, _call(name, path_patch_to_logits, model, tokens, clean_cache,
+                                          _copy_cache(corrupted_cache), sender, metric, freeze_mlps=freeze))
             expected = _library_path(setup, sender, freeze_mlps=freeze)
             if not math.isclose(got, expected, abs_tol=ATOL):
                 hint = ""
@@ -84,11 +83,10 @@ def check_path_patch_to_queries(path_patch_to_queries: Callable, model: Any = No
     corrupted_cache = _corrupted_cache(setup)
     for sender, receivers in [((0, 0), NAME_MOVERS), ((0, 3), NAME_MOVERS), ((0, 0), [(1, 5)]),
                               ((1, 5), NAME_MOVERS)]:
-        setup.model.reset_hooks()
-        with torch.no_grad():
-            got = _scalar(name, _call(name, path_patch_to_queries, setup.model, setup.batch.corrupted_tokens,
-                                      setup.clean_cache, corrupted_cache, sender, list(receivers), setup.metric))
-        setup.model.reset_hooks()
+        model, tokens, clean_cache, metric = setup.learner_args()
+        with torch.no_grad(), setup.guard(name):
+            got = _scalar(name, _call(name, path_patch_to_queries, model, tokens, clean_cache,
+                                      _copy_cache(corrupted_cache), sender, list(receivers), metric))
         expected = _library_path(setup, sender, receivers=list(receivers), receiver_input="q")
         if not math.isclose(got, expected, abs_tol=ATOL):
             hint = ""
@@ -115,12 +113,10 @@ def _library_attribution(setup: _SweepSetup, site: str) -> torch.Tensor:
 
 
 def _run_attribution_exercise(name: str, fn: Callable, setup: _SweepSetup) -> Any:
-    setup.model.reset_hooks()
     try:
-        with torch.enable_grad():
-            return _call(name, fn, setup.model, setup.batch.corrupted_tokens, setup.clean_cache, setup.metric)
+        with torch.enable_grad(), setup.guard(name):
+            return _call(name, fn, *setup.learner_args())
     finally:
-        setup.model.reset_hooks()
         setup.model.zero_grad(set_to_none=True)
 
 

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._common import GradingError, _as_tensor, _call, _compare, _passed
+from ._common import GradingError, _as_tensor, _call, _compare, _passed, name_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,6 +43,8 @@ def check_patch_gate_components(patch_gate_components: Callable) -> None:
         for direction in ("denoising", "noising"):
             got = _call(name, patch_gate_components, model, direction)
             expected = _gate_effects(model, direction)
+            if isinstance(got, dict):  # "a" or "A": case does not matter
+                got = {str(k).strip().upper(): v for k, v in got.items()}
             if not isinstance(got, dict) or set(got) != set(expected):
                 raise GradingError(f"{name}: return a dict with keys {sorted(expected)}, got {got!r}")
             for comp in expected:
@@ -63,18 +65,30 @@ _GATE_TRUTH = {
 
 
 def check_gate_predictions(predictions: Any) -> None:
-    """``predictions[gate][direction]`` is the set of components whose single patch matters."""
+    """``predictions[gate][direction]`` is the set of components whose single patch matters.
+
+    Case does not matter anywhere: gates ``"and"``/``"AND"``, directions ``"denoising"``/
+    ``"Denoising"`` and components ``"A"``/``"a"`` are all accepted. ``predictions`` may be the
+    dict itself or a function that returns it.
+    """
     name = "gate_predictions"
     if callable(predictions):
         predictions = _call(name, predictions)
     if not isinstance(predictions, dict):
-        raise GradingError(f"{name}: expected a dict like {{'and': {{'denoising': {{...}}, ...}}, ...}}")
+        raise GradingError(f"{name}: expected a dict like {{'and': {{'denoising': {{...}}, ...}}, ...}}, "
+                           f"got {type(predictions).__name__}")
+
+    def by_lower_key(mapping: Any) -> dict:
+        return {str(k).strip().lower(): v for k, v in mapping.items()} if isinstance(mapping, dict) else {}
+
+    gates = by_lower_key(predictions)
     for gate, by_direction in _GATE_TRUTH.items():
         for direction, truth in by_direction.items():
             try:
-                guess = set(predictions[gate][direction])
+                guess = {str(c).strip().upper() for c in by_lower_key(gates[gate])[direction]}
             except (KeyError, TypeError):
-                raise GradingError(f"{name}: missing predictions[{gate!r}][{direction!r}]") from None
+                raise GradingError(f"{name}: missing predictions[{gate!r}][{direction!r}] (keys are "
+                                   "case-insensitive: 'and' or 'AND', 'denoising' or 'Denoising')") from None
             if guess != truth:
                 why = {
                     ("and", "denoising"): "restoring A alone leaves B corrupted, and A AND (corrupted B) is still off",
@@ -159,7 +173,7 @@ def gate_model(gate: str = "and", backup: float = 0.0):
             logits[:, -1, 1] = ld[:, 0]  # token 1 = "yes", token 0 = "no"
             return logits
 
-    return GateModel()
+    return name_model(GateModel(), "gate_model", gate, backup)
 
 
 GATE_CLEAN = torch.tensor([[1, 1]])

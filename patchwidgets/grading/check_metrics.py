@@ -49,6 +49,25 @@ def _ref_normalized(patched: torch.Tensor, target: torch.Tensor, source: torch.T
     return (patched.mean() - target.mean()) / (source.mean() - target.mean())
 
 
+def _normalisation_hint(got: float, patched: torch.Tensor, target: torch.Tensor, source: torch.Tensor) -> str:
+    """Name the usual slips in ``(patched - target) / (source - target)``, by the value they give."""
+    p, t, s = float(patched.mean()), float(target.mean()), float(source.mean())
+    right = (p - t) / (s - t)
+    slips = [
+        (p - t, "You subtracted the target but did not divide by the gap (source - target): that is "
+                "the raw change in logit difference, not a fraction of the way to the source run."),
+        (p, "That is the patched run's own mean logit difference: normalise it, "
+            "(patched - target) / (source - target)."),
+        (-right, "The sign is flipped: subtract in the order (patched - target) / (source - target)."),
+        (1 - right, "That is 1 minus the right value: target and source are swapped (0 belongs to the "
+                    "target, the run being patched)."),
+    ]
+    for value, why in slips:
+        if math.isclose(got, value, abs_tol=1e-4):
+            return " " + why
+    return ""
+
+
 def check_normalized_metric(normalized_metric: Callable, model: Any = None) -> None:
     """``normalized_metric(patched_ld, target_ld, source_ld) -> scalar`` (per-prompt LDs in)."""
     name = "normalized_metric"
@@ -75,7 +94,8 @@ def check_normalized_metric(normalized_metric: Callable, model: Any = None) -> N
             extra = f" (it should be exactly {value:g} here)" if value is not None else (
                 " Average the patched and baseline logit differences over the batch first, then "
                 "divide by the mean gap (not the mean of per-prompt ratios).")
-            raise GradingError(f"{name}: for {what} expected {float(expected):.4f}, got {float(got):.4f}.{extra}")
+            raise GradingError(f"{name}: for {what} expected {float(expected):.4f}, got {float(got):.4f}."
+                               f"{extra}{_normalisation_hint(float(got), patched, target, source)}")
     _passed(name, "0 = target run's behaviour, 1 = source run's behaviour")
 
 

@@ -7,7 +7,8 @@ from typing import Any, Callable
 
 import torch
 
-from ._common import _check_sweep, GradingError, _as_tensor, _call, _compare, _library_grid, _passed, _sweep_setup
+from ._common import (_check_sweep, GradingError, _as_tensor, _call, _compare, _copy_cache, _library_grid,
+                      _passed, _sweep_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def check_mean_attention(mean_attention: Callable, model: Any = None) -> None:
     setup = _sweep_setup(model)
     for layer, head in [(0, 0), (setup.model.cfg.n_layers - 1, setup.model.cfg.n_heads - 1), (1, 3)]:
         expected = setup.clean_cache[f"blocks.{layer}.attn.hook_pattern"][:, head].mean(0)
-        got = _call(name, mean_attention, setup.clean_cache, layer, head)
+        got = _call(name, mean_attention, _copy_cache(setup.clean_cache), layer, head)
         _compare(f"{name} (layer {layer}, head {head})", got, expected, ("query pos", "key pos"),
                  {"query pos": setup.labels["pos"], "key pos": setup.labels["pos"]}, atol=1e-5, rtol=1e-4)
     _passed(name, "the head's attention pattern, averaged over the batch")
