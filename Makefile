@@ -6,7 +6,7 @@ PIP = $(PYTHON) -m pip
 # The CPU build of torch: an unpinned torch pulls several GB of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-browser demo test test-fast bench nbval-matrix
+.PHONY: install install-browser demo test test-fast test-js bench nbval-matrix
 
 install:
 	$(PIP) install --quiet "$(TORCH_SPEC)"
@@ -29,8 +29,14 @@ NBVAL = $(PYTHON) -m pytest --nbval solutions tutorials -q -p no:cacheprovider -
 
 test: install install-browser
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests -q
+	$(MAKE) test-js
 	HF_HUB_OFFLINE=1 $(NBVAL)
 	HF_HUB_OFFLINE=1 ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(NBVAL)
+
+# The widget's front end: tsc --noEmit on its JSDoc types, vitest unit tests with a fake
+# anywidget model (node packages from js/package-lock.json, installed here).
+test-js:
+	cd js && (npm ci --no-audit --no-fund || npm install --no-audit --no-fund) && npx tsc -p tsconfig.json && npx vitest run
 
 test-fast:
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests -q -m "not browser"

@@ -59,6 +59,7 @@ display it after ``w.run(wait=True)`` to export a filled one.
 
 from __future__ import annotations
 
+import difflib
 import threading
 import time
 from contextlib import contextmanager
@@ -68,13 +69,18 @@ from typing import Any
 import anywidget
 import traitlets as t
 
-from .metrics import BUILTIN_METRICS
+from .metrics import ALIASES, BUILTIN_METRICS, METRICS
+from .widget_colour import ANCHORS
 from .widget_jobs import JobRunner, SweepJobs, parse_receivers
 from .widget_state import (
     INPUT_FIELDS, SITE_GROUPS, explain_cell, field_of, pattern_payload, preview, quiet_load, static_html,
 )
 
 STATIC = Path(__file__).parent / "static"
+#: What the page needs from the metric registry to draw and explain a metric's colours.
+METRIC_INFO = {name: {"label": m.label, "scale": m.scale, "high_means": m.high_means,
+                      "lo": ANCHORS.get(name, (None, None))[0], "hi": ANCHORS.get(name, (None, None))[1]}
+               for name, m in METRICS.items()}
 DEFAULT_CLEAN = "When Mary and John went to the store, John gave a drink to"
 DEFAULT_CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
 
@@ -135,6 +141,7 @@ class PatchingWidget(SweepJobs, anywidget.AnyWidget):
     model_name = t.Unicode("").tag(sync=True)
     model_info = t.Dict().tag(sync=True)        # {"n_layers", "n_heads"}
     metric_options = t.List(list(BUILTIN_METRICS)).tag(sync=True)
+    metric_info = t.Dict(METRIC_INFO).tag(sync=True)  # colour scale, natural bounds, what "high" means
     site_options = t.List([[g, [list(o) for o in opts]] for g, opts in SITE_GROUPS]).tag(sync=True)
     tokens = t.Dict().tag(sync=True)            # {"clean": [...] | None, "corrupted": ...}
     baseline = t.Dict().tag(sync=True)          # logit differences and top predictions
@@ -161,7 +168,11 @@ class PatchingWidget(SweepJobs, anywidget.AnyWidget):
         self._quiet = threading.local()  # set while the job thread writes inputs itself
         self._preview_errors: dict[str, str] = {}
         self._run_errors: dict[str, str] = {}
-        self._suggested: dict[str, str | None] = {}
+        self._complete = None                   # the last complete sweep (a widget_jobs.View)
+        # An answer follows the model's prediction until the user types one (typing it empty
+        # makes it follow again); the prompt edited last is where a length mismatch is shown.
+        self._follow = {name: not kwargs.get(name) for name in ("correct", "incorrect")}
+        self._edited_prompt = "corrupted"
         self._patterns: dict[str, Any] = {}
         self._dropped: dict[str, str] = {}   # metrics a sweep could not compute, and why
         self._inputs_used: dict[str, str] = {}
@@ -194,7 +205,9 @@ class PatchingWidget(SweepJobs, anywidget.AnyWidget):
         if self._cancel is not None:
             self._cancel.set()
         self.status = "running"
-        self._jobs.submit("sweep", self._sweep)
+        self._run_id += 1
+        run_id = self._run_id
+        self._jobs.submit("sweep", lambda: self._sweep(run_id))
         if wait:
             self.wait(timeout)
             return self.result if self.status == "done" else None
@@ -254,6 +267,19 @@ class PatchingWidget(SweepJobs, anywidget.AnyWidget):
         self._jobs.close()
         super().close()
 
+    # ------------------------------------------------------------------ validation
+    @t.validate("metric")
+    def _valid_metric(self, proposal):
+        """A metric the widget computes; an alias (``"normalised"``) becomes its name, and a typo
+        is refused at once, so no sweep ever runs with a metric nobody can see."""
+        name = ALIASES.get(proposal["value"], proposal["value"])
+        if name not in METRICS:
+            close = difflib.get_close_matches(str(name), list(METRICS), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise t.TraitError(f"unknown metric {proposal['value']!r}.{hint} "
+                               f"The widget offers: {', '.join(BUILTIN_METRICS)}.")
+        return name
+
     # ------------------------------------------------------------------ thread-safe syncing
     # ipywidgets batches trait updates (hold_sync) in a per-widget queue that is not
     # thread-safe: an update made by one thread while another flushes the queue can be
@@ -305,6 +331,11 @@ class PatchingWidget(SweepJobs, anywidget.AnyWidget):
     def _on_input(self, change) -> None:
         if self._writing():
             return
+        name = change["name"]
+        if name in self._follow:
+            self._follow[name] = not change["new"]
+        else:
+            self._edited_prompt = name
         self._run_errors = {}
         self._jobs.submit("preview", self._preview)
         self._schedule_auto_run()
@@ -361,7 +392,9 @@ class PatchingWidget(SweepJobs, anywidget.AnyWidget):
 
     def _on_frontend_msg(self, widget, content, buffers) -> None:
         kind = content.get("type") if isinstance(content, dict) else None
-        if kind == "run":
+        if kind == "hello":  # a view asks whether a Python object is behind it
+            self.send({"type": "hello"})
+        elif kind == "run":
             # The page sends its current inputs along with Run: ipywidgets may still hold
             # back a state update while the kernel is busy, and custom messages overtake it.
             state = content.get("state")
@@ -371,6 +404,7 @@ class PatchingWidget(SweepJobs, anywidget.AnyWidget):
                         if isinstance(state.get(name), str) and state[name] != getattr(self, name):
                             setattr(self, name, state[name])
             self.run()
+            self.send({"type": "ack", "run_id": self._run_id})
         elif kind == "cancel":
             self.cancel()
 
@@ -397,8 +431,12 @@ class PatchingWidget(SweepJobs, anywidget.AnyWidget):
                 self._timer = None
 
     # ------------------------------------------------------------------ errors
+    def _blocking_errors(self) -> dict[str, str]:
+        """What stops a Run before it starts: the preview's findings on the current inputs."""
+        return self._preview_errors
+
     def _set_errors(self) -> None:
-        self.errors = {**self._preview_errors, **self._run_errors}
+        self.errors = {**self._blocking_errors(), **self._run_errors}
 
     def _field_of(self, err: BaseException) -> str:
         return field_of(err, {name: getattr(self, name) for name in INPUT_FIELDS})
@@ -414,7 +452,7 @@ class PatchingWidget(SweepJobs, anywidget.AnyWidget):
         """Tokenise and check the prompts, pre-fill the answers, compute the baselines."""
         texts = {"clean": self.clean, "corrupted": self.corrupted}
         answers = {"correct": self.correct, "incorrect": self.incorrect}
-        found = preview(self.model, texts, answers, self._suggested)
+        found = preview(self.model, texts, answers, self._follow, self._edited_prompt)
         self._patterns = found.patterns
         self._preview_errors = found.errors
         with self.hold_sync():

@@ -187,8 +187,8 @@ class View:
     run_id: int
     inputs: dict
     result: Any = None               # the exact PatchResult so far (partial while streaming)
-    progress: tuple[int, int] = (0, 0)
     estimate: Any = None             # the fast preview's AttributionResult, or None
+    state: str = "running"           # running | done | cancelled
 
 
 class SweepJobs:
@@ -198,36 +198,50 @@ class SweepJobs:
     :meth:`_push`, which the kernel thread also calls to redraw in another metric. The
     heatmap always shows ``self._view``: a new sweep takes the screen with its first
     picture (the estimate or the first exact chunk); a sweep that fails before that
-    leaves the last good heatmap where it was.
+    leaves the last good heatmap where it was, and a sweep cancelled because a newer Run
+    replaced it gives the screen back to the last complete sweep (``self._complete``).
+
+    Every picture is taken under the widget's sync lock from one snapshot of the view (its
+    values, done/total and state together), so pushes from the two threads never mix.
     """
 
-    def _push(self) -> None:
-        """Send the heatmap of the view on screen, in the current metric."""
-        view = self._view
-        source = None if view is None else view.result if view.result is not None else view.estimate
-        if source is None or self.metric not in source.metrics:
-            return
-        done, total = view.progress
-        self.heatmap = heatmap_payload(view.result, self.metric, done, total, view.inputs, view.run_id,
-                                       estimate=view.estimate)
-        if self.selected:
-            self._on_selected({"new": self.selected})
+    def _push(self, view: View | None = None) -> None:
+        """Show ``view`` (default: the view on screen) in the current metric."""
+        with self._sync_lock:
+            view = self._view if view is None else view
+            source = None if view is None else view.result if view.result is not None else view.estimate
+            if source is None or self.metric not in source.metrics:
+                return
+            payload = heatmap_payload(view.result, self.metric, view.inputs, view.run_id,
+                                      estimate=view.estimate, state=view.state)
+            shown = self.heatmap or {}
+            layout = ("site", "rows", "cols", "path")
+            moved = any(shown.get(k) != payload.get(k) for k in layout)
+            with self.hold_sync():
+                self._view = view
+                if moved and self.selected:  # a cell of another layout: nobody clicked it
+                    self.selected, self.explanation = {}, ""
+                self.heatmap = payload
+                self.progress = [payload["done"], payload["total"]]
+            if self.selected:
+                self._on_selected({"new": self.selected})
 
     def _pause(self, cancel: threading.Event) -> None:
         """Wait ``step_delay`` seconds (slow motion; 0 by default), or until cancelled."""
         if self.step_delay > 0:
             cancel.wait(self.step_delay)
 
-    def _sweep(self) -> None:
+    def _sweep(self, run_id: int) -> None:
         inputs = {name: getattr(self, name) for name in SWEEP_FIELDS}
-        self._run_id += 1
-        view = View(self._run_id, inputs)
+        view = View(run_id, inputs)
         cancel = self._cancel = threading.Event()
-        shown, shown_view = self.heatmap, self._view
+        shown_view = self._view
         self._run_errors, self._dropped = {}, {}
         with self.hold_sync():
-            self.status, self.progress = "running", [0, 0]
+            self.status = "running"
             self._set_errors()
+        if self._blocking_errors():  # what the preview found (same words before and after Run)
+            return self._finish("error")
         if inputs["site"] not in WIDGET_SITES:
             self._run_errors["site"] = (f"the widget shows these sites: {', '.join(WIDGET_SITES)}; "
                                         f"use patchwidgets.patch() for {inputs['site']!r}")
@@ -238,6 +252,11 @@ class SweepJobs:
                 receivers = parse_receivers(inputs["receivers"], self.model.cfg.n_layers, self.model.cfg.n_heads)
             except ValueError as err:
                 self._run_errors["receivers"] = str(err)
+            chosen = inputs["receiver_input"]
+            if not chosen or set(chosen) - set("qkv"):
+                self._run_errors["receiver_input"] = (
+                    f"receiver_input must be q, k, v or a combination such as kv, got {chosen!r}")
+            if self._run_errors:
                 return self._finish("error")
         started, last_push = time.perf_counter(), [0.0]
         self.preview_skipped = ""
@@ -248,14 +267,13 @@ class SweepJobs:
             self._pause(cancel)
 
         def on_update(update) -> None:
-            view.result, view.progress = update.result, (update.done, update.total)
-            self._view = view
+            view.result = update.result
             now = time.perf_counter()
-            with self.hold_sync():
+            if now - last_push[0] >= 0.1 or update.done >= update.total or self.step_delay > 0:
+                last_push[0] = now
+                self._push(view)
+            else:
                 self.progress = [update.done, update.total]
-                if now - last_push[0] >= 0.1 or update.done >= update.total or self.step_delay > 0:
-                    last_push[0] = now
-                    self._push()
             self._jobs.service(("preview", "pattern"))  # keep edits responsive
             self._pause(cancel)
 
@@ -269,31 +287,39 @@ class SweepJobs:
             return patch(self.model, inputs["clean"], inputs["corrupted"], site=inputs["site"], **common)
 
         try:
+            metrics = list(BUILTIN_METRICS)
             try:
-                result = sweep(list(BUILTIN_METRICS))
+                result = sweep(metrics)
             except DegenerateNormalizationError as err:
                 if self.metric == "normalized":
                     raise
                 self._dropped["normalized"] = str(err)
-                result = sweep([m for m in BUILTIN_METRICS if m != "normalized"])
+                result = sweep([m for m in metrics if m != "normalized"])
         except PatchingCancelled as stop:
-            if stop.partial is not None:
+            if self._jobs.waiting("sweep"):  # replaced by a newer Run: back to the last complete picture
+                if self._complete is not None:
+                    self.result = self._complete.result
+                    self._push(self._complete)
+            elif stop.partial is not None:
                 view.result = self.result = stop.partial
-                self._view = view
-                self._push()
+                view.state = "cancelled"
+                self._push(view)
             return self._finish("cancelled", started)
         except ValueError as err:  # every input problem the core reports
             self._run_errors[self._sweep_field(err, inputs["site"])] = str(err)
             if self._view is view:  # only the estimate made it to the screen: take it back
-                self._view, self.heatmap = shown_view, shown
+                if shown_view is not None:
+                    self._push(shown_view)
+                else:
+                    self._view, self.heatmap = None, {}
             return self._finish("error", started)
         view.result = self.result = result
-        n = len(result.indices) * len(result.sites)
-        view.progress = (n, n)
-        self._view = view
-        with self.hold_sync():
-            self.progress = [n, n]
-            self._push()
+        view.state = "done"
+        if self.metric not in result.metrics:  # (a metric this sweep had to drop: say so, never a stale picture)
+            self._run_errors["metric"] = (f"metric {self.metric!r} is not available for this sweep. "
+                                          f"{self._dropped.get(self.metric, '')}").strip()
+        self._complete = view
+        self._push(view)
         self._finish("done", started)
 
     def _estimate(self, view: View, cancel: threading.Event) -> None:
@@ -315,20 +341,14 @@ class SweepJobs:
             return
         if cancel.is_set():
             return
-        n = len(estimate.indices) * len(estimate.sites)
-        view.estimate, view.progress = estimate, (0, n)
-        self._view = view
-        with self.hold_sync():
-            self.progress = [0, n]
-            self._push()
+        view.estimate = estimate
+        self._push(view)
 
     def _sweep_field(self, err: BaseException, site: str) -> str:
         """The input an error of the core is about; in the path view, "site" errors are
         about the receivers (the senders are always every head)."""
         name = self._field_of(err)
-        if site == "path" and name == "site":
-            return "receiver_input" if "receiver_input" in str(err) else "receivers"
-        return name
+        return "receivers" if site == "path" and name == "site" else name
 
     def _finish(self, status: str, started: float | None = None) -> None:
         with self.hold_sync():

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from . import inputs as inputs_mod
+from . import widget_colour as colours
 from .path_patching import PathPatchResult
 
 INPUT_FIELDS = ("clean", "corrupted", "correct", "incorrect")
@@ -99,7 +100,8 @@ def _token_label(token: str) -> str:
     return token if len(token) <= 14 else token[:12] + "\u2026"
 
 
-def table_2d(result, metric: str) -> tuple[torch.Tensor, list[dict], list[dict], str, str]:
+def table_2d(result, metric: str, mask: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, list[dict], list[dict], str, str]:
     """The sweep's grid as a 2-D table: ``values [rows, cols]``, row and column descriptors,
     and the two axis titles.
 
@@ -107,9 +109,13 @@ def table_2d(result, metric: str) -> tuple[torch.Tensor, list[dict], list[dict],
     ``(layer, pos, head)`` and ``(layer, head, pos)``, become one row per (layer, head)
     with the positions as columns. Each descriptor carries the indices of its cells
     (``layer``, ``head``, ``pos``), a short ``label`` and, for positions, the clean and
-    corrupted ``token`` there.
+    corrupted ``token`` there. ``mask`` (``result.done`` as it was when the caller looked) blanks
+    the cells computed after that moment, so values and counts come from one instant even
+    while the sweep fills the result in place on another thread.
     """
     grid = result.grid(metric).float()
+    if mask is not None:
+        grid = grid.masked_fill(~mask.reshape(grid.shape), float("nan"))
     axes, shape = tuple(result.axes), tuple(result.shape)
     clean = result.clean_str_tokens[0] if result.clean_str_tokens else None
     corrupted = result.corrupted_str_tokens[0] if result.corrupted_str_tokens else None
@@ -146,12 +152,31 @@ def _f32(values: torch.Tensor) -> bytes:
     return values.contiguous().numpy().astype("<f4").tobytes()
 
 
-def heatmap_payload(result, metric: str, done: int, total: int, inputs: dict, run_id: int,
-                    estimate=None) -> dict:
+def sweep_progress(result, estimate=None) -> tuple[int, int, torch.Tensor | None]:
+    """``(done, total, mask)`` of a sweep, read once from the result itself: ``mask`` is a
+    copy of ``result.done`` (``None`` once complete). Before the first exact chunk (only the
+    ``estimate``), nothing is done."""
+    layout = result if result is not None else estimate
+    total = len(layout.indices) * len(layout.sites)
+    if result is None:
+        return 0, total, None
+    done = result.done
+    if done is None:
+        return total, total, None
+    mask = done.clone()
+    return int(mask.sum()), total, mask
+
+
+def heatmap_payload(result, metric: str, inputs: dict, run_id: int, estimate=None,
+                    state: str = "running") -> dict:
     """The ``heatmap`` traitlet: everything the front end needs to draw one metric.
 
     ``values`` is the row-major ``[rows, cols]`` table as little-endian float32 bytes
-    (ipywidgets ships bytes as binary buffers; NaN marks cells not computed yet).
+    (ipywidgets ships bytes as binary buffers; NaN marks cells not computed yet). ``done``
+    and ``total`` count the cells with an exact value and all cells, read from the same
+    snapshot as ``values`` (:func:`sweep_progress`); ``state`` is the sweep's own state when
+    this picture was taken (``running``, ``done`` or ``cancelled``), so the page never has to
+    pair a picture with a status that arrived in another message.
 
     ``estimate`` (an :class:`~patchwidgets.attribution.AttributionResult` of the same site,
     or ``None``) adds the fast preview: ``estimate`` holds its table in the same layout, and
@@ -160,9 +185,10 @@ def heatmap_payload(result, metric: str, done: int, total: int, inputs: dict, ru
     from the estimate and every exact value is NaN. A path-patching sweep adds ``path``
     (its receivers, for words and captions) and names its axes after the senders.
     """
+    done, total, mask = sweep_progress(result, estimate)
     has_estimate = estimate is not None and metric in estimate.metrics
     layout = result if result is not None else estimate
-    values, rows, cols, row_title, col_title = table_2d(layout, metric)
+    values, rows, cols, row_title, col_title = table_2d(layout, metric, mask)
     if result is None:
         values = torch.full_like(values, float("nan"))
     baselines = {name: _finite(float(b[metric].float().mean())) if metric in b else None
@@ -179,7 +205,8 @@ def heatmap_payload(result, metric: str, done: int, total: int, inputs: dict, ru
         "values": _f32(values),
         "done": int(done),
         "total": int(total),
-        "complete": bool(done >= total),
+        "complete": bool(total > 0 and done >= total),
+        "state": "done" if state == "running" and total > 0 and done >= total else state,
         "baselines": baselines,
         "inputs": dict(inputs),
     }
@@ -209,10 +236,7 @@ def payload_estimate(payload: dict) -> torch.Tensor | None:
 
 
 # --------------------------------------------------------------------------- words
-def _fmt(x: float | None, digits: int = 3) -> str:
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    return f"{x:.{digits}g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+_fmt = colours.fmt
 
 
 _INPUT_WORDS = {"q": "queries", "k": "keys", "v": "values"}
@@ -268,14 +292,18 @@ def explain_cell(payload: dict, row: int, col: int, answers: tuple[str, str]) ->
     def percent(x: float) -> str:  # (no "-0%" for a tiny negative number)
         return f"{x if abs(x) >= 0.005 else 0.0:.0%}"
     if not math.isfinite(value):
+        stopped = payload.get("state") == "cancelled"
         estimates = payload_estimate(payload)
         guess = float(estimates[row, col]) if estimates is not None else float("nan")
         if not math.isfinite(guess):
-            return f"{lead}: not computed yet."
+            return (f"{lead}: not computed: the sweep was cancelled before reaching this cell. Press Run "
+                    f"for its value.") if stopped else f"{lead}: not computed yet."
         said = (f"it {verb} about {percent(guess)} of the clean logit difference" if metric == "normalized"
                 else f"a {words} of about {_fmt(guess)}")
+        then = ("the sweep was cancelled before reaching this cell, so this estimate stays until you "
+                "press Run again." if stopped else "replaced by the exact value when the sweep reaches this cell.")
         return (f"{lead}: not computed exactly yet. Attribution patching estimates {said}; this is a "
-                f"first-order approximation, replaced by the exact value when the sweep reaches this cell.")
+                f"first-order approximation, {then}")
     base = payload.get("baselines", {})
     if metric == "normalized":
         goal = "the clean answer" if denoising else "the clean answer's lead"
@@ -290,35 +318,19 @@ def explain_cell(payload: dict, row: int, col: int, answers: tuple[str, str]) ->
 
 
 # --------------------------------------------------------------------------- static HTML
-def _rgb(value: float, scale: float) -> str:
-    """The diverging colour of ``value``: red below 0, white at 0, blue above (RdBu)."""
-    if not math.isfinite(value):
-        return "#e0e0e0"
-    t = max(-1.0, min(1.0, value / scale)) if scale > 0 else 0.0
-    lo, mid, hi = (178, 24, 43), (247, 247, 247), (33, 102, 172)
-    end = hi if t > 0 else lo
-    a = abs(t)
-    r, g, b = (round(m + (e - m) * a) for m, e in zip(mid, end))
-    return f"#{r:02x}{g:02x}{b:02x}"
-
-
-def color_scale(values: torch.Tensor, metric: str) -> float:
-    """Half-width of the colour scale: the largest |value| (at least 1 for ``normalized``)."""
-    finite = values[torch.isfinite(values)]
-    top = float(finite.abs().max()) if finite.numel() else 0.0
-    if metric == "normalized":
-        top = max(top, 1.0)
-    return top or 1.0
-
-
 def static_html(payload: dict | None, title: str) -> str:
-    """A self-contained HTML table of the heatmap (no scripts), for exported notebooks."""
+    """A self-contained HTML table of the heatmap (no scripts), for exported notebooks: the
+    same colours as the page (:mod:`patchwidgets.widget_colour`) over white, and a legend
+    with five ticks and what the high end means."""
     esc = html.escape
     if not payload or not payload.get("rows"):
         return (f"<div><b>{esc(title)}</b><br><i>No heatmap yet: press Run in the widget, or "
                 f"call <code>w.run(wait=True)</code>.</i></div>")
     values = payload_values(payload)
-    scale = color_scale(values, payload["metric"])
+    metric = payload["metric"]
+    kind = colours.scale_kind(metric)
+    lo, hi = colours.domain(metric, values.flatten().tolist())
+    paint = lambda v: colours.over(colours.colour(v, lo, hi, kind))  # noqa: E731
     cell = "padding:0;width:28px;height:18px;font-size:9px;text-align:center;color:#222"
     head = "".join(
         f'<th style="font-size:10px;font-weight:{"bold" if c.get("diff") else "normal"};'
@@ -327,15 +339,18 @@ def static_html(payload: dict | None, title: str) -> str:
     body = []
     for r, row in enumerate(payload["rows"]):
         cells = "".join(
-            f'<td style="{cell};background:{_rgb(float(v), scale)}" title="{esc(_fmt(float(v), 4))}">'
+            f'<td style="{cell};background:{paint(float(v))}" title="{esc(colours.fmt(float(v), 4))}">'
             f'{"" if not math.isfinite(float(v)) else f"{float(v):.2f}"}</td>'
             for v in values[r].tolist())
         body.append(f'<tr><th style="font-size:10px;text-align:right">{esc(row["label"])}</th>{cells}</tr>')
     status = "" if payload.get("complete") else f" (partial: {payload['done']}/{payload['total']} patches)"
     where = (payload.get("path") or {}).get("label") or payload["site"]
-    caption = (f"{payload['direction']} {esc(where)}, {payload['metric']}{status}; "
-               f"colour scale \u00b1{scale:.3g}, blue &gt; 0 &gt; red")
-    return (f'<div><b>{esc(title)}</b><div style="font-size:11px">{caption}</div>'
+    legend = "".join(f'<span style="display:inline-block;padding:0 6px;background:{paint(v)}">'
+                     f'{esc(colours.fmt(v, 2))}</span>' for v in colours.ticks(lo, hi))
+    caption = (f"{payload['direction']} {esc(where)}, {esc(metric)}{status}")
+    return (f'<div class="pw-static"><b>{esc(title)}</b><div style="font-size:11px">{caption}</div>'
+            f'<div style="font-size:11px" data-legend="{kind}">{esc(metric)}: {legend} '
+            f'({esc(colours.legend_words(metric))})</div>'
             f'<table style="border-collapse:collapse"><tr><th>{esc(payload["row_title"])}</th>{head}</tr>'
             f'{"".join(body)}</table></div>')
 
@@ -359,20 +374,15 @@ def quiet_load(name: str):
 
 
 def field_of(err: BaseException, values: dict[str, str]) -> str:
-    """Which input an error is about: the core's ``err.field``, made more precise.
-
-    ``values`` maps the input fields to their text. An unknown word names the text it was
-    found in (``err.text``); answer errors say "correct" or "incorrect" answer.
-    """
+    """Which input an error is about, from the core's structured fields only (``err.field``,
+    and ``err.text`` for an unknown word: the field whose text it is). Never from the
+    message's words."""
     name = getattr(err, "field", None)
     text = getattr(err, "text", None)
     if name in (None, "answers") and text is not None:
         for field_name, value in values.items():
             if text == value:
                 return field_name
-    if name == "answers":
-        msg = str(err)
-        return "incorrect" if "incorrect answer" in msg else "correct" if "correct answer" in msg else "answers"
     return {"metrics": "metric"}.get(name, name) or "general"
 
 
@@ -396,32 +406,54 @@ def _device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
+def empty_prompt_message(name: str) -> str:
+    """The one message for an empty prompt (the preview and Run both show it)."""
+    return f"The {name} prompt is empty: type a sentence for the model to complete."
+
+
+def length_message(tokens: dict[str, list[str]], edited: str) -> str:
+    """A short message for prompts of different token lengths, about the prompt just edited:
+    the two counts (never the whole token lists, which can be hundreds long)."""
+    other = "clean" if edited == "corrupted" else "corrupted"
+    return (f"The {edited} prompt has {len(tokens[edited])} tokens and the {other} prompt "
+            f"{len(tokens[other])}: prompts of different token lengths cannot be patched position by "
+            f"position. Make them the same length (swap a word for one of the same token length).")
+
+
+def same_answers_message(token: str) -> str:
+    return (f"The correct and incorrect answers are the same token ({token!r}): their logit difference is 0 "
+            f"whatever is patched. Type the answer the corrupted prompt leads to as the incorrect one.")
+
+
 def preview(model: Any, texts: dict[str, str], answers: dict[str, str],
-            suggested: dict[str, str | None]) -> Preview:
+            follow: dict[str, bool], edited: str = "corrupted") -> Preview:
     """Check and run the prompts once, before any sweep.
 
-    Each prompt is tokenised on its own, so both can show an error at once; then the core's
-    own checks run (lengths, identical prompts, context window). Each prompt that tokenises
-    is run once, giving its top prediction and attention patterns. An answer that is empty
-    or still equal to the last suggestion (``suggested``, updated in place) follows the
-    prediction: the *correct* answer the clean prompt's, the *incorrect* the corrupted's.
+    Each prompt is tokenised on its own, so both can show an error at once; prompts of
+    different token lengths are reported at ``edited`` (the prompt edited last); then the
+    core's own checks run (identical prompts, context window). Each prompt that tokenises
+    is run once, giving its top prediction and attention patterns. An answer whose
+    ``follow[answer]`` is true (the user has not typed one) is filled with the prediction:
+    the *correct* answer with the clean prompt's, the *incorrect* with the corrupted's.
     """
     errors: dict[str, str] = {}
     ids: dict[str, torch.Tensor] = {}
     for name, text in texts.items():
         if not text.strip():
-            errors[name] = f"The {name} prompt is empty: type a sentence for the model to complete."
+            errors[name] = empty_prompt_message(name)
             continue
         try:
             ids[name] = inputs_mod.tokenize(model, [text], name)[0]
         except ValueError as err:
             errors[name] = str(err)
-    if len(ids) == 2:
+    tokens = {n: (inputs_mod.str_tokens(model, ids[n]) if n in ids else None) for n in texts}
+    if len(ids) == 2 and len(ids["clean"]) != len(ids["corrupted"]):
+        errors[edited if edited in texts else "corrupted"] = length_message(tokens, edited)
+    elif len(ids) == 2:
         try:  # the core's prompt checks; token id 0 stands in for (valid) answers
             inputs_mod.prepare(model, texts["clean"], texts["corrupted"], (0, 0))
         except ValueError as err:
             errors[field_of(err, {**texts, **answers})] = str(err)
-    tokens = {n: (inputs_mod.str_tokens(model, ids[n]) if n in ids else None) for n in texts}
 
     logits, patterns = {}, {"tokens": tokens}
     n_ctx = getattr(model.cfg, "n_ctx", None) or 10**9
@@ -438,9 +470,8 @@ def preview(model: Any, texts: dict[str, str], answers: dict[str, str],
 
     fills = {}
     for answer, prompt in (("correct", "clean"), ("incorrect", "corrupted")):
-        current = answers[answer]
-        if prompt in top and (not current or current == suggested.get(answer)):
-            fills[answer] = suggested[answer] = top[prompt]
+        if prompt in top and follow.get(answer, not answers[answer]) and answers[answer] != top[prompt]:
+            fills[answer] = top[prompt]
     answer_ids = {}
     for answer in ("correct", "incorrect"):
         value = fills.get(answer, answers[answer])
@@ -451,6 +482,8 @@ def preview(model: Any, texts: dict[str, str], answers: dict[str, str],
             answer_ids[answer] = inputs_mod.answer_id(model, value, answer)
         except ValueError as err:
             errors[answer] = str(err)
+    if len(answer_ids) == 2 and answer_ids["correct"] == answer_ids["incorrect"]:
+        errors["incorrect"] = same_answers_message(fills.get("incorrect", answers["incorrect"]))
     baseline: dict[str, Any] = {f"{n}_top": top.get(n) for n in texts}
     for name in texts:
         baseline[name] = None

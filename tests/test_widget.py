@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -21,6 +23,7 @@ import patchwidgets
 from patchwidgets.metrics import BUILTIN_METRICS
 from patchwidgets.widget import DEFAULT_CLEAN, DEFAULT_CORRUPTED, STATIC, PatchingWidget
 from patchwidgets.errors import PatchingInputError
+from patchwidgets import widget_colour
 from patchwidgets.widget_jobs import parse_receivers
 from patchwidgets.widget_state import (
     WIDGET_SITES, explain_cell, payload_estimate, payload_values, static_html, table_2d,
@@ -119,7 +122,12 @@ def test_setting_inputs_from_code_updates_view(widget):
     widget.wait()
     assert widget.tokens["clean"][-4:] == [" bottle", " of", " milk", " to"]
     assert len(widget.tokens["clean"]) == 17
-    assert "corrupted" in widget.errors and "different token lengths" in widget.errors["corrupted"]
+    # The error sits at the prompt just edited, and says how long each is, not every token.
+    assert set(widget.errors) == {"clean"}
+    assert widget.errors["clean"].startswith("The clean prompt has 17 tokens and the corrupted prompt 15")
+    widget.corrupted = "When Mary and John went to the store, Mary gave a drink of to"
+    widget.wait()
+    assert set(widget.errors) == {"corrupted"} and "has 16 tokens" in widget.errors["corrupted"]
 
 
 # --------------------------------------------------------------------------- exactness
@@ -188,6 +196,22 @@ def test_degenerate_normalization_reported_for_normalized(widget):
     assert result is not None and "normalized" not in result.metrics
     widget.metric = "normalized"
     assert "not available" in widget.errors["metric"]
+
+
+@pytest.mark.parametrize("metric", ["normalized", "logit_diff", "prob"])
+def test_identical_answers_error_before_run_on_the_answer(widget, metric):
+    """correct == incorrect: an error at the incorrect answer as soon as it is typed (before
+    Run), the same for every metric, and never an all-zero heatmap marked done."""
+    widget.metric = metric
+    widget.run(wait=True)
+    good = dict(widget.heatmap)
+    frontend_edit(widget, incorrect=" Mary")  # the correct answer is ' Mary' too
+    widget.wait()
+    assert set(widget.errors) == {"incorrect"} and "same token" in widget.errors["incorrect"]
+    press_run(widget)
+    assert widget.wait(60) and widget.status == "error"
+    assert set(widget.errors) == {"incorrect"}
+    assert widget.heatmap == good
 
 
 def test_internal_error_never_escapes(widget, monkeypatch):
@@ -528,3 +552,206 @@ def test_front_end_files_follow_anywidget_conventions():
     assert ".innerHTML" not in js and "insertAdjacentHTML" not in js  # data only via textContent
     assert "http://" not in js.replace("http://www.w3.org/2000/svg", "") and "https://" not in js
     assert (STATIC / "widget.css").read_text().strip()
+
+
+# --------------------------------------------------------------------------- defects of issue 12
+class RecordingComm:
+    """The comm's transport, recorded: what the widget sends to the page (custom messages)."""
+
+    def __init__(self, widget: PatchingWidget):
+        self.sent: list[dict] = []
+        original = widget.comm.publish_msg
+
+        def publish(msg_type, data=None, metadata=None, buffers=None, **keys):
+            self.sent.append(data or {})
+            return original(msg_type, data=data, metadata=metadata, buffers=buffers, **keys)
+        widget.comm.publish_msg = publish
+
+    def custom(self) -> list[dict]:
+        return [m["content"] for m in self.sent if m.get("method") == "custom"]
+
+
+def test_metric_typo_from_code_is_refused(widget):
+    """``w.metric = 'logitdiff'`` raises at once (with the likely name), so no sweep runs
+    with a metric nobody can see and the heatmap always matches ``w.result``."""
+    widget.clean, widget.corrupted = DEFAULT_CORRUPTED, DEFAULT_CLEAN
+    with pytest.raises(Exception, match="unknown metric 'logitdiff'. Did you mean 'logit_diff'"):
+        widget.metric = "logitdiff"
+    assert widget.metric == "normalized"
+    widget.metric = "normalised"  # an alias of the core is its name
+    assert widget.metric == "normalized"
+    result = widget.run(wait=True)
+    assert result is not None and widget.status == "done"
+    assert widget.heatmap["inputs"]["clean"] == DEFAULT_CORRUPTED
+    assert torch.equal(payload_values(widget.heatmap), table_2d(result, "normalized")[0])
+
+
+@pytest.mark.parametrize("fast_preview", [True, False])
+def test_cancel_right_after_run_is_honest(widget, fast_preview):
+    """Cancel as the sweep starts: every picture counts what it holds (the no-op cells are
+    exact from the start), none is "complete", and the words no longer promise exact values."""
+    widget.fast_preview = fast_preview
+    widget.max_batch_tokens = 64
+    seen = record_heatmaps(widget)
+
+    def cancel_at_once(change):
+        if change["new"].get("run_id", 0) > 0 and not change["new"]["complete"]:
+            widget.cancel()
+    widget.observe(cancel_at_once, names="heatmap")
+    widget.run()
+    widget.wait(60)
+    widget.unobserve(cancel_at_once, names="heatmap")
+    assert widget.status == "cancelled" and seen
+    for payload in seen:
+        exact = int(torch.isfinite(payload_values(payload)).sum())
+        assert payload["done"] == exact and payload["total"] == 60, (payload["done"], exact)
+        assert not payload["complete"]
+    last = widget.heatmap
+    assert last["state"] == "cancelled" and 0 < last["done"] < 60  # the no-ops at least
+    assert widget.progress == [last["done"], last["total"]]
+    row, col = (int(i) for i in torch.isnan(payload_values(last)).nonzero()[0])
+    text = widget.select(row, col)
+    assert "cancelled before reaching this cell" in text and "replaced by the exact value" not in text
+
+
+def test_cancel_mid_sweep_counts_exact_cells(widget):
+    widget.site = "head_out_by_pos"
+    canceller = _cancel_after_first_chunk(widget)
+    widget.run(wait=True)
+    widget.unobserve(canceller, names="progress")
+    hm = widget.heatmap
+    assert hm["state"] == "cancelled" and not hm["complete"]
+    assert hm["done"] == int(torch.isfinite(payload_values(hm)).sum()) < hm["total"] == 4 * 8 * 15
+    assert widget.progress == [hm["done"], hm["total"]]
+
+
+def test_typed_answer_is_kept_even_when_it_equals_the_prediction(widget):
+    assert widget.correct == " Mary"  # the model's prediction, pre-filled
+    frontend_edit(widget, correct=" John")
+    frontend_edit(widget, correct=" Mary")  # typed back: the user's answer now
+    widget.wait()
+    frontend_edit(widget, clean=DEFAULT_CORRUPTED, corrupted=DEFAULT_CLEAN)
+    widget.wait()
+    assert widget.correct == " Mary", "a typed answer never follows the prediction"
+    assert widget.incorrect == " Mary", "an untyped one does"
+    frontend_edit(widget, correct="")  # cleared: follows the prediction again
+    widget.wait()
+    assert widget.correct == " John"
+
+
+def test_empty_prompt_same_message_before_and_after_run(widget):
+    frontend_edit(widget, clean="  ")
+    widget.wait()
+    before = widget.errors["clean"]
+    press_run(widget)
+    widget.wait(60)
+    assert widget.status == "error" and widget.errors["clean"] == before
+
+
+def test_selection_does_not_carry_over_to_another_component(widget):
+    widget.run(wait=True)
+    widget.select(layer=0, pos=S2)
+    assert widget.explanation
+    widget.site = "head_out"
+    widget.run(wait=True)
+    assert widget.selected == {} and widget.explanation == ""
+    widget.select(layer=1, head=2)
+    widget.direction = "noising"  # same component and layout: the selection stays
+    widget.run(wait=True)
+    assert widget.selected == {"row": 1, "col": 2} and "head 1.2" in widget.explanation
+
+
+def test_bad_input_mid_run_keeps_last_complete_heatmap(widget):
+    widget.run(wait=True)
+    good, good_result = dict(widget.heatmap), widget.result
+    widget.site, widget.max_batch_tokens, widget.step_delay = "head_out_by_pos", 64, 0.3
+    seen = record_heatmaps(widget)
+    widget.run()
+    deadline = time.monotonic() + 60
+    while not any(p["run_id"] > good["run_id"] for p in seen) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert any(p["run_id"] > good["run_id"] for p in seen), "the new sweep took the screen"
+    frontend_edit(widget, corrupted="When Mary and John went to the store")  # too short
+    press_run(widget)
+    assert widget.wait(60) and widget.status == "error" and "corrupted" in widget.errors
+    assert widget.heatmap == good and widget.result is good_result
+
+
+def test_page_learns_whether_a_python_widget_is_behind_it(widget):
+    """The page says "hello" when it renders and sends its Run clicks; a live widget answers
+    both (a view restored from a saved notebook gets no answer and says so)."""
+    comm = RecordingComm(widget)
+    widget._handle_custom_msg({"type": "hello"}, [])
+    press_run(widget)
+    widget.wait(60)
+    replies = comm.custom()
+    assert replies[0] == {"type": "hello"}
+    assert replies[1] == {"type": "ack", "run_id": widget.heatmap["run_id"]}
+
+
+def test_pushes_from_two_threads_never_mix(widget):
+    """Metric switches redraw on the kernel thread while the job thread streams: every picture
+    holds one sweep's values, with counts from the same instant."""
+    widget.site, widget.max_batch_tokens, widget.fast_preview = "head_out_by_pos", 64, False
+    seen = record_heatmaps(widget)
+    widget.run()
+    for i in range(400):
+        if widget._jobs.idle():
+            break
+        widget.metric = ("logit_diff", "normalized")[i % 2]
+        time.sleep(0.002)
+    widget.wait(60)
+    final = widget.result
+    assert len(seen) > 2
+    for payload in seen:
+        values = payload_values(payload)
+        exact = torch.isfinite(values)
+        assert payload["done"] == int(exact.sum())
+        ref = table_2d(final, payload["metric"])[0]
+        assert torch.equal(values[exact], ref[exact]), "a value from another job or metric"
+
+
+# --------------------------------------------------------------------------- colours (shared with JS)
+SHARED = json.loads((Path(__file__).parent / "shared" / "widget_cases.json").read_text())
+
+
+def test_shared_cases_number_format():
+    for value, digits, text in SHARED["fmt"]:
+        assert widget_colour.fmt(value, digits) == text, (value, digits)
+
+
+def test_shared_cases_colour_scales():
+    for case in SHARED["domain"]:
+        values = [v for v in case["values"] if v is not None]
+        assert list(widget_colour.domain(case["metric"], values)) == case["domain"], case
+    for case in SHARED["colour"]:
+        assert widget_colour.scale_kind(case["metric"]) == case["kind"]
+        got = widget_colour.colour(case["value"], *case["domain"], case["kind"])
+        assert (None if got is None else list(got)) == case["rgba"], case
+    for case in SHARED["over"]:
+        assert widget_colour.over(None if case["rgba"] is None else tuple(case["rgba"])) == case["hex"]
+    for case in SHARED["ticks"]:
+        assert widget_colour.ticks(*case["domain"]) == case["ticks"]
+
+
+def test_shared_cases_receivers():
+    for case in SHARED["receivers"]:
+        heads = parse_receivers(case["text"], 4, 8)
+        assert ([] if heads is None else [list(h) for h in heads]) == case["heads"], case
+
+
+@pytest.mark.parametrize("metric,kind", [("normalized", "diverging"), ("logit_diff", "diverging"),
+                                         ("prob", "sequential"), ("rank", "sequential"),
+                                         ("kl", "sequential"), ("accuracy", "sequential")])
+def test_scale_follows_the_metric_registry(metric, kind):
+    """Non-negative metrics get a one-hue scale over their own range (no unused negative
+    half); signed ones a symmetric red-blue one."""
+    from patchwidgets.metrics import METRICS
+
+    assert widget_colour.scale_kind(metric) == METRICS[metric].scale == kind
+    if metric == "rank":
+        lo, hi = widget_colour.domain("rank", [1.0, 3.0, 12.0])
+        assert (lo, hi) == (1.0, 12.0)
+        assert widget_colour.colour(1.0, lo, hi, kind)[3] == 0  # best rank: the background
+        assert "worse" in widget_colour.legend_words("rank")
+    assert len(widget_colour.ticks(*widget_colour.domain(metric, [0.5]))) >= 5

@@ -56,8 +56,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import patchwidgets
 w = patchwidgets.PatchingWidget()
 w"""
-SLOW_CELL = "w.step_delay = 0.6  # slow motion: pause after the estimate and after each chunk"
-FAST_CELL = "w.step_delay = 0.0"
+SLOW_CELL = ("w.step_delay = 0.6  # slow motion: pause after the estimate and after each chunk\n"
+             "w.max_batch_tokens = 64  # several chunks (a toy sweep fits one pass by default)")
+FAST_CELL = "w.step_delay = 0.0\nw.max_batch_tokens = 4096"
 
 
 def missing_requirement() -> str | None:
@@ -207,11 +208,16 @@ def open_widget(page, lab: JupyterLab, timeout_ms: int = 120_000) -> None:
 
 
 def wait_for_run(page, previous_run_id: int, timeout_ms: int = 60_000) -> int:
-    """Wait until a heatmap newer than ``previous_run_id`` is complete; return its run id."""
+    """Wait until the sweep that the last Run click started (its id comes back with the
+    kernel's acknowledgement, ``data-requested-run``) is on screen and done; return its id.
+
+    Everything read here comes from one heatmap payload (its run id and its own state), so a
+    picture of another job, or a status that arrived in another message, cannot satisfy it."""
     page.wait_for_function(
         """(before) => {
             const r = document.querySelector('.pw-root');
-            return r && r.dataset.status === 'done' && r.dataset.complete === 'true'
+            return r && r.dataset.requestedRun !== undefined && r.dataset.runId === r.dataset.requestedRun
+                   && r.dataset.runState === 'done' && r.dataset.complete === 'true'
                    && Number(r.dataset.runId) > before;
         }""", arg=previous_run_id, timeout=timeout_ms)
     return run_id(page)
@@ -411,7 +417,20 @@ def assert_heatmap_is(page, grid) -> None:
         assert c["value"] == pytest.approx(float(grid[c["layer"], c["head"]]), abs=1e-6), c
 
 
-def test_path_patching_view(page):
+@pytest.fixture
+def cpu_load():
+    """Keep two cores busy for the length of a test: a test that needs an idle machine fails."""
+    burn = "import time\nend = time.time() + 300\nwhile time.time() < end: pass"
+    procs = [subprocess.Popen([sys.executable, "-c", burn]) for _ in range(2)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def test_path_patching_view(page, cpu_load):
     """Senders to the logits, then Shift+click a head to make it the receiver; a receiver
     that does not exist is reported in place."""
     assert page.locator("[data-panel='path']").is_hidden()
@@ -522,3 +541,132 @@ def test_saved_notebook_stores_last_heatmap(page):
     saved = list(struct.unpack(f"<{len(raw) // 4}f", raw))
     assert saved == pytest.approx(shown, abs=0, nan_ok=True)
     assert state["state"]["heatmap"]["site"] == "path"  # the last good heatmap: the path view
+
+
+# --------------------------------------------------------------------------- defects of issue 12
+def error_text(page, field: str) -> str:
+    return page.inner_text(f"[data-error-for='{field}']")
+
+
+def wait_error(page, field: str, words: str) -> None:
+    page.wait_for_function("([f, w]) => document.querySelector(`[data-error-for='${f}']`).textContent.includes(w)",
+                           arg=[field, words])
+
+
+def wait_no_error(page, field: str) -> None:
+    page.wait_for_function("(f) => document.querySelector(`[data-error-for='${f}']`).textContent === ''", arg=field)
+
+
+def test_run_click_lands_while_errors_come_and_go(page):
+    """Errors appear and vanish as the page re-checks what was typed; the Run button stays
+    where it is, so a click pressed while an error shows and released after it is gone runs."""
+    page.select_option("select[data-control='site']", "resid_pre")
+    page.fill("input[data-field='clean']", CLEAN)
+    page.fill("input[data-field='corrupted']", CORRUPTED)
+    page.fill("input[data-field='correct']", " Sarah")
+    page.fill("input[data-field='incorrect']", " Lisa")
+    run = page.locator("button[data-action='run']")
+    page.wait_for_function("() => document.querySelector('.pw-root').dataset.errors === ''")
+    home = run.bounding_box()
+    long_prompt = "When" + " Lisa and Sarah went to the cinema," * 30 + " Sarah gave the ticket to"
+    for field, text, words in [("corrupted", CORRUPTED.replace(" the ticket", " ticket"), "tokens"),
+                               ("clean", long_prompt, "tokens"), ("correct", " Sarahh", "not in the"),
+                               ("incorrect", " Sarah", "same token")]:
+        good = page.input_value(f"input[data-field='{field}']")
+        page.fill(f"input[data-field='{field}']", text)
+        wait_error(page, field, words)
+        assert run.bounding_box() == home, f"Run moved when the {field} error appeared"
+        if field == "clean":
+            assert len(error_text(page, "clean")) < 300, "a short message, not every token"
+        page.fill(f"input[data-field='{field}']", good)
+        wait_no_error(page, field)
+        assert run.bounding_box() == home, f"Run moved when the {field} error went"
+
+    # Press Run while an error shows; the fix lands (the error vanishes) before the release.
+    page.fill("input[data-field='corrupted']", CORRUPTED.replace(" the ticket", " ticket"))
+    wait_error(page, "corrupted", "tokens")
+    before = run_id(page)
+    page.mouse.move(home["x"] + home["width"] / 2, home["y"] + home["height"] / 2)
+    page.mouse.down()
+    page.fill("input[data-field='corrupted']", CORRUPTED)
+    wait_no_error(page, "corrupted")
+    page.mouse.up()
+    wait_for_run(page, before)
+
+
+def test_prompts_that_do_not_tokenise_are_not_called_missing(page):
+    page.fill("input[data-field='clean']", "Lisaa and Saraah")
+    page.fill("input[data-field='corrupted']", "Saraah and Lisaa")
+    wait_error(page, "clean", "not in the")
+    wait_error(page, "corrupted", "not in the")
+    assert "Type two prompts" not in page.inner_text(".pw-tokens")
+    assert "not tokenised" in page.inner_text(".pw-token-row[data-prompt='clean']")
+    page.fill("input[data-field='clean']", "")
+    page.fill("input[data-field='corrupted']", " ")
+    page.wait_for_function("() => document.querySelector('.pw-tokens').textContent.includes('Type two prompts.')")
+    page.fill("input[data-field='clean']", CLEAN)
+    page.fill("input[data-field='corrupted']", CORRUPTED)
+    page.wait_for_function("() => document.querySelector('.pw-root').dataset.errors === ''")
+
+
+def test_identical_answers_error_before_run(page):
+    cells_before = cell_values(page)
+    page.fill("input[data-field='incorrect']", " Sarah")  # the correct answer too
+    wait_error(page, "incorrect", "same token")
+    assert error_text(page, "corrupted") == "" and "pw-invalid" in page.get_attribute(
+        "input[data-field='incorrect']", "class")
+    page.click("button[data-action='run']")
+    page.wait_for_selector(".pw-root[data-status='error']")
+    assert cell_values(page) == cells_before, "no all-zero heatmap"
+    page.fill("input[data-field='incorrect']", " Lisa")
+    wait_no_error(page, "incorrect")
+
+
+def test_cancel_right_after_run_says_what_it_holds(page):
+    run_cell(page, 1)  # slow motion, several chunks
+    try:
+        page.click("button[data-action='run']")
+        page.wait_for_selector("button[data-action='cancel']:not([disabled])")
+        page.click("button[data-action='cancel']")
+        page.wait_for_function("""() => { const r = document.querySelector('.pw-root');
+            return r.dataset.status === 'cancelled' && r.dataset.runState === 'cancelled'; }""")
+        text = page.inner_text(".pw-progress-text")
+        exact = page.locator("rect.pw-cell[data-value]").count()
+        assert "0/0" not in text and f"cancelled after {exact}/60 patches" in text, text
+        assert root_data(page, "complete") == "false"
+        if page.is_visible(".pw-approx-note"):
+            note = page.inner_text(".pw-approx-note")
+            assert "stopped before reaching" in note and "replaced by the exact value" not in note
+    finally:
+        run_cell(page, 2)
+
+
+def test_reopened_notebook_without_python_widget_says_so(page):
+    """Last: a restarted kernel has no widget behind the saved view. The saved heatmap shows;
+    Run and cell clicks say that no Python widget answers, and nothing spins forever."""
+    before = run_id(page)
+    page.click("button[data-action='run']")
+    wait_for_run(page, before)
+    saved = [c["value"] for c in cell_values(page)]
+    page.click("input[data-field='incorrect']")
+    page.keyboard.press("Control+s")
+    page.wait_for_function("() => !document.querySelector('.jp-mod-dirty')", timeout=20_000)
+    restarted = page.evaluate("""async () => {
+        const xsrf = (document.cookie.match(/_xsrf=([^;]+)/) || [])[1];
+        const kernels = await (await fetch('/api/kernels')).json();
+        for (const k of kernels) {
+            const r = await fetch(`/api/kernels/${k.id}/restart`, {method: 'POST', headers: xsrf ? {'X-XSRFToken': xsrf} : {}});
+            if (!r.ok) throw new Error(`restart: ${r.status}`);
+        }
+        return kernels.length; }""")
+    assert restarted == 1
+    page.reload()
+    page.wait_for_selector(".pw-root rect.pw-cell", timeout=120_000)
+    assert [c["value"] for c in cell_values(page)] == pytest.approx(saved, nan_ok=True)
+    page.click("button[data-action='run']")
+    page.wait_for_selector(".pw-root[data-kernel='missing']", timeout=30_000)
+    assert "saved copy" in page.inner_text(".pw-kernel-note")
+    assert page.inner_text(".pw-status") == "no kernel"
+    page.click("rect.pw-cell >> nth=3")
+    assert "no Python widget" in page.inner_text(".pw-explanation")
+    shot(page, "12-saved-copy-without-kernel.png")

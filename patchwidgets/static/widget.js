@@ -1,3 +1,4 @@
+// @ts-check
 // The front end of patchwidgets.PatchingWidget: a plain ES module, no build step.
 //
 // anywidget calls `render({ model, el })` once per view. `model` holds the synced traitlets
@@ -23,7 +24,7 @@ const SVG_NS = "http://www.w3.org/2000/svg";
  *            corrupted_token?: string, diff?: boolean}} Cell
  * @typedef {{run_id: number, site: string, metric: string, direction: string,
  *            rows: Cell[], cols: Cell[], row_title: string, col_title: string,
- *            values: DataView, done: number, total: number, complete: boolean,
+ *            values: DataView, done: number, total: number, complete: boolean, state?: string,
  *            baselines: Object<string, number|null>, inputs: Object<string, string>,
  *            estimate?: DataView, estimate_method?: string,
  *            path?: {label: string, receivers: number[][]|null, receiver_input: string}}} Heatmap
@@ -61,7 +62,7 @@ function s(tag, attrs = {}) {
  * @param {any} buf
  * @returns {Float32Array}
  */
-function floats(buf) {
+export function floats(buf) {
   if (!buf) return new Float32Array(0);
   const view = buf instanceof DataView ? buf
     : buf instanceof ArrayBuffer ? new DataView(buf)
@@ -73,19 +74,75 @@ function floats(buf) {
   return out;
 }
 
-const RED = [178, 24, 43], WHITE = [247, 247, 247], BLUE = [33, 102, 172];
+// Colours follow patchwidgets/widget_colour.py exactly (tests/shared/widget_cases.json checks
+// both): a diverging metric is blue above 0 and red below, symmetric around 0; a sequential
+// one is one hue from light (low end) to dark (high end). A colour is [r, g, b, alpha]: the
+// hue and how much of it covers the background, so "no effect" is the theme's background.
+export const RED = [178, 24, 43], BLUE = [33, 102, 172], PURPLE = [84, 39, 143];
 
 /**
- * Diverging colour centred on 0: red below, white at 0, blue above (as plotly's RdBu in
- * `w.figure()`). `scale` is the |value| that gets the full colour.
- * @param {number} v
- * @param {number} scale
+ * @typedef {{scale: string, label: string, high_means: string, lo: number|null, hi: number|null}} MetricInfo
+ * @typedef {[number, number, number, number]} RGBA
  */
-function diverging(v, scale) {
-  const t = Math.max(-1, Math.min(1, scale > 0 ? v / scale : 0));
-  const end = t > 0 ? BLUE : RED, a = Math.abs(t);
-  const c = WHITE.map((m, i) => Math.round(m + (end[i] - m) * a));
-  return `rgb(${c[0]},${c[1]},${c[2]})`;
+
+/**
+ * The range the colours span: symmetric for a diverging metric (normalized: at least -1..1),
+ * the data plus the metric's natural bounds (info.lo, info.hi) for a sequential one.
+ * @param {string} metric
+ * @param {ArrayLike<number>} values
+ * @param {MetricInfo|undefined} info
+ * @returns {[number, number]}
+ */
+export function domain(metric, values, info) {
+  const finite = Array.from(values).filter((v) => v !== null && Number.isFinite(v));
+  if (!info || info.scale !== "sequential") {
+    let top = finite.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+    if (metric === "normalized") top = Math.max(top, 1);
+    top = top || 1;
+    return [-top, top];
+  }
+  let lo = finite.length ? Math.min(...finite) : 0, hi = finite.length ? Math.max(...finite) : 1;
+  if (info.lo !== null && info.lo !== undefined) lo = Math.min(lo, info.lo);
+  if (info.hi !== null && info.hi !== undefined) hi = Math.max(hi, info.hi);
+  return hi > lo ? [lo, hi] : [lo, lo + 1];
+}
+
+/** Round like Python's round(x, 3) for the values we meet (no ties at this precision). @param {number} x */
+const round3 = (x) => Math.round(x * 1000) / 1000;
+
+/**
+ * The colour of `v` on the scale lo..hi of `kind`; null for a missing value.
+ * @param {number|null} v @param {number} lo @param {number} hi @param {string} kind
+ * @returns {RGBA|null}
+ */
+export function colour(v, lo, hi, kind) {
+  if (v === null || v === undefined || !Number.isFinite(v)) return null;
+  if (kind === "diverging") {
+    const top = Math.max(Math.abs(lo), Math.abs(hi)) || 1;
+    const t = Math.max(-1, Math.min(1, v / top));
+    const end = t > 0 ? BLUE : RED;
+    return [end[0], end[1], end[2], round3(Math.abs(t))];
+  }
+  const t = hi > lo ? Math.max(0, Math.min(1, (v - lo) / (hi - lo))) : 0;
+  return [PURPLE[0], PURPLE[1], PURPLE[2], round3(t)];
+}
+
+/**
+ * `rgba` laid over `background`, as #rrggbb (for places without transparency).
+ * @param {RGBA|null} rgba @param {number[]} [background] @param {string} [missing]
+ */
+export function over(rgba, background = [255, 255, 255], missing = "#e0e0e0") {
+  if (!rgba) return missing;
+  const hex = [0, 1, 2].map((i) => {
+    const c = Math.round(background[i] + (rgba[i] - background[i]) * rgba[3]);
+    return c.toString(16).padStart(2, "0");
+  });
+  return `#${hex.join("")}`;
+}
+
+/** `n` evenly spaced legend ticks from lo to hi. @param {number} lo @param {number} hi @param {number} [n] */
+export function ticks(lo, hi, n = 5) {
+  return Array.from({ length: n }, (_, i) => lo + ((hi - lo) * i) / (n - 1));
 }
 
 /** Attention weight 0..1 -> white .. deep purple. @param {number} w */
@@ -96,8 +153,8 @@ function sequential(w) {
   return `rgb(${c[0]},${c[1]},${c[2]})`;
 }
 
-/** @param {number} v @param {number} [digits] */
-function fmt(v, digits = 3) {
+/** A number for people (as widget_colour.fmt). @param {number|null|undefined} v @param {number} [digits] */
+export function fmt(v, digits = 3) {
   if (v === null || v === undefined || !Number.isFinite(v)) return "n/a";
   return Math.abs(v) >= 1e-3 || v === 0 ? String(Number(v.toPrecision(digits))) : v.toExponential(2);
 }
@@ -113,7 +170,7 @@ const clip = (text, n) => (text.length > n ? text.slice(0, n - 1) + "\u2026" : t
  * Only for marking and toggling cells: Python parses the field for real and reports errors.
  * @param {string} text
  */
-function receiverHeads(text) {
+export function receiverHeads(text) {
   const heads = [];
   for (const item of String(text || "").split(/[\s,;]+/)) {
     const m = /^l?(\d+)(?:[.:]|h)(\d+)$/i.exec(item);
@@ -121,6 +178,35 @@ function receiverHeads(text) {
   }
   return heads;
 }
+
+/**
+ * What the heatmap grid shows of a payload: every (row, col) as sent, or, for a
+ * (layer.head x position) sweep, one position as a layer x head grid, readable at any model
+ * size (GPT-2: 12 x 12 cells instead of 144 rows of 5 px). `cells` lists, row-major over the
+ * grid, the payload's own [row, col] of each cell, so clicks and values keep their indices.
+ * @param {{rows: Cell[], cols: Cell[], row_title: string, col_title: string}} p
+ * @param {number|null} pos a position index, or null for every (row, col)
+ * @returns {{rows: Cell[], cols: Cell[], row_title: string, col_title: string, cells: number[][], byPosition: boolean}}
+ */
+export function gridView(p, pos) {
+  const byHeadPos = p.rows.length > 0 && p.rows[0].head !== undefined && p.cols.length > 0 && p.cols[0].pos !== undefined;
+  if (pos === null || !byHeadPos || pos < 0 || pos >= p.cols.length) {
+    const cells = [];
+    for (let i = 0; i < p.rows.length; i++) for (let j = 0; j < p.cols.length; j++) cells.push([i, j]);
+    return { rows: p.rows, cols: p.cols, row_title: p.row_title, col_title: p.col_title, cells, byPosition: false };
+  }
+  const layers = [...new Set(p.rows.map((r) => r.layer))], heads = [...new Set(p.rows.map((r) => r.head))];
+  const rowOf = new Map(p.rows.map((r, i) => [`${r.layer}.${r.head}`, i]));
+  const cells = [];
+  for (const l of layers) for (const hd of heads) cells.push([rowOf.get(`${l}.${hd}`) ?? -1, pos]);
+  return {
+    rows: layers.map((l) => ({ layer: l, label: `L${l}` })), cols: heads.map((hd) => ({ head: hd, label: `H${hd}` })),
+    row_title: "layer", col_title: "head", cells, byPosition: true,
+  };
+}
+
+/** Rows beyond which a (layer.head x position) sweep opens one position at a time. */
+export const MANY_ROWS = 48;
 
 const RECEIVER_INPUTS = [["q", "queries (q)"], ["k", "keys (k)"], ["v", "values (v)"], ["kv", "keys and values (kv)"], ["qkv", "all inputs (qkv)"]];
 
@@ -181,7 +267,7 @@ function render({ model, el }) {
   };
 
   /** A text input bound to traitlet `name`, synced while typing (debounced). */
-  const textField = (/** @type {string} */ name, /** @type {string} */ label, /** @type {string} */ cls) => {
+  const textField = (/** @type {string} */ name, /** @type {string} */ label, /** @type {string} */ cls, inlineError = true) => {
     const input = /** @type {HTMLInputElement} */ (h("input", {
       type: "text", class: "pw-input", "data-field": name, spellcheck: "false", "aria-label": label,
     }));
@@ -202,15 +288,19 @@ function render({ model, el }) {
       markStale();
     });
     flushers.push(flush);
-    return h("label", { class: `pw-field ${cls}` }, h("span", { class: "pw-label" }, label), input, errorBox(name));
+    const field = h("label", { class: `pw-field ${cls}` }, h("span", { class: "pw-label" }, label), input);
+    if (inlineError) field.append(errorBox(name));
+    return field;
   };
 
   root.append(h("div", { class: "pw-inputs" },
     textField("clean", "Clean prompt", "pw-prompt"),
-    textField("correct", "Correct answer", "pw-answer"),
+    textField("correct", "Correct answer", "pw-answer", false),
     textField("corrupted", "Corrupted prompt", "pw-prompt"),
-    textField("incorrect", "Incorrect answer", "pw-answer")));
-  root.append(errorBox("answers"));
+    textField("incorrect", "Incorrect answer", "pw-answer", false)));
+  // The answer fields are narrow: their messages share one full-width line below, whose
+  // height is reserved like every error box's, so nothing below moves when one appears.
+  root.append(h("div", { class: "pw-answer-errors" }, errorBox("correct"), errorBox("incorrect"), errorBox("answers")));
 
   // ------------------------------------------------------------ tokenisations + baselines
   const tokenRows = h("div", { class: "pw-tokens" });
@@ -224,9 +314,10 @@ function render({ model, el }) {
     // Highlight positions whose tokens differ (only when both prompts tokenised).
     const differs = (/** @type {number} */ i) => !!clean && !!corrupted && clean[i] !== corrupted[i];
     tokenRows.replaceChildren();
+    const typed = ["clean", "corrupted"].filter((k) => String(model.get(k) || "").trim());
     for (const [name, list] of [["clean", clean], ["corrupted", corrupted]]) {
       const row = h("div", { class: "pw-token-row", "data-prompt": name }, h("span", { class: "pw-token-name" }, name));
-      if (!list) row.append(h("span", { class: "pw-muted" }, "(not tokenised)"));
+      if (!list) row.append(h("span", { class: "pw-muted" }, typed.includes(name) ? "(not tokenised: see the message at the prompt)" : "(empty)"));
       else list.forEach((tok, i) => {
         const chip = h("span", { class: "pw-tok" + (differs(i) ? " pw-tok-diff" : ""), title: `position ${i}: ${quote(tok)}`, "data-pos": String(i) }, tok);
         row.append(chip);
@@ -234,7 +325,8 @@ function render({ model, el }) {
       if (list) row.append(h("span", { class: "pw-muted" }, ` ${list.length} tokens`));
       tokenRows.append(row);
     }
-    if (!n) tokenRows.append(h("span", { class: "pw-muted" }, "Type two prompts."));
+    tokenRows.dataset.hint = !n && typed.length === 0 ? "Type two prompts." : "";
+    if (!n && typed.length === 0) /** @type {HTMLElement} */ (tokenRows.firstChild).append(h("span", { class: "pw-muted pw-hint" }, " Type two prompts."));
     const base = model.get("baseline") || {};
     const c = model.get("correct"), i = model.get("incorrect");
     baselineLine.replaceChildren(
@@ -244,7 +336,8 @@ function render({ model, el }) {
       h("b", { "data-baseline": "corrupted" }, fmt(base.corrupted)),
       `. Top predictions: clean ${base.clean_top ? quote(base.clean_top) : "n/a"}, corrupted ${base.corrupted_top ? quote(base.corrupted_top) : "n/a"}.`);
   }
-  for (const name of ["tokens", "baseline", "correct", "incorrect"]) on(`change:${name}`, drawTokens);
+  for (const name of ["tokens", "baseline", "correct", "incorrect", "clean", "corrupted"]) on(`change:${name}`, drawTokens);
+  baselineLine.addEventListener("mouseenter", () => { baselineLine.title = baselineLine.textContent || ""; });
 
   // ------------------------------------------------------------ controls
   const dirGroup = h("div", { class: "pw-toggle", role: "radiogroup", "aria-label": "direction" });
@@ -330,6 +423,40 @@ function render({ model, el }) {
   // ------------------------------------------------------------ run / latency bookkeeping
   let clickedAt = 0, runIdAtClick = -1;
   root.dataset.latencyMs = "";
+  // Is a Python object behind this view? A view restored from a saved notebook (no kernel, or
+  // a new kernel that never made this widget) draws the saved state, but nothing answers it.
+  // The view says "hello" at once; any message from Python proves the link. A Run (or a cell
+  // click) that gets no answer within a few seconds says so instead of spinning forever.
+  const kernelNote = h("div", { class: "pw-kernel-note pw-hidden", role: "status", "data-note": "kernel" });
+  let kernelSeen = false;
+  /** @type {any} */ let kernelTimer = null;
+  root.dataset.kernel = "unknown";
+  const heardFromKernel = () => {
+    kernelSeen = true;
+    clearTimeout(kernelTimer);
+    root.dataset.kernel = "connected";
+    kernelNote.classList.add("pw-hidden");
+  };
+  on("msg:custom", (/** @type {any} */ msg) => {
+    heardFromKernel();
+    if (msg && msg.type === "ack" && Number.isInteger(msg.run_id)) root.dataset.requestedRun = String(msg.run_id);
+  });
+  for (const name of ["status", "progress", "heatmap", "tokens", "errors", "explanation"]) on(`change:${name}`, heardFromKernel);
+  /** Expect an answer from Python; without one, tell the user what the page is. @param {string} what */
+  function expectKernel(what) {
+    if (kernelSeen) return;
+    clearTimeout(kernelTimer);
+    kernelTimer = setTimeout(() => {
+      if (kernelSeen) return;
+      root.dataset.kernel = "missing";
+      kernelNote.textContent = `No Python widget answers this view, so ${what} cannot happen. This is probably ` +
+        "a saved copy (the notebook was reopened or the kernel restarted): the heatmap is the last one saved. " +
+        "Run the cell that creates the widget again to use it.";
+      kernelNote.classList.remove("pw-hidden");
+      drawStatus();
+    }, 3000);
+  }
+  try { model.send({ type: "hello" }); } catch (e) { /* no comm at all: expectKernel reports it */ }
   function requestRun() {
     flushers.forEach((f) => f());
     clickedAt = performance.now();
@@ -341,11 +468,13 @@ function render({ model, el }) {
     const state = {};
     for (const k of edited) state[k] = model.get(k);
     edited.clear();
+    delete root.dataset.requestedRun;
     model.send({ type: "run", state });
+    expectKernel("a Run");
   }
 
   function drawStatus() {
-    const status = model.get("status");
+    const status = root.dataset.kernel === "missing" ? "no kernel" : model.get("status");
     const [done, total] = model.get("progress") || [0, 0];
     const running = status === "running";
     root.dataset.status = status;
@@ -357,7 +486,7 @@ function render({ model, el }) {
       : status === "done" ? `${total} patches in ${fmt(secs, 2)} s` + (root.dataset.latencyMs ? ` (${root.dataset.latencyMs} ms from click to heatmap)` : "")
       : status === "cancelled" ? `cancelled after ${done}/${total} patches` : "";
     statusText.textContent = status;
-    statusText.className = `pw-status pw-status-${status}`;
+    statusText.className = `pw-status pw-status-${status.replace(" ", "-")}`;
   }
   for (const name of ["status", "progress", "elapsed"]) on(`change:${name}`, drawStatus);
 
@@ -368,7 +497,8 @@ function render({ model, el }) {
     for (const [field, box] of Object.entries(errorBoxes)) {
       const msg = errors[field] || "";
       box.textContent = msg;
-      box.classList.toggle("pw-hidden", !msg);
+      box.title = msg; // the box keeps a fixed height (controls never move): the full text on hover
+      box.classList.toggle("pw-has-error", !!msg);
       const input = root.querySelector(`[data-field="${field}"]`);
       if (input) input.classList.toggle("pw-invalid", !!msg);
     }
@@ -378,6 +508,33 @@ function render({ model, el }) {
 
   // ------------------------------------------------------------ heatmap
   const caption = h("div", { class: "pw-caption" });
+  const legendNote = h("div", { class: "pw-legend-note" });
+  // One position at a time for (layer.head x position) sweeps: a layer x head grid.
+  const posSelect = /** @type {HTMLSelectElement} */ (h("select", { class: "pw-select", "data-control": "position", "aria-label": "position shown" }));
+  const posRow = h("label", { class: "pw-position pw-hidden" }, h("span", { class: "pw-label" }, "Show "), posSelect);
+  /** @type {string|null} */ let posChoice = null; // null: automatic (one position when there are many rows)
+  let posOptionsKey = "";
+  posSelect.addEventListener("change", () => { posChoice = posSelect.value; hm.key = ""; paintHeatmap(); });
+  /**
+   * Fill the position selector for this payload and return the position to show (null: all).
+   * @param {Heatmap} p
+   */
+  function drawPositionChoice(p) {
+    const applies = p.rows[0].head !== undefined && p.cols[0].pos !== undefined;
+    posRow.classList.toggle("pw-hidden", !applies);
+    if (!applies) return null;
+    const optionsKey = p.cols.map((c) => c.token ?? c.label).join("\u0000");
+    if (optionsKey !== posOptionsKey) {
+      posOptionsKey = optionsKey;
+      posSelect.replaceChildren(h("option", { value: "all" }, "every position (rows: layer.head)"),
+        ...p.cols.map((c, j) => h("option", { value: String(j) }, `position ${j}: ${quote(c.token ?? c.label)} (layer x head)`)));
+    }
+    const auto = p.rows.length > MANY_ROWS ? String(p.cols.length - 1) : "all";
+    const choice = posChoice !== null && (posChoice === "all" || Number(posChoice) < p.cols.length) ? posChoice : auto;
+    posSelect.value = choice;
+    root.dataset.position = choice;
+    return choice === "all" ? null : Number(choice);
+  }
   const approxNote = h("div", { class: "pw-approx-note pw-hidden", "data-note": "approximate" },
     h("span", { class: "pw-approx-swatch" }),
     h("b", {}, "approximate (attribution patching)"),
@@ -396,28 +553,32 @@ function render({ model, el }) {
   headSelect.addEventListener("change", () => save("pattern_head", Number(headSelect.value)));
 
   root.append(h("div", { class: "pw-main" },
-    h("div", { class: "pw-heatmap-panel" }, caption, approxNote, staleNote, generalError, plot),
+    h("div", { class: "pw-heatmap-panel" }, caption, legendNote, posRow, approxNote, staleNote, generalError, plot),
     h("div", { class: "pw-side" },
       h("div", { class: "pw-side-title" }, "Selected cell"), explanation,
       h("div", { class: "pw-side-title" }, "Attention pattern of ", layerSelect, headSelect),
       patternPanel)));
   root.append(tooltip);
+  caption.before(kernelNote);
 
-  /** @type {{key: string, rects: SVGRectElement[], svg: SVGSVGElement|null, outline: SVGRectElement|null, hatch: SVGPathElement|null, receivers: SVGPathElement|null, cw: number, ch: number, left: number, top: number, legend: any}} */
-  const hm = { key: "", rects: [], svg: null, outline: null, hatch: null, receivers: null, cw: 0, ch: 0, left: 0, top: 0, legend: null };
+  /** @type {{key: string, rects: SVGRectElement[], flat: number[], svg: SVGSVGElement|null, outline: SVGRectElement|null, hatch: SVGPathElement|null, receivers: SVGPathElement|null, cw: number, ch: number, left: number, top: number, legend: any}} */
+  const hm = { key: "", rects: [], flat: [], svg: null, outline: null, hatch: null, receivers: null, cw: 0, ch: 0, left: 0, top: 0, legend: null };
 
   /** Build the SVG skeleton (labels, empty cells, legend) for a heatmap's shape. @param {Heatmap} p */
-  function buildHeatmap(p) {
-    const nR = p.rows.length, nC = p.cols.length;
+  function buildHeatmap(p, view) {
+    const nR = view.rows.length, nC = view.cols.length;
     // Size cells from the widget's width: the heatmap takes what it needs, and the side
     // panel (explanation, attention patterns) wraps below it when there is no room left.
     const width = Math.max(320, root.clientWidth || 800);
-    const rowLabelLen = Math.max(...p.rows.map((r) => r.label.length), p.row_title.length);
+    const rowLabelLen = Math.max(...view.rows.map((r) => r.label.length), view.row_title.length);
     const left = Math.min(90, 14 + 7 * rowLabelLen);
-    const colLabelLen = Math.max(...p.cols.map((c) => c.label.length + 2));
+    const colLabelLen = Math.max(...view.cols.map((c) => c.label.length + 2));
     const legendW = 96;
-    const cw = Math.max(6, Math.min(32, Math.floor((width - left - legendW - 8) / nC)));
-    const ch = Math.max(4, Math.min(28, Math.floor(720 / nR), Math.max(cw, 14)));
+    // The heatmap is the main picture: it gets about two thirds of a wide widget (the side
+    // panel takes the rest), and its cells grow up to 40 px.
+    const share = width >= 900 ? 0.64 : 1;
+    const cw = Math.max(6, Math.min(40, Math.floor((width * share - left - legendW - 8) / nC)));
+    const ch = Math.max(4, Math.min(32, Math.floor(720 / nR), Math.max(Math.round(cw * 0.8), 16)));
     const colFont = Math.min(11, Math.max(7, cw - 1));
     // Tilt column labels just enough that neighbours do not overlap (steeper when narrow).
     const angle = Math.max(45, Math.min(90, (Math.asin(Math.min(1, (colFont + 1) / cw)) * 180) / Math.PI));
@@ -426,11 +587,11 @@ function render({ model, el }) {
     const svg = /** @type {SVGSVGElement} */ (s("svg", {
       width: left + gridW + legendW, height: top + gridH + 24, class: "pw-heatmap",
       role: "img", "aria-label": `${p.direction} ${p.site} heatmap of ${p.metric}`,
-      "data-rows": nR, "data-cols": nC,
+      "data-rows": nR, "data-cols": nC, "data-view": view.byPosition ? "position" : "all",
     }));
     // Column labels: tokens (diff positions bold) or head numbers; thin out when crowded.
     const colStride = Math.ceil(9 / cw);
-    p.cols.forEach((c, j) => {
+    view.cols.forEach((c, j) => {
       if (j % colStride && !c.diff) return;
       const x = left + j * cw + cw / 2, y = top - 5;
       const t = s("text", { x: 0, y: 0, transform: `translate(${x},${y}) rotate(${-angle.toFixed(1)})`, class: "pw-col-label" + (c.diff ? " pw-diff" : ""), "font-size": colFont, "dominant-baseline": "middle" });
@@ -438,10 +599,10 @@ function render({ model, el }) {
       svg.append(t);
     });
     // Row labels: layers, or "L3 H5"; with many rows, label each layer once.
-    const byHead = p.rows.length > 0 && p.rows[0].head !== undefined;
+    const byHead = view.rows.length > 0 && view.rows[0].head !== undefined;
     const rowFont = Math.min(11, Math.max(7, ch - 2));
     const rowStride = Math.ceil(10 / ch);
-    p.rows.forEach((r, i) => {
+    view.rows.forEach((r, i) => {
       let text = r.label;
       if (byHead && ch < 10) { if (r.head !== 0) return; text = `L${r.layer}`; }
       else if (i % rowStride) return;
@@ -450,51 +611,55 @@ function render({ model, el }) {
       svg.append(t);
     });
     const axisX = s("text", { x: left + gridW / 2, y: top + gridH + 16, class: "pw-axis-title", "text-anchor": "middle" });
-    axisX.textContent = p.col_title;
+    axisX.textContent = view.col_title;
     const axisY = s("text", { x: 2, y: top - 5, class: "pw-axis-title" });
-    axisY.textContent = p.row_title;
+    axisY.textContent = view.row_title;
     svg.append(axisX, axisY);
     // Cells.
     const gap = cw > 8 && ch > 6 ? 1 : 0;
     const cells = s("g", { class: "pw-cells" });
-    const rects = [];
-    for (let i = 0; i < nR; i++) {
-      for (let j = 0; j < nC; j++) {
-        const r = /** @type {SVGRectElement} */ (s("rect", { x: left + j * cw, y: top + i * ch, width: cw - gap, height: ch - gap, class: "pw-cell", "data-row": i, "data-col": j }));
-        const d = { ...p.rows[i], ...p.cols[j] };
-        for (const k of ["layer", "head", "pos"]) if (d[k] !== undefined) r.setAttribute(`data-${k}`, String(d[k]));
-        rects.push(r);
-        cells.append(r);
-      }
-    }
+    const rects = [], flat = [];
+    view.cells.forEach(([i, j], n) => {
+      if (i < 0) return;
+      const gi = Math.floor(n / nC), gj = n % nC;
+      const r = /** @type {SVGRectElement} */ (s("rect", { x: left + gj * cw, y: top + gi * ch, width: cw - gap, height: ch - gap, class: "pw-cell", "data-row": i, "data-col": j }));
+      const d = { ...p.rows[i], ...p.cols[j] };
+      for (const k of ["layer", "head", "pos"]) if (d[k] !== undefined) r.setAttribute(`data-${k}`, String(d[k]));
+      rects.push(r);
+      flat.push(i * p.cols.length + j);
+      cells.append(r);
+    });
     svg.append(cells);
     if (byHead) { // separators between layers
-      const nHeads = p.rows.filter((r) => r.layer === 0).length;
+      const nHeads = view.rows.filter((r) => r.layer === 0).length;
       for (let l = 1; l * nHeads < nR; l++) svg.append(s("line", { x1: left, x2: left + gridW, y1: top + l * nHeads * ch, y2: top + l * nHeads * ch, class: "pw-sep" }));
     }
-    // Legend: a vertical gradient from +scale (blue) to -scale (red).
-    const lx = left + gridW + 16, lh = Math.min(gridH, 160);
+    // Legend: a vertical bar from the high end (top) to the low end, five labelled ticks;
+    // its gradient stops are set by paintHeatmap (the range follows the values).
+    const lx = left + gridW + 16, lh = Math.max(100, Math.min(gridH, 200));
     const gid = `pw-grad-${Math.random().toString(36).slice(2)}`;
     const defs = s("defs");
-    const grad = s("linearGradient", { id: gid, x1: 0, y1: 0, x2: 0, y2: 1 });
-    [[0, 1], [0.5, 0], [1, -1]].forEach(([off, v]) => grad.append(s("stop", { offset: off, "stop-color": diverging(v, 1) })));
+    const grad = s("linearGradient", { id: gid, x1: 0, y1: 1, x2: 0, y2: 0 });
     // Hatching for approximate cells: one <path> covering all of them, filled with stripes.
     const hatchPattern = s("pattern", { id: `${gid}-hatch`, patternUnits: "userSpaceOnUse", width: 5, height: 5, patternTransform: "rotate(45)" });
     hatchPattern.append(s("rect", { width: 2, height: 5, class: "pw-hatch-stripe" }));
     defs.append(grad, hatchPattern);
-    const legendTexts = [0, 1, 2].map((k) => {
-      const t = s("text", { x: lx + 16, y: top + (k * lh) / 2, "dominant-baseline": "middle", class: "pw-legend-label" });
+    const legendTexts = [0, 1, 2, 3, 4].map((k) => {
+      const y = top + lh - (k * lh) / 4;
+      svg.append(s("line", { x1: lx + 12, x2: lx + 16, y1: y, y2: y, class: "pw-legend-tick" }));
+      const t = s("text", { x: lx + 18, y, "dominant-baseline": "middle", class: "pw-legend-label", "data-tick": k });
       svg.append(t);
       return t;
     });
-    const legendTitle = s("text", { x: lx, y: top + lh + 14, class: "pw-legend-label" });
-    svg.append(defs, s("rect", { x: lx, y: top, width: 12, height: lh, fill: `url(#${gid})`, stroke: "#999" }), legendTitle);
+    const legendTitle = s("text", { x: lx, y: top - 8, class: "pw-legend-label pw-legend-title" });
+    svg.append(defs, s("rect", { x: lx, y: top, width: 12, height: lh, class: "pw-legend-back" }),
+      s("rect", { x: lx, y: top, width: 12, height: lh, fill: `url(#${gid})`, class: "pw-legend-bar" }), legendTitle);
     const hatch = /** @type {SVGPathElement} */ (s("path", { class: "pw-hatch", fill: `url(#${gid}-hatch)`, d: "" }));
     const receivers = /** @type {SVGPathElement} */ (s("path", { class: "pw-receiver-marks", d: "" }));
     const outline = /** @type {SVGRectElement} */ (s("rect", { class: "pw-outline pw-hidden", width: cw, height: ch }));
     svg.append(hatch, receivers, outline);
     plot.replaceChildren(svg);
-    Object.assign(hm, { svg, rects, outline, hatch, receivers, cw, ch, left, top, legend: { legendTexts, legendTitle } });
+    Object.assign(hm, { svg, rects, flat, outline, hatch, receivers, cw, ch, left, top, legend: { legendTexts, legendTitle, grad } });
   }
 
   /** Colour the cells from the current values (cheap: runs on every streamed update). */
@@ -509,29 +674,35 @@ function render({ model, el }) {
       delete root.dataset.runId;
       return;
     }
-    const key = `${p.run_id}|${p.site}|${p.rows.length}x${p.cols.length}|${Math.round((root.clientWidth || 800) / 40)}`;
-    if (key !== hm.key) { buildHeatmap(p); hm.key = key; }
+    const view = gridView(p, drawPositionChoice(p));
+    const key = `${p.run_id}|${p.site}|${p.rows.length}x${p.cols.length}|${Math.round((root.clientWidth || 800) / 40)}|${view.byPosition ? view.cells[0][1] : "all"}`;
+    if (key !== hm.key) { buildHeatmap(p, view); hm.key = key; }
     const values = floats(p.values);
     const estimate = p.estimate ? floats(p.estimate) : null;
     // What each cell shows: its exact value, else its estimate (approximate), else nothing.
     const shown = Array.from(values, (v, i) => (Number.isFinite(v) ? v : estimate ? estimate[i] : NaN));
-    let top = 0, filled = 0, approx = 0;
+    let filled = 0, approx = 0;
     shown.forEach((v, i) => {
       if (!Number.isFinite(v)) return;
-      top = Math.max(top, Math.abs(v));
       if (Number.isFinite(values[i])) filled++; else approx++;
     });
-    const scale = p.metric === "normalized" ? Math.max(1, top) : top || 1;
+    const info = (model.get("metric_info") || {})[p.metric];
+    const kind = info && info.scale === "sequential" ? "sequential" : "diverging";
+    const [lo, hi] = domain(p.metric, shown, info);
     let hatchPath = "";
-    hm.rects.forEach((r, i) => {
+    hm.rects.forEach((r, n) => {
+      const i = hm.flat[n];
       const v = shown[i], exact = Number.isFinite(values[i]);
       if (estimate && Number.isFinite(estimate[i])) r.setAttribute("data-estimate", String(estimate[i]));
       else r.removeAttribute("data-estimate");
-      if (Number.isFinite(v)) {
-        r.setAttribute("fill", diverging(v, scale));
+      const c = colour(v, lo, hi, kind);
+      if (c) {
+        r.setAttribute("fill", `rgb(${c[0]},${c[1]},${c[2]})`);
+        r.setAttribute("fill-opacity", String(c[3]));
         r.classList.remove("pw-pending");
       } else {
         r.removeAttribute("fill"); // .pw-pending colours it (CSS variables need CSS, not attributes)
+        r.removeAttribute("fill-opacity");
         r.classList.add("pw-pending");
       }
       if (exact) r.setAttribute("data-value", String(v));
@@ -544,9 +715,7 @@ function render({ model, el }) {
       } else r.removeAttribute("data-approx");
     });
     hm.hatch.setAttribute("d", hatchPath);
-    const [t0, t1, t2] = hm.legend.legendTexts;
-    t0.textContent = fmt(scale); t1.textContent = "0"; t2.textContent = fmt(-scale);
-    hm.legend.legendTitle.textContent = p.metric;
+    drawLegend(p.metric, lo, hi, kind, info);
     const what = p.path ? p.path.label : p.site;
     caption.textContent = `${p.direction} \u00b7 ${what} \u00b7 ${METRIC_LABELS[p.metric] || p.metric}` +
       (p.complete ? "" : ` \u00b7 ${p.done}/${p.total} patches`);
@@ -554,7 +723,7 @@ function render({ model, el }) {
     approxNote.dataset.count = String(approx);
     drawApproxNote();
     Object.assign(root.dataset, {
-      runId: String(p.run_id), complete: String(!!p.complete), filled: String(filled), approx: String(approx),
+      runId: String(p.run_id), complete: String(!!p.complete), runState: String(p.state || ""), filled: String(filled), approx: String(approx),
       metric: p.metric, direction: p.direction, site: p.site,
     });
     drawOutline();
@@ -571,16 +740,37 @@ function render({ model, el }) {
   }
   on("change:heatmap", paintHeatmap);
 
+  /**
+   * The legend: gradient stops for lo..hi, five tick labels, the metric's name on top and,
+   * below the caption, what its high end means (from the metric registry).
+   * @param {string} metric @param {number} lo @param {number} hi @param {string} kind @param {MetricInfo|undefined} info
+   */
+  function drawLegend(metric, lo, hi, kind, info) {
+    const { grad, legendTexts, legendTitle } = hm.legend;
+    const stops = kind === "diverging" ? [lo, 0, hi] : [lo, hi];
+    grad.replaceChildren(...stops.map((v) => {
+      const c = /** @type {RGBA} */ (colour(v, lo, hi, kind));
+      return s("stop", { offset: (v - lo) / (hi - lo), "stop-color": `rgb(${c[0]},${c[1]},${c[2]})`, "stop-opacity": c[3] });
+    }));
+    ticks(lo, hi).forEach((v, k) => { legendTexts[k].textContent = fmt(v, 2); });
+    legendTitle.textContent = metric;
+    legendNote.textContent = info ? `▲ high ${metric}: ${info.high_means}` : "";
+    root.dataset.scale = kind;
+    root.dataset.legend = ticks(lo, hi).map((v) => fmt(v, 2)).join(" ");
+  }
+
   /** The words after "approximate (attribution patching)": how many cells, and what happens next. */
   function drawApproxNote() {
     const n = Number(approxNote.dataset.count || 0);
     const it = n === 1 ? "it" : "them";
-    const next = model.get("status") === "running" ? `, replaced by the exact value as the sweep reaches ${it}`
+    const state = (model.get("heatmap") || {}).state;
+    const next = state === "running" ? `, replaced by the exact value as the sweep reaches ${it}`
       : ` (the exact sweep stopped before reaching ${it}; press Run for exact values)`;
     /** @type {HTMLElement} */ (approxNote.querySelector(".pw-approx-count")).textContent =
       `: ${n} hatched cell${n === 1 ? "" : "s"} show${n === 1 ? "s" : ""} a first-order estimate` + (n ? next : "");
   }
   on("change:status", drawApproxNote);
+  on("change:heatmap", drawApproxNote);
 
   function markStale() {
     const p = model.get("heatmap") || {};
@@ -610,11 +800,12 @@ function render({ model, el }) {
   function drawOutline() {
     const sel = model.get("selected") || {};
     if (!hm.outline) return;
-    const ok = Number.isInteger(sel.row) && Number.isInteger(sel.col) && hm.rects.length > 0;
-    hm.outline.classList.toggle("pw-hidden", !ok);
-    if (ok) {
-      hm.outline.setAttribute("x", String(hm.left + sel.col * hm.cw));
-      hm.outline.setAttribute("y", String(hm.top + sel.row * hm.ch));
+    const cell = Number.isInteger(sel.row) && Number.isInteger(sel.col)
+      ? hm.rects.find((r) => r.dataset.row === String(sel.row) && r.dataset.col === String(sel.col)) : undefined;
+    hm.outline.classList.toggle("pw-hidden", !cell);
+    if (cell) {
+      hm.outline.setAttribute("x", String(cell.getAttribute("x")));
+      hm.outline.setAttribute("y", String(cell.getAttribute("y")));
     }
   }
   on("change:selected", drawOutline);
@@ -666,6 +857,10 @@ function render({ model, el }) {
       return;
     }
     save("selected", { row: Number(r.dataset.row), col: Number(r.dataset.col) });
+    if (!kernelSeen) {
+      explanation.textContent = "Explanations come from Python, and no Python widget has answered this view yet: hover a cell for its value.";
+      expectKernel("an explanation");
+    }
   });
 
   /** Add a head to the receivers field, or remove it (an empty field means the logits). */
@@ -688,7 +883,7 @@ function render({ model, el }) {
     const per = avail >= 560 ? avail / 2 - 12 : avail - 4;
     const labelLen = Math.min(12, Math.max(...toks.map((t) => t.length + 2)));
     const labelW = 10 + labelLen * 6;
-    const cell = Math.max(3, Math.min(16, Math.floor((per - labelW) / n)));
+    const cell = Math.max(3, Math.min(10, Math.floor((per - labelW) / n))); // (smaller than the heatmap's cells: the heatmap is the main picture)
     const font = Math.min(10, Math.max(7, cell - 2));
     const left = 10 + labelLen * font * 0.6, top = 10 + labelLen * font * 0.5;
     const svg = s("svg", { width: left + n * cell + 4, height: top + n * cell + 4, class: "pw-pattern", "data-prompt": name, "data-n": n });

@@ -1,0 +1,165 @@
+// @vitest-environment jsdom
+// Unit tests of patchwidgets/static/widget.js: the pure helpers against the cases the Python
+// tests check too (tests/shared/widget_cases.json), and the renderer against a fake anywidget
+// model (get/set/on/off/save_changes/send, as anywidget's model proxy has them).
+import { readFileSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { beforeAll, describe, expect, it, vi } from "vitest";
+import widget, { colour, domain, fmt, over, receiverHeads, ticks } from "../patchwidgets/static/widget.js";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const cases = JSON.parse(readFileSync(join(here, "..", "tests", "shared", "widget_cases.json"), "utf8"));
+const METRIC_INFO = {
+  normalized: { scale: "diverging", label: "", high_means: "the patch gave the source run's behaviour", lo: null, hi: null },
+  logit_diff: { scale: "diverging", label: "", high_means: "the correct answer is preferred", lo: null, hi: null },
+  prob: { scale: "sequential", label: "", high_means: "the correct answer is likely", lo: 0, hi: 1 },
+  rank: { scale: "sequential", label: "", high_means: "the correct answer is far down the ranking (worse)", lo: 1, hi: null },
+  kl: { scale: "sequential", label: "", high_means: "", lo: 0, hi: null },
+  logprob: { scale: "sequential", label: "", high_means: "", lo: null, hi: 0 },
+  accuracy: { scale: "sequential", label: "", high_means: "", lo: 0, hi: 1 },
+};
+
+beforeAll(() => {
+  globalThis.ResizeObserver = class { observe() {} disconnect() {} };
+  globalThis.requestAnimationFrame = (f) => setTimeout(() => f(performance.now()), 0);
+});
+
+describe("shared cases (also checked by tests/test_widget.py)", () => {
+  it("formats numbers as Python does", () => {
+    for (const [value, digits, text] of cases.fmt) expect(fmt(value, digits), `${value} ${digits}`).toBe(text);
+  });
+  it("picks the colour range and colours as Python does", () => {
+    for (const c of cases.domain) {
+      expect(domain(c.metric, c.values.filter((v) => v !== null), METRIC_INFO[c.metric])).toEqual(c.domain);
+    }
+    for (const c of cases.colour) expect(colour(c.value, c.domain[0], c.domain[1], c.kind), JSON.stringify(c)).toEqual(c.rgba);
+    for (const c of cases.over) expect(over(c.rgba)).toBe(c.hex);
+    for (const c of cases.ticks) {
+      ticks(c.domain[0], c.domain[1]).forEach((v, i) => expect(v).toBeCloseTo(c.ticks[i], 12));
+    }
+  });
+  it("reads the receivers field as Python does", () => {
+    for (const c of cases.receivers) expect(receiverHeads(c.text)).toEqual(c.heads.map(([l, h]) => `${l}.${h}`));
+  });
+});
+
+/** A fake anywidget model: the Python side is played by `py` (set without saving). */
+class FakeModel {
+  constructor(state) { this.state = { ...state }; this.handlers = new Map(); this.sent = []; this.saved = []; }
+  get(name) { return this.state[name]; }
+  set(name, value) { const old = this.state[name]; this.state[name] = value; if (old !== value) this.trigger(`change:${name}`); }
+  save_changes() { this.saved.push({ ...this.state }); }
+  send(msg) { this.sent.push(msg); }
+  on(name, fn) { if (!this.handlers.has(name)) this.handlers.set(name, []); this.handlers.get(name).push(fn); }
+  off(name, fn) { this.handlers.set(name, (this.handlers.get(name) || []).filter((f) => f !== fn)); }
+  trigger(name, ...args) { for (const fn of this.handlers.get(name) || []) fn(...args); }
+  py(values) { for (const [k, v] of Object.entries(values)) this.set(k, v); }
+}
+
+const f32 = (values) => new DataView(new Float32Array(values).buffer);
+
+function heatmap(metric, values, extra = {}) {
+  return {
+    run_id: 1, site: "resid_pre", metric, direction: "denoising", state: "done",
+    rows: [{ layer: 0, label: "0" }, { layer: 1, label: "1" }],
+    cols: [{ pos: 0, label: "A", token: "A" }, { pos: 1, label: "B", token: "B" }, { pos: 2, label: "C", token: "C" }],
+    row_title: "layer", col_title: "position", values: f32(values), done: 6, total: 6, complete: true,
+    baselines: {}, inputs: {}, ...extra,
+  };
+}
+
+function mount(state = {}) {
+  const model = new FakeModel({
+    clean: "a b c", corrupted: "a x c", correct: " b", incorrect: " x", direction: "denoising", metric: "normalized",
+    site: "resid_pre", receivers: "", receiver_input: "q", fast_preview: true, auto_run: false, selected: {},
+    pattern_layer: 0, pattern_head: 0, model_name: "toy", model_info: { n_layers: 2, n_heads: 2 },
+    metric_options: Object.keys(METRIC_INFO), metric_info: METRIC_INFO, site_options: [["g", [["resid_pre", "residual"]]]],
+    tokens: { clean: ["a", "b", "c"], corrupted: ["a", "x", "c"] }, baseline: {}, errors: {}, status: "idle",
+    progress: [0, 0], elapsed: 0, heatmap: {}, explanation: "", pattern: {}, ...state,
+  });
+  const el = document.createElement("div");
+  document.body.append(el);
+  const cleanup = widget.render({ model, el });
+  return { model, el, cleanup, root: /** @type {HTMLElement} */ (el.querySelector(".pw-root")) };
+}
+
+describe("render with a fake model", () => {
+  it("says hello, so a saved copy without Python can tell", () => {
+    const { model } = mount();
+    expect(model.sent[0]).toEqual({ type: "hello" });
+  });
+
+  it("draws every cell with its value and a legend of five ticks", () => {
+    const { root, el } = mount({ heatmap: heatmap("normalized", [0, 0.5, 1, -0.25, 0.1, 2]) });
+    const cells = el.querySelectorAll("rect.pw-cell");
+    expect(cells.length).toBe(6);
+    expect(Number(cells[5].getAttribute("data-value"))).toBe(2);
+    expect(cells[0].getAttribute("fill-opacity")).toBe("0"); // no effect: the background shows
+    expect(root.dataset.scale).toBe("diverging");
+    expect(root.dataset.legend.split(" ")).toEqual(["-2", "-1", "0", "1", "2"]);
+    expect(el.querySelectorAll("text[data-tick]").length).toBe(5);
+  });
+
+  it("draws a non-negative metric on a one-hue scale over its own range, saying which end is worse", () => {
+    const { root, el } = mount({ metric: "rank", heatmap: heatmap("rank", [1, 2, 3, 5, 9, 1]) });
+    expect(root.dataset.scale).toBe("sequential");
+    expect(root.dataset.legend.split(" ")).toEqual(["1", "3", "5", "7", "9"]);
+    const fills = [...el.querySelectorAll("rect.pw-cell")].map((r) => r.getAttribute("fill"));
+    expect(new Set(fills)).toEqual(new Set(["rgb(84,39,143)"]));
+    expect(el.querySelector(".pw-legend-note").textContent).toContain("worse");
+  });
+
+  it("sends the inputs edited on the page along with Run, and says so when nobody answers", () => {
+    vi.useFakeTimers();
+    try {
+      const { model, root, el } = mount();
+      const input = /** @type {HTMLInputElement} */ (el.querySelector("input[data-field='clean']"));
+      input.value = "a y c";
+      input.dispatchEvent(new Event("input"));
+      /** @type {HTMLButtonElement} */ (el.querySelector("button[data-action='run']")).click();
+      expect(model.sent.at(-1)).toEqual({ type: "run", state: { clean: "a y c" } });
+      vi.advanceTimersByTime(3500);
+      expect(root.dataset.kernel).toBe("missing");
+      expect(el.querySelector(".pw-kernel-note").textContent).toContain("saved copy");
+      expect(el.querySelector(".pw-status").textContent).toBe("no kernel");
+      model.trigger("msg:custom", { type: "ack", run_id: 7 }); // Python answers after all
+      expect(root.dataset.kernel).toBe("connected");
+      expect(root.dataset.requestedRun).toBe("7");
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
+  it("shows errors in boxes that keep their place, text only", () => {
+    const { model, el } = mount();
+    model.py({ errors: { corrupted: "<img src=x onerror=alert(1)>" } });
+    const box = el.querySelector("[data-error-for='corrupted']");
+    expect(box.textContent).toBe("<img src=x onerror=alert(1)>");
+    expect(box.classList.contains("pw-has-error")).toBe(true);
+    expect(el.querySelector("img")).toBeNull();
+    model.py({ errors: {} });
+    expect(el.querySelector("[data-error-for='corrupted']").isConnected).toBe(true);
+  });
+
+  it("says a cancelled sweep stopped, with honest counts", () => {
+    const values = [0.1, NaN, NaN, 0.3, NaN, NaN];
+    const { model, el } = mount({ status: "cancelled", progress: [2, 6] });
+    model.py({ heatmap: heatmap("normalized", values, { state: "cancelled", complete: false, done: 2, estimate: f32([1, 1, 1, 1, 1, 1]) }) });
+    expect(el.querySelector(".pw-progress-text").textContent).toBe("cancelled after 2/6 patches");
+    expect(el.querySelector(".pw-approx-note").textContent).toContain("stopped before reaching");
+  });
+
+  it("names only the hint 'Type two prompts.' when both prompts are empty", () => {
+    const { model, el } = mount({ tokens: { clean: null, corrupted: null }, clean: "qq", corrupted: "zz" });
+    expect(el.querySelector(".pw-tokens").textContent).not.toContain("Type two prompts");
+    model.py({ clean: "", corrupted: " " });
+    expect(el.querySelector(".pw-tokens").textContent).toContain("Type two prompts.");
+  });
+
+  it("unsubscribes everything when the view goes", () => {
+    const { model, cleanup } = mount();
+    cleanup();
+    expect([...model.handlers.values()].every((list) => list.length === 0)).toBe(true);
+  });
+});
