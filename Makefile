@@ -6,7 +6,7 @@ PIP = $(PYTHON) -m pip
 # The CPU build of torch: an unpinned torch pulls several GB of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-browser demo test test-fast test-js bench nbval-matrix
+.PHONY: install install-browser demo test test-fast test-js bench nbval-matrix lint
 
 install:
 	$(PIP) install --quiet "$(TORCH_SPEC)"
@@ -28,6 +28,7 @@ demo: install
 NBVAL = $(PYTHON) -m pytest --nbval solutions tutorials -q -p no:cacheprovider --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 test: install install-browser
+	$(MAKE) lint
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests -q
 	$(MAKE) test-js
 	HF_HUB_OFFLINE=1 $(NBVAL)
@@ -37,6 +38,11 @@ test: install install-browser
 # anywidget model (node packages from js/package-lock.json, installed here).
 test-js:
 	cd js && (npm ci --no-audit --no-fund || npm install --no-audit --no-fund) && npx tsc -p tsconfig.json && npx vitest run
+
+# Lint (ruff) and type-check (mypy) the package; both are configured in pyproject.toml.
+lint:
+	$(PYTHON) -m ruff check patchwidgets
+	$(PYTHON) -m mypy
 
 test-fast:
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests -q -m "not browser"

@@ -365,7 +365,7 @@ def _qk_estimates(model: Any, layers: list[int], target_acts, source_acts, grad)
         n = q_t.shape[1]
         causal = torch.ones(n, n, dtype=torch.bool, device=q_t.device).tril()
 
-        def log_pattern(q, k):
+        def log_pattern(q, k, scale=scale, causal=causal):  # (this layer's scale and mask, bound now)
             scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / scale
             return scores.masked_fill(~causal, float("-inf")).log_softmax(-1)
 

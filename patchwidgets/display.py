@@ -37,7 +37,9 @@ def rounded(values: Any, decimals: int = DECIMALS) -> Any:
     if isinstance(values, torch.Tensor):
         return values.round(decimals=decimals) + 0.0 if values.is_floating_point() else values.clone()
     if isinstance(values, np.ndarray):
-        return values.astype(np.float64).round(decimals) + 0.0 if np.issubdtype(values.dtype, np.floating) else values.copy()
+        if not np.issubdtype(values.dtype, np.floating):
+            return values.copy()
+        return values.astype(np.float64).round(decimals) + 0.0
     if isinstance(values, float):
         return round(values, decimals) + 0.0
     if isinstance(values, dict):

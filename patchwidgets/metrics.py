@@ -106,6 +106,8 @@ class MetricContext:
 
     @property
     def gap(self) -> torch.Tensor:
+        """The mean ``LD_source - LD_target``, which ``normalized`` divides by."""
+        assert self.source_logit_diff is not None and self.target_logit_diff is not None
         return (self.source_logit_diff - self.target_logit_diff).mean()
 
 
@@ -223,6 +225,7 @@ def compute(
         return cache["lp"]
 
     def ld() -> torch.Tensor:
+        assert ctx.incorrect is not None  # (validation: these metrics need an incorrect answer)
         if "ld" not in cache:
             cache["ld"] = logit_diff(logits, ctx.correct, ctx.incorrect)
         return cache["ld"]
@@ -232,6 +235,7 @@ def compute(
         if m == "logit_diff":
             v = ld()
         elif m == "normalized":
+            assert ctx.target_logit_diff is not None
             v = (ld() - ctx.target_logit_diff) / ctx.gap
         elif m == "logit":
             v = logits.gather(-1, correct).squeeze(-1)
@@ -248,6 +252,7 @@ def compute(
             p_clean = ctx.clean_logprobs
             v = (p_clean.exp() * (p_clean - logprobs())).sum(-1)
         else:
+            assert callable(m)
             v = _call_custom(name, m, logits, ctx)
         out[name] = v
     return out

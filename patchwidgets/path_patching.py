@@ -221,9 +221,9 @@ def path_patch(
     first_pos: list[int | None] = []
     for group in groups:
         firsts = [SITES["head_out"].first_changed_position((l, h), request.changed) for l, h in group]
-        firsts = [f for f in firsts if f is not None]
+        changes = [f for f in firsts if f is not None]
         reaches = min(l for l, _ in group) < last_receiver_layer
-        first_pos.append(min(firsts) if firsts and reaches else None)
+        first_pos.append(min(changes) if changes and reaches else None)
     result = new_result(
         PathPatchResult, request, measure, sites=[_site_label(recv, comps)], axes=axes, shape=shape,
         indices=indices, first_pos=first_pos, senders=groups, receivers=recv,

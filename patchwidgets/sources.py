@@ -141,4 +141,5 @@ def differing_positions(inputs: PreparedInputs, ablation: str | None,
         changed = torch.zeros(inputs.seq_len, dtype=torch.bool)
         changed[noised_positions(inputs, noise_positions)] = True
         return changed
+    assert inputs.corrupted_tokens is not None
     return (clean != inputs.corrupted_tokens).any(0)

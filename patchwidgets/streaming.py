@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
@@ -19,6 +19,7 @@ from .results import PatchResult
 #: One forward pass: the result cells it fills (flat, row-major over sites and cells) and a
 #: function that runs it and returns their answer logits ``[len(slots), batch, vocab]``.
 Job = tuple[Sequence[int], Callable[[], torch.Tensor]]
+R = TypeVar("R", bound=PatchResult)
 
 
 @dataclass
@@ -30,10 +31,10 @@ class PatchUpdate:
     total: int
 
 
-def run_streaming(result: PatchResult, jobs: Sequence[Job],
+def run_streaming(result: R, jobs: Sequence[Job],
                   measure: Callable[[torch.Tensor], dict[str, torch.Tensor]], *,
                   progress: bool | None, callback: Callable[[PatchUpdate], Any] | None,
-                  cancel: threading.Event | None) -> PatchResult:
+                  cancel: threading.Event | None) -> R:
     """Run ``jobs`` in order, writing each one's metrics into ``result`` (in place).
 
     ``result`` arrives holding the unpatched target's values in every cell and ``result.done``

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence, TypeVar
 
 import torch
 
@@ -67,8 +67,11 @@ class Request:
         if self.ablation == "noise":
             corrupted = RunSpec(inputs.clean_tokens, noise_hooks(
                 model, inputs, self.noise, self.noise_positions, self.noise_seed))
+        elif self.ablation:  # zero or mean: the clean run provides the activations to ablate
+            corrupted = RunSpec(inputs.clean_tokens, [])
         else:
-            corrupted = RunSpec(inputs.clean_tokens if self.ablation else inputs.corrupted_tokens, [])
+            assert inputs.corrupted_tokens is not None
+            corrupted = RunSpec(inputs.corrupted_tokens, [])
         target, source = (corrupted, clean) if self.direction == "denoising" else (clean, corrupted)
         return target, (None if self.ablation in ("zero", "mean") else source)
 
@@ -225,6 +228,7 @@ class Measure:
                 ctx.source_logit_diff = metrics_mod.logit_diff(source_logits.float(), ctx.correct, ctx.incorrect)
         if "normalized" in request.metric_fns.values():
             target_ld, source_ld = ctx.target_logit_diff, ctx.source_logit_diff
+            assert target_ld is not None and source_ld is not None  # (validation: answers and a source run)
             metrics_mod.check_normalization(*((target_ld, source_ld) if noising else (source_ld, target_ld)))
 
         def values(logits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -238,9 +242,12 @@ class Measure:
 
 
 # ---------------------------------------------------------------------------- 5. the result
-def new_result(cls: Callable[..., PatchResult], request: Request, measure: Measure, *, sites: list[str],
+R = TypeVar("R", bound=PatchResult)
+
+
+def new_result(cls: type[R], request: Request, measure: Measure, *, sites: list[str],
                axes: tuple[str, ...], shape: tuple[int, ...], indices: Sequence[tuple],
-               first_pos: Sequence[int | None], **extra: Any) -> PatchResult:
+               first_pos: Sequence[int | None], **extra: Any) -> R:
     """The result every cell starts from: the unpatched target's values, and ``done`` set for
     the no-ops (``first_pos`` ``None``); ``first_pos`` is per cell, site by site."""
     n_sites, n_total = len(sites), len(first_pos)

@@ -243,7 +243,7 @@ def _strict_class(base: type) -> type:
     if base in _STRICT_CLASSES:
         return _STRICT_CLASSES[base]
 
-    class Strict(base):  # type: ignore[misc, valid-type]
+    class Strict(base):
         """``base`` tokenizer that raises UnknownWordError instead of emitting [UNK]."""
 
         def __call__(self, text=None, text_pair=None, *args, **kwargs):
