@@ -26,33 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import PatchingInputError
 from .inputs import PreparedInputs
-
-DIRECTIONS = ("denoising", "noising")
-ABLATIONS = ("zero", "mean", "noise")
-
-
-def check_direction(direction: str | None, corrupted: Any, ablation: str | None) -> str:
-    """The sweep's direction, defaulted and checked against the ablation (if any)."""
-    if ablation is not None:
-        if ablation not in ABLATIONS:
-            raise PatchingInputError(f"unknown ablation {ablation!r}; choose from {ABLATIONS}", "corrupted")
-        if corrupted is not None:
-            raise PatchingInputError("give either a corrupted prompt or an ablation, not both", "corrupted")
-        default = "denoising" if ablation == "noise" else "noising"
-        direction = direction or default
-        if ablation != "noise" and direction != "noising":
-            raise PatchingInputError(
-                f"a {ablation} ablation replaces clean activations, so it is noising; "
-                "use direction='noising'", "direction")
-    elif corrupted is None:
-        raise PatchingInputError("give a corrupted prompt (or ablation='zero'|'mean'|'noise')", "corrupted")
-    direction = direction or "denoising"
-    if direction not in DIRECTIONS:
-        raise PatchingInputError(f"direction must be one of {DIRECTIONS}, got {direction!r}", "direction")
-    return direction
-
 
 def noised_positions(inputs: PreparedInputs, noise_positions: Sequence[int] | None) -> list[int]:
     """The positions whose embeddings a noise ablation perturbs (default: all but the first,
