@@ -157,6 +157,39 @@ describe("render with a fake model", () => {
     expect(el.querySelector(".pw-tokens").textContent).toContain("Type two prompts.");
   });
 
+  it("is one tab stop, moved with arrows; Enter selects; names carry the value", () => {
+    const { model, el } = mount({ heatmap: heatmap("normalized", [0, 0.5, 1, -0.25, 0.1, 2]) });
+    const tabbable = () => [...el.querySelectorAll("rect.pw-cell[tabindex='0']")];
+    expect(tabbable().length).toBe(1);
+    const first = tabbable()[0];
+    expect(first.getAttribute("aria-label")).toBe("layer 0, position 0 'A': normalized 0");
+    const key = (target, k, shiftKey = false) => target.dispatchEvent(new KeyboardEvent("keydown", { key: k, shiftKey, bubbles: true }));
+    key(first, "ArrowRight");
+    key(tabbable()[0], "ArrowDown");
+    const now = tabbable();
+    expect(now.length).toBe(1);
+    expect([now[0].getAttribute("data-row"), now[0].getAttribute("data-col")]).toEqual(["1", "1"]);
+    expect(now[0].getAttribute("aria-label")).toBe("layer 1, position 1 'B': normalized 0.1");
+    key(now[0], "End");
+    key(tabbable()[0], "ArrowDown"); // stays inside the grid
+    expect(tabbable()[0].getAttribute("data-col")).toBe("2");
+    key(tabbable()[0], "Enter");
+    expect(model.get("selected")).toEqual({ row: 1, col: 2 });
+  });
+
+  it("opens a big (layer.head x position) sweep one position at a time", () => {
+    const rows = [], values = [];
+    for (let l = 0; l < 12; l++) for (let hd = 0; hd < 12; hd++) rows.push({ layer: l, head: hd, label: `L${l} H${hd}` });
+    const cols = [0, 1, 2].map((p) => ({ pos: p, label: `t${p}`, token: `t${p}` }));
+    for (let i = 0; i < rows.length * 3; i++) values.push(i);
+    const { root, el } = mount({ heatmap: heatmap("logit_diff", values, { rows, cols, row_title: "layer.head", site: "head_out_by_pos" }) });
+    const svg = el.querySelector("svg.pw-heatmap");
+    expect([svg.getAttribute("data-view"), svg.getAttribute("data-rows"), svg.getAttribute("data-cols")]).toEqual(["position", "12", "12"]);
+    expect(root.dataset.position).toBe("2");
+    const cell = el.querySelector("rect.pw-cell[data-layer='3'][data-head='4']");
+    expect(Number(cell.getAttribute("data-value"))).toBe((3 * 12 + 4) * 3 + 2);
+  });
+
   it("unsubscribes everything when the view goes", () => {
     const { model, cleanup } = mount();
     cleanup();

@@ -25,7 +25,7 @@ would see them). Three kinds of job run there:
   core's own checks, run each prompt once, pre-fill the answers with the model's top
   predictions and compute the baseline logit differences;
 * *pattern*: send one head's attention pattern (cached by the preview);
-* *sweep* (:class:`~patchwidgets.widget_jobs.SweepJobs`): first, with ``fast_preview`` on,
+* *sweep* (:class:`~patchwidgets.widget_jobs.Sweeper`, composed as ``w.sweeps``): first, with ``fast_preview`` on,
   an attribution-patching estimate of every cell (:func:`patchwidgets.attribution_patch`,
   one backward pass), painted at once and marked *approximate*; then the exact sweep,
   :func:`patchwidgets.patch`, with a ``callback`` that pushes the partial grid to the
@@ -71,7 +71,7 @@ import traitlets as t
 
 from .metrics import ALIASES, BUILTIN_METRICS, METRICS
 from .widget_colour import ANCHORS
-from .widget_jobs import JobRunner, SweepJobs, parse_receivers
+from .widget_jobs import SWEEP_FIELDS, JobRunner, Sweeper, parse_receivers
 from .widget_state import (
     INPUT_FIELDS, SITE_GROUPS, explain_cell, field_of, pattern_payload, preview, quiet_load, static_html,
 )
@@ -85,7 +85,7 @@ DEFAULT_CLEAN = "When Mary and John went to the store, John gave a drink to"
 DEFAULT_CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
 
 
-class PatchingWidget(SweepJobs, anywidget.AnyWidget):
+class PatchingWidget(anywidget.AnyWidget):
     """Activation patching, interactively. See the module docstring for the design.
 
     Args:
@@ -158,25 +158,20 @@ class PatchingWidget(SweepJobs, anywidget.AnyWidget):
         if model is None or isinstance(model, str):
             model = quiet_load(model or "toy-ioi")
         self.model = model
-        self.result = None
-        self.preview_skipped = ""       # why the last fast preview was skipped, if it was
-        self._view = None               # the sweep on screen (a widget_jobs.View)
         self._run_id = 0
-        self._cancel: threading.Event | None = None
         self._timer: threading.Timer | None = None
         self._timer_lock = threading.Lock()
         self._quiet = threading.local()  # set while the job thread writes inputs itself
         self._preview_errors: dict[str, str] = {}
         self._run_errors: dict[str, str] = {}
-        self._complete = None                   # the last complete sweep (a widget_jobs.View)
         # An answer follows the model's prediction until the user types one (typing it empty
         # makes it follow again); the prompt edited last is where a length mismatch is shown.
         self._follow = {name: not kwargs.get(name) for name in ("correct", "incorrect")}
         self._edited_prompt = "corrupted"
         self._patterns: dict[str, Any] = {}
-        self._dropped: dict[str, str] = {}   # metrics a sweep could not compute, and why
         self._inputs_used: dict[str, str] = {}
         self._jobs = JobRunner(("preview", "pattern", "sweep"), self._job_failed)
+        self.sweeps = Sweeper(self, self._sync_lock, lambda: self._jobs.waiting("sweep"))
         cfg = model.cfg
         name = str(getattr(cfg, "model_name", "") or type(model).__name__)
         super().__init__(
@@ -202,12 +197,11 @@ class PatchingWidget(SweepJobs, anywidget.AnyWidget):
         same without waiting.
         """
         self._cancel_timer()
-        if self._cancel is not None:
-            self._cancel.set()
+        self.sweeps.stop()
         self.status = "running"
         self._run_id += 1
         run_id = self._run_id
-        self._jobs.submit("sweep", lambda: self._sweep(run_id))
+        self._jobs.submit("sweep", lambda: self.sweeps.run(run_id))
         if wait:
             self.wait(timeout)
             return self.result if self.status == "done" else None
@@ -217,8 +211,7 @@ class PatchingWidget(SweepJobs, anywidget.AnyWidget):
         """Stop the running sweep after its current chunk (the Cancel button)."""
         self._cancel_timer()
         self._jobs.discard("sweep")
-        if self._cancel is not None:
-            self._cancel.set()
+        self.sweeps.stop()
         if self._jobs.idle() and self.status == "running":
             self.status = "cancelled"
 
@@ -262,8 +255,7 @@ class PatchingWidget(SweepJobs, anywidget.AnyWidget):
 
     def close(self) -> None:
         self._cancel_timer()
-        if self._cancel is not None:
-            self._cancel.set()
+        self.sweeps.stop()
         self._jobs.close()
         super().close()
 
@@ -336,12 +328,13 @@ class PatchingWidget(SweepJobs, anywidget.AnyWidget):
             self._follow[name] = not change["new"]
         else:
             self._edited_prompt = name
-        self._run_errors = {}
+        self._run_errors, self.sweeps.errors = {}, {}
         self._jobs.submit("preview", self._preview)
         self._schedule_auto_run()
 
     def _on_control(self, change) -> None:
         self._run_errors.pop(change["name"], None)
+        self.sweeps.errors.pop(change["name"], None)
         if change["name"] in ("receivers", "site"):
             self._check_receivers()
         self._set_errors()
@@ -350,6 +343,7 @@ class PatchingWidget(SweepJobs, anywidget.AnyWidget):
     def _check_receivers(self) -> None:
         """Check the receivers field as it is typed (only while the path view is chosen)."""
         self._run_errors.pop("receivers", None)
+        self.sweeps.errors.pop("receivers", None)
         if self.site == "path":
             try:
                 parse_receivers(self.receivers, self.model.cfg.n_layers, self.model.cfg.n_heads)
@@ -363,14 +357,13 @@ class PatchingWidget(SweepJobs, anywidget.AnyWidget):
             self._cancel_timer()
 
     def _on_metric(self, change) -> None:
+        self.sweeps.errors.pop("metric", None)
         self._run_errors.pop("metric", None)
-        result = None if self._view is None else self._view.result
-        if result is not None and change["new"] not in result.metrics:
-            reason = self._dropped.get(change["new"], "")
-            self._run_errors["metric"] = (
-                f"metric {change['new']!r} is not available for this sweep. {reason}".strip())
+        why = self.sweeps.unavailable(change["new"])
+        if why:
+            self._run_errors["metric"] = why
         else:  # (before the first exact chunk, only the estimate's own metric can be shown)
-            self._push()
+            self.sweeps.push()
         self._set_errors()
 
     def _on_selected(self, change) -> None:
@@ -431,14 +424,14 @@ class PatchingWidget(SweepJobs, anywidget.AnyWidget):
                 self._timer = None
 
     # ------------------------------------------------------------------ errors
-    def _blocking_errors(self) -> dict[str, str]:
+    def blocking_errors(self) -> dict[str, str]:
         """What stops a Run before it starts: the preview's findings on the current inputs."""
         return self._preview_errors
 
     def _set_errors(self) -> None:
-        self.errors = {**self._blocking_errors(), **self._run_errors}
+        self.errors = {**self.blocking_errors(), **self.sweeps.errors, **self._run_errors}
 
-    def _field_of(self, err: BaseException) -> str:
+    def field_of(self, err: BaseException) -> str:
         return field_of(err, {name: getattr(self, name) for name in INPUT_FIELDS})
 
     def _job_failed(self, kind: str, err: BaseException) -> None:
@@ -446,6 +439,50 @@ class PatchingWidget(SweepJobs, anywidget.AnyWidget):
         self._set_errors()
         if kind == "sweep":
             self.status = "error"
+
+    # ------------------------------------------------------------------ SweepHost (for self.sweeps)
+    @property
+    def result(self):
+        """The last :class:`~patchwidgets.results.PatchResult` (partial after a cancel), or None."""
+        return self.sweeps.result
+
+    @property
+    def preview_skipped(self) -> str:
+        """Why the last fast preview was skipped, if it was."""
+        return self.sweeps.preview_skipped
+
+    def sweep_inputs(self) -> dict:
+        return {name: getattr(self, name) for name in SWEEP_FIELDS}
+
+    def show(self, payload: dict, clear_selection: bool) -> None:
+        with self.hold_sync():
+            if clear_selection and self.selected:  # a cell of another layout: nobody clicked it
+                self.selected, self.explanation = {}, ""
+            self.heatmap = payload
+            if payload:
+                self.progress = [payload["done"], payload["total"]]
+        if payload and self.selected:
+            self._on_selected({"new": self.selected})
+
+    def set_progress(self, done: int, total: int) -> None:
+        self.progress = [done, total]
+
+    def started(self) -> None:
+        self._run_errors = {}
+        with self.hold_sync():
+            self.status = "running"
+            self._set_errors()
+
+    def finished(self, status: str, elapsed: float | None) -> None:
+        with self.hold_sync():
+            if elapsed is not None:
+                self.elapsed = round(elapsed, 4)
+            self._set_errors()
+            if not self._jobs.waiting("sweep"):  # a newer sweep keeps "running"
+                self.status = status
+
+    def service(self) -> None:
+        self._jobs.service(("preview", "pattern"))
 
     # ------------------------------------------------------------------ jobs (job thread)
     def _preview(self) -> None:

@@ -4,8 +4,8 @@
 blocks and two forward passes never overlap (patching hooks the model; a second pass at
 the same time would see the hooks).
 
-:class:`SweepJobs` is the part of :class:`~patchwidgets.widget.PatchingWidget` that runs a
-sweep on that thread. One sweep has up to two stages:
+:class:`Sweeper` (composed into :class:`~patchwidgets.widget.PatchingWidget`, behind the small
+:class:`SweepHost` interface) runs a sweep on that thread. One sweep has up to two stages:
 
 1. **fast preview** (``fast_preview=True``, the default): :func:`patchwidgets.attribution_patch`
    estimates every cell at once from one forward and one backward pass, and the heatmap is
@@ -36,7 +36,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from .attribution import attribution_patch
 from .errors import DegenerateNormalizationError, PatchingCancelled
@@ -191,136 +191,178 @@ class View:
     state: str = "running"           # running | done | cancelled
 
 
-class SweepJobs:
-    """The sweep job of :class:`~patchwidgets.widget.PatchingWidget` (a mixin).
+class SweepHost(Protocol):
+    """What a :class:`Sweeper` needs from the widget it works for (and nothing more)."""
 
-    It reads and writes the widget's traitlets and runs on the job thread, except
-    :meth:`_push`, which the kernel thread also calls to redraw in another metric. The
-    heatmap always shows ``self._view``: a new sweep takes the screen with its first
-    picture (the estimate or the first exact chunk); a sweep that fails before that
-    leaves the last good heatmap where it was, and a sweep cancelled because a newer Run
-    replaced it gives the screen back to the last complete sweep (``self._complete``).
+    model: Any
+    metric: str
+    fast_preview: bool
+    step_delay: float
+    max_batch_tokens: int
+    selected: dict
 
-    Every picture is taken under the widget's sync lock from one snapshot of the view (its
-    values, done/total and state together), so pushes from the two threads never mix.
+    def sweep_inputs(self) -> dict: ...                     # the inputs a sweep reads when it starts
+    def blocking_errors(self) -> dict: ...                  # what the preview found wrong with them
+    def field_of(self, err: BaseException) -> str: ...      # the input an error of the core is about
+    def show(self, payload: dict, clear_selection: bool) -> None: ...  # the heatmap (and progress) traitlets
+    def set_progress(self, done: int, total: int) -> None: ...
+    def started(self) -> None: ...                          # status "running", errors refreshed
+    def finished(self, status: str, elapsed: float | None) -> None: ...
+    def service(self) -> None: ...                          # run waiting light jobs (between chunks)
+
+
+class Sweeper:
+    """Runs the widget's sweeps on the job thread and decides what the heatmap shows.
+
+    Composed into :class:`~patchwidgets.widget.PatchingWidget` (``widget.sweeps``), it talks
+    to the widget only through :class:`SweepHost`. The heatmap always shows ``self.view``: a
+    new sweep takes the screen with its first picture (the estimate or the first exact
+    chunk); a sweep that fails before that leaves the last good heatmap where it was, and a
+    sweep cancelled because a newer Run replaced it gives the screen back to the last
+    complete sweep (``self.complete``). Every picture is taken under ``lock`` from one
+    snapshot of the view (values, done/total and state together), so pushes from the
+    kernel thread (metric switches) and the job thread never mix.
+
+    Errors it finds go to ``errors`` as ``{field: message}``; ``dropped`` says which metrics
+    the last sweep could not compute and why; ``preview_skipped`` why it had no estimate.
     """
 
-    def _push(self, view: View | None = None) -> None:
-        """Show ``view`` (default: the view on screen) in the current metric."""
-        with self._sync_lock:
-            view = self._view if view is None else view
+    def __init__(self, host: SweepHost, lock: threading.RLock, waiting: Callable[[], bool]):
+        self.host, self.lock, self.waiting = host, lock, waiting
+        self.view: View | None = None
+        self.complete: View | None = None
+        self.result = None
+        self.cancel_event: threading.Event | None = None
+        self.errors: dict[str, str] = {}
+        self.dropped: dict[str, str] = {}
+        self.preview_skipped = ""
+
+    # ------------------------------------------------------------------ pictures
+    def push(self, view: View | None = None) -> bool:
+        """Show ``view`` (default: the one on screen) in the host's metric; False if that
+        metric is not in it."""
+        host = self.host
+        with self.lock:
+            view = self.view if view is None else view
             source = None if view is None else view.result if view.result is not None else view.estimate
-            if source is None or self.metric not in source.metrics:
-                return
-            payload = heatmap_payload(view.result, self.metric, view.inputs, view.run_id,
+            if source is None or host.metric not in source.metrics:
+                return False
+            payload = heatmap_payload(view.result, host.metric, view.inputs, view.run_id,
                                       estimate=view.estimate, state=view.state)
-            shown = self.heatmap or {}
-            layout = ("site", "rows", "cols", "path")
-            moved = any(shown.get(k) != payload.get(k) for k in layout)
-            with self.hold_sync():
-                self._view = view
-                if moved and self.selected:  # a cell of another layout: nobody clicked it
-                    self.selected, self.explanation = {}, ""
-                self.heatmap = payload
-                self.progress = [payload["done"], payload["total"]]
-            if self.selected:
-                self._on_selected({"new": self.selected})
+            self.view = view
+            host.show(payload, clear_selection=self._moved(payload))
+            return True
+
+    def _moved(self, payload: dict) -> bool:
+        shown = getattr(self.host, "heatmap", None) or {}
+        return any(shown.get(k) != payload.get(k) for k in ("site", "rows", "cols", "path"))
+
+    def unavailable(self, metric: str) -> str | None:
+        """Why ``metric`` cannot be shown for the sweep on screen, or None if it can."""
+        result = None if self.view is None else self.view.result
+        if result is not None and metric not in result.metrics:
+            return f"metric {metric!r} is not available for this sweep. {self.dropped.get(metric, '')}".strip()
+        return None
+
+    def stop(self) -> None:
+        if self.cancel_event is not None:
+            self.cancel_event.set()
 
     def _pause(self, cancel: threading.Event) -> None:
         """Wait ``step_delay`` seconds (slow motion; 0 by default), or until cancelled."""
-        if self.step_delay > 0:
-            cancel.wait(self.step_delay)
+        if self.host.step_delay > 0:
+            cancel.wait(self.host.step_delay)
 
-    def _sweep(self, run_id: int) -> None:
-        inputs = {name: getattr(self, name) for name in SWEEP_FIELDS}
+    # ------------------------------------------------------------------ the job
+    def run(self, run_id: int) -> None:
+        host = self.host
+        inputs = host.sweep_inputs()
         view = View(run_id, inputs)
-        cancel = self._cancel = threading.Event()
-        shown_view = self._view
-        self._run_errors, self._dropped = {}, {}
-        with self.hold_sync():
-            self.status = "running"
-            self._set_errors()
-        if self._blocking_errors():  # what the preview found (same words before and after Run)
-            return self._finish("error")
+        cancel = self.cancel_event = threading.Event()
+        shown_view = self.view
+        self.errors, self.dropped = {}, {}
+        host.started()
+        started = time.perf_counter()
+        if host.blocking_errors():  # what the preview found (same words before and after Run)
+            return host.finished("error", None)
         if inputs["site"] not in WIDGET_SITES:
-            self._run_errors["site"] = (f"the widget shows these sites: {', '.join(WIDGET_SITES)}; "
-                                        f"use patchwidgets.patch() for {inputs['site']!r}")
-            return self._finish("error")
+            self.errors["site"] = (f"the widget shows these sites: {', '.join(WIDGET_SITES)}; "
+                                   f"use patchwidgets.patch() for {inputs['site']!r}")
+            return host.finished("error", None)
         receivers = None
         if inputs["site"] == "path":
             try:
-                receivers = parse_receivers(inputs["receivers"], self.model.cfg.n_layers, self.model.cfg.n_heads)
+                receivers = parse_receivers(inputs["receivers"], host.model.cfg.n_layers, host.model.cfg.n_heads)
             except ValueError as err:
-                self._run_errors["receivers"] = str(err)
+                self.errors["receivers"] = str(err)
             chosen = inputs["receiver_input"]
             if not chosen or set(chosen) - set("qkv"):
-                self._run_errors["receiver_input"] = (
+                self.errors["receiver_input"] = (
                     f"receiver_input must be q, k, v or a combination such as kv, got {chosen!r}")
-            if self._run_errors:
-                return self._finish("error")
-        started, last_push = time.perf_counter(), [0.0]
+            if self.errors:
+                return host.finished("error", None)
+        last_push = [0.0]
         self.preview_skipped = ""
-        if self.fast_preview and inputs["site"] == "path":
+        if host.fast_preview and inputs["site"] == "path":
             self.preview_skipped = "attribution patching has no estimate for path patching"
-        elif self.fast_preview:
+        elif host.fast_preview:
             self._estimate(view, cancel)
             self._pause(cancel)
 
         def on_update(update) -> None:
             view.result = update.result
             now = time.perf_counter()
-            if now - last_push[0] >= 0.1 or update.done >= update.total or self.step_delay > 0:
+            if now - last_push[0] >= 0.1 or update.done >= update.total or host.step_delay > 0:
                 last_push[0] = now
-                self._push(view)
+                self.push(view)
             else:
-                self.progress = [update.done, update.total]
-            self._jobs.service(("preview", "pattern"))  # keep edits responsive
+                host.set_progress(update.done, update.total)
+            host.service()  # keep edits responsive
             self._pause(cancel)
 
         def sweep(metrics):
             common = dict(answers=(inputs["correct"], inputs["incorrect"]), direction=inputs["direction"],
                           metrics=metrics, callback=on_update, cancel=cancel, progress=False,
-                          max_batch_tokens=self.max_batch_tokens)
+                          max_batch_tokens=host.max_batch_tokens)
             if inputs["site"] == "path":
-                return path_patch(self.model, inputs["clean"], inputs["corrupted"], receivers=receivers,
+                return path_patch(host.model, inputs["clean"], inputs["corrupted"], receivers=receivers,
                                   receiver_input=inputs["receiver_input"], **common)
-            return patch(self.model, inputs["clean"], inputs["corrupted"], site=inputs["site"], **common)
+            return patch(host.model, inputs["clean"], inputs["corrupted"], site=inputs["site"], **common)
 
         try:
-            metrics = list(BUILTIN_METRICS)
             try:
-                result = sweep(metrics)
+                result = sweep(list(BUILTIN_METRICS))
             except DegenerateNormalizationError as err:
-                if self.metric == "normalized":
+                if host.metric == "normalized":
                     raise
-                self._dropped["normalized"] = str(err)
-                result = sweep([m for m in metrics if m != "normalized"])
+                self.dropped["normalized"] = str(err)
+                result = sweep([m for m in BUILTIN_METRICS if m != "normalized"])
         except PatchingCancelled as stop:
-            if self._jobs.waiting("sweep"):  # replaced by a newer Run: back to the last complete picture
-                if self._complete is not None:
-                    self.result = self._complete.result
-                    self._push(self._complete)
+            if self.waiting():  # replaced by a newer Run: back to the last complete picture
+                if self.complete is not None:
+                    self.result = self.complete.result
+                    self.push(self.complete)
             elif stop.partial is not None:
                 view.result = self.result = stop.partial
                 view.state = "cancelled"
-                self._push(view)
-            return self._finish("cancelled", started)
+                self.push(view)
+            return host.finished("cancelled", time.perf_counter() - started)
         except ValueError as err:  # every input problem the core reports
-            self._run_errors[self._sweep_field(err, inputs["site"])] = str(err)
-            if self._view is view:  # only the estimate made it to the screen: take it back
+            name = host.field_of(err)
+            self.errors["receivers" if inputs["site"] == "path" and name == "site" else name] = str(err)
+            if self.view is view:  # only the estimate made it to the screen: take it back
                 if shown_view is not None:
-                    self._push(shown_view)
+                    self.push(shown_view)
                 else:
-                    self._view, self.heatmap = None, {}
-            return self._finish("error", started)
+                    self.view = None
+                    host.show({}, clear_selection=False)
+            return host.finished("error", time.perf_counter() - started)
         view.result = self.result = result
         view.state = "done"
-        if self.metric not in result.metrics:  # (a metric this sweep had to drop: say so, never a stale picture)
-            self._run_errors["metric"] = (f"metric {self.metric!r} is not available for this sweep. "
-                                          f"{self._dropped.get(self.metric, '')}").strip()
-        self._complete = view
-        self._push(view)
-        self._finish("done", started)
+        self.complete = view
+        if not self.push(view):  # a metric this sweep had to drop: say so, never a stale picture
+            self.errors["metric"] = self.unavailable(host.metric) or f"metric {host.metric!r} is not available"
+        host.finished("done", time.perf_counter() - started)
 
     def _estimate(self, view: View, cancel: threading.Event) -> None:
         """Stage 1: paint the attribution-patching estimate of every cell, if AtP can make one.
@@ -328,13 +370,14 @@ class SweepJobs:
         Only the metric on screen is estimated (one backward pass). Anything AtP refuses or
         fails on skips the preview; ``self.preview_skipped`` keeps the reason.
         """
-        metric, inputs = self.metric, view.inputs
+        host, inputs = self.host, view.inputs
+        metric = host.metric
         if not METRICS[metric].differentiable:
             self.preview_skipped = f"metric {metric!r} has no gradient"
             return
         try:
             estimate = attribution_patch(
-                self.model, inputs["clean"], inputs["corrupted"], answers=(inputs["correct"], inputs["incorrect"]),
+                host.model, inputs["clean"], inputs["corrupted"], answers=(inputs["correct"], inputs["incorrect"]),
                 site=inputs["site"], direction=inputs["direction"], metrics=[metric])
         except Exception as err:  # an estimate is optional: the exact sweep reports input errors
             self.preview_skipped = f"{type(err).__name__}: {err}"
@@ -342,18 +385,4 @@ class SweepJobs:
         if cancel.is_set():
             return
         view.estimate = estimate
-        self._push(view)
-
-    def _sweep_field(self, err: BaseException, site: str) -> str:
-        """The input an error of the core is about; in the path view, "site" errors are
-        about the receivers (the senders are always every head)."""
-        name = self._field_of(err)
-        return "receivers" if site == "path" and name == "site" else name
-
-    def _finish(self, status: str, started: float | None = None) -> None:
-        with self.hold_sync():
-            if started is not None:
-                self.elapsed = round(time.perf_counter() - started, 4)
-            self._set_errors()
-            if not self._jobs.waiting("sweep"):  # a newer sweep keeps "running"
-                self.status = status
+        self.push(view)

@@ -263,12 +263,19 @@ CORRUPTED = "When Lisa and Sarah went to the cinema, Sarah gave the ticket to"
 
 
 @pytest.fixture(scope="module")
-def page():
+def playwright_session():
+    """One Playwright driver for the module (the sync API allows one at a time)."""
     from playwright.sync_api import sync_playwright
 
+    with sync_playwright() as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def page(playwright_session):
     dialogs: list[str] = []
-    with JupyterLab([WIDGET_CELL, SLOW_CELL, FAST_CELL]) as lab, sync_playwright() as p:
-        browser = launch_browser(p)
+    with JupyterLab([WIDGET_CELL, SLOW_CELL, FAST_CELL]) as lab:
+        browser = launch_browser(playwright_session)
         try:
             pg = browser.new_page(viewport={"width": 1400, "height": 1600})
             pg.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
@@ -329,14 +336,21 @@ def test_fast_preview_approximate_then_exact(page):
         page.wait_for_function(
             """(before) => { const r = document.querySelector('.pw-root');
                 return Number(r.dataset.runId) > before && r.dataset.approx === '60'; }""", arg=before)
-        cells = page.eval_on_selector_all("rect.pw-cell", """els => els.map(e => ({
-            approx: e.dataset.approx === 'true', estimate: e.dataset.estimate, value: e.dataset.value,
-            hatched: e.classList.contains('pw-approx'), fill: e.getAttribute('fill')}))""")
-        assert len(cells) == 60 and all(c["approx"] and c["hatched"] for c in cells)
-        assert all(c["value"] is None and c["estimate"] is not None and c["fill"] for c in cells)
-        assert page.is_visible(".pw-approx-note")
-        assert "approximate (attribution patching)" in page.inner_text(".pw-approx-note")
-        assert page.get_attribute("path.pw-hatch", "d").count("M") == 60
+        # One snapshot of the page (a chunk may land between two separate reads).
+        snap = page.evaluate("""() => { const r = document.querySelector('.pw-root');
+            const note = document.querySelector('.pw-approx-note');
+            return {approx: r.dataset.approx, hatch: document.querySelector('path.pw-hatch').getAttribute('d'),
+                    note: note.classList.contains('pw-hidden') ? null : note.textContent,
+                    cells: [...document.querySelectorAll('rect.pw-cell')].map(e => ({
+                        approx: e.dataset.approx === 'true', estimate: e.dataset.estimate, value: e.dataset.value,
+                        hatched: e.classList.contains('pw-approx'), fill: e.getAttribute('fill')}))}; }""")
+        cells = snap["cells"]
+        n_approx = int(snap["approx"])
+        assert sum(c["approx"] and c["hatched"] for c in cells) == n_approx and n_approx > 0
+        assert all(c["estimate"] is not None and c["fill"] for c in cells)
+        assert all(c["value"] is None for c in cells if c["approx"])
+        assert snap["note"] and "approximate (attribution patching)" in snap["note"]
+        assert snap["hatch"].count("M") == n_approx
         page.hover("rect.pw-cell[data-layer='3'][data-pos='14']")
         assert "approximate: attribution patching" in page.inner_text(".pw-tooltip")
         shot(page, "07-fast-preview-approximate.png")
@@ -639,6 +653,139 @@ def test_cancel_right_after_run_says_what_it_holds(page):
             assert "stopped before reaching" in note and "replaced by the exact value" not in note
     finally:
         run_cell(page, 2)
+
+
+# --------------------------------------------------------------------------- pictures (§2)
+GPT2_CELL = """\
+import os
+os.environ["HF_HUB_OFFLINE"] = "1"
+import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformer_lens.model_bridge import TransformerBridge
+import patchwidgets
+from patchwidgets.loading import model_path
+# A random model shaped like GPT-2 small where the view is concerned: 12 layers x 12 heads
+# (narrow, so the test is quick), with the toy-ioi word tokenizer for string prompts.
+torch.manual_seed(0)
+hf = GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=12, n_embd=96, vocab_size=366, n_positions=64)).eval()
+model = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=AutoTokenizer.from_pretrained(model_path("toy-ioi")))
+model.eval()
+w = patchwidgets.PatchingWidget(model, site="head_out_by_pos", metric="logit_diff", correct=" Mary", incorrect=" John")
+w"""
+
+
+@pytest.fixture(scope="module")
+def gpt2_page(playwright_session):
+    with JupyterLab([GPT2_CELL], notebook="widget_gpt2.ipynb") as lab:
+        browser = launch_browser(playwright_session)
+        try:
+            pg = browser.new_page(viewport={"width": 1400, "height": 1400})
+            pg.lab = lab
+            open_widget(pg, lab)
+            yield pg
+        finally:
+            browser.close()
+
+
+def test_gpt2_size_heads_by_position_readable(gpt2_page):
+    """12 layers x 12 heads x 15 positions: one position at a time as a layer x head grid,
+    every layer and head labelled, cells big enough to see; every position still reachable."""
+    page = gpt2_page
+    before = run_id(page)
+    page.click("button[data-action='run']")
+    wait_for_run(page, before, timeout_ms=300_000)
+    svg = "svg.pw-heatmap"
+    assert page.get_attribute(svg, "data-view") == "position"
+    assert (page.get_attribute(svg, "data-rows"), page.get_attribute(svg, "data-cols")) == ("12", "12")
+    assert root_data(page, "position") == "14", "the answer position first"
+    assert page.locator("rect.pw-cell").count() == 144
+    box = page.locator("rect.pw-cell >> nth=0").bounding_box()
+    assert box["width"] >= 14 and box["height"] >= 12, box
+    rows = page.eval_on_selector_all(f"{svg} .pw-row-label", "els => els.map(e => e.textContent)")
+    cols = page.eval_on_selector_all(f"{svg} .pw-col-label", "els => els.map(e => e.textContent)")
+    assert rows == [f"L{l}" for l in range(12)] and cols == [f"H{h}" for h in range(12)]
+    at_end = {(c["layer"], c["head"]): c["value"] for c in cell_values(page)}
+    assert all(c["pos"] == 14 for c in cell_values(page))
+    page.click("rect.pw-cell[data-layer='7'][data-head='3']")
+    page.wait_for_function("() => document.querySelector('.pw-explanation').textContent.includes('head 7.3')")
+    assert "position 14" in page.inner_text(".pw-explanation")
+    assert page.is_visible("rect.pw-outline:not(.pw-hidden)")
+    shot(page, "13-gpt2-size-one-position.png")
+
+    page.select_option("select[data-control='position']", "10")
+    page.wait_for_function("() => document.querySelector('.pw-root').dataset.position === '10'")
+    assert all(c["pos"] == 10 for c in cell_values(page)) and page.locator("rect.pw-cell").count() == 144
+    page.select_option("select[data-control='position']", "all")
+    page.wait_for_function("() => document.querySelector('svg.pw-heatmap').dataset.view === 'all'")
+    everything = cell_values(page)
+    assert len(everything) == 144 * 15
+    assert {(c["layer"], c["head"]): c["value"] for c in everything if c["pos"] == 14} == at_end
+
+
+def test_heatmap_is_the_main_picture_and_legend_says_which_end(page):
+    """The heatmap outweighs the attention grids; the legend has five labelled ticks, a
+    sequential scale for a one-sign metric (rank), and says what high means."""
+    page.select_option("select[data-control='site']", "resid_pre")
+    page.select_option("select[data-control='metric']", "normalized")
+    before = run_id(page)
+    page.click("button[data-action='run']")
+    wait_for_run(page, before)
+    heat = page.locator("svg.pw-heatmap").bounding_box()
+    for grid in page.locator("svg.pw-pattern").all():
+        box = grid.bounding_box()
+        assert heat["width"] * heat["height"] > 1.5 * box["width"] * box["height"], (heat, box)
+    assert page.locator("svg.pw-heatmap text[data-tick]").count() == 5
+    assert root_data(page, "scale") == "diverging"
+    page.select_option("select[data-control='metric']", "rank")
+    page.wait_for_selector(".pw-root[data-metric='rank']")
+    assert root_data(page, "scale") == "sequential"
+    ticks = [float(t) for t in root_data(page, "legend").split()]
+    assert len(ticks) == 5 and ticks[0] == 1 and ticks == sorted(ticks), "ranks from 1, no negative half"
+    assert "worse" in page.inner_text(".pw-legend-note")
+    shot(page, "14-rank-sequential-legend.png")
+    page.select_option("select[data-control='metric']", "normalized")
+
+
+def test_keyboard_navigation(page):
+    """One tab stop; arrows move; Enter explains; Shift+Enter toggles a receiver in the path
+    view; every cell's accessible name carries its place and value."""
+    page.select_option("select[data-control='site']", "head_out")
+    before = run_id(page)
+    page.click("button[data-action='run']")
+    wait_for_run(page, before)
+    assert page.locator("rect.pw-cell[tabindex='0']").count() == 1
+    page.focus("rect.pw-cell[tabindex='0']")
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowDown")
+    active = page.evaluate("""() => { const a = document.activeElement;
+        return {row: a.dataset.row, col: a.dataset.col, label: a.getAttribute('aria-label'), value: a.dataset.value,
+                tab: a.getAttribute('tabindex'), cell: a.classList.contains('pw-cell')}; }""")
+    assert active["cell"] and (active["row"], active["col"], active["tab"]) == ("1", "1", "0")
+    assert active["label"].startswith("layer 1, head 1: normalized ")
+    assert page.locator("rect.pw-cell[tabindex='0']").count() == 1
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => document.querySelector('.pw-explanation').textContent.includes('head 1.1')")
+    page.keyboard.press("Tab")
+    assert not page.evaluate("() => document.activeElement.classList.contains('pw-cell')"), "one tab stop"
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate("() => document.activeElement.dataset.row + '.' + document.activeElement.dataset.col") == "1.1"
+
+    page.select_option("select[data-control='site']", "path")
+    page.fill("input[data-field='receivers']", "")  # the logits
+    before = run_id(page)
+    page.click("button[data-action='run']")
+    wait_for_run(page, before)
+    page.focus("rect.pw-cell[tabindex='0']")
+    page.keyboard.press("Home")
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("ArrowDown")  # layer 2 or 3, head 0
+    name = page.evaluate("() => document.activeElement.getAttribute('aria-label')")
+    assert name.startswith("sender head ")
+    head = name.split()[2].rstrip(":")
+    page.keyboard.press("Shift+Enter")
+    page.wait_for_function("(h) => document.querySelector(\"input[data-field='receivers']\").value === h", arg=head)
+    page.keyboard.press("Shift+Enter")
+    page.wait_for_function("() => document.querySelector(\"input[data-field='receivers']\").value === ''")
 
 
 def test_reopened_notebook_without_python_widget_says_so(page):

@@ -205,6 +205,22 @@ export function gridView(p, pos) {
   };
 }
 
+/**
+ * Where a cell is, in words: "layer 3, head 1, position 14 ' to'" (a path sweep: "sender head 3.1").
+ * @param {Cell} row @param {Cell} col @param {boolean} path
+ */
+export function cellName(row, col, path) {
+  const d = { ...row, ...col };
+  if (path) return `sender head ${d.layer}.${d.head}`;
+  const parts = [`layer ${d.layer}`];
+  if (d.head !== undefined) parts.push(`head ${d.head}`);
+  if (d.pos !== undefined) parts.push(`position ${d.pos} ${quote(d.token ?? "")}`);
+  return parts.join(", ");
+}
+
+/** Whether an event target is a heatmap cell. @param {any} el @returns {el is SVGRectElement} */
+const isCell = (el) => !!el && typeof el.matches === "function" && el.matches("rect.pw-cell");
+
 /** Rows beyond which a (layer.head x position) sweep opens one position at a time. */
 export const MANY_ROWS = 48;
 
@@ -245,7 +261,7 @@ function render({ model, el }) {
   // but let Ctrl/Cmd combinations such as Ctrl+S (save) through.
   root.addEventListener("keydown", (e) => {
     const t = /** @type {Element} */ (e.target);
-    if (!e.ctrlKey && !e.metaKey && t.matches("input, select, button")) e.stopPropagation();
+    if (!e.ctrlKey && !e.metaKey && t.matches("input, select, button, .pw-cell")) e.stopPropagation();
   });
 
   // ------------------------------------------------------------ header
@@ -561,8 +577,8 @@ function render({ model, el }) {
   root.append(tooltip);
   caption.before(kernelNote);
 
-  /** @type {{key: string, rects: SVGRectElement[], flat: number[], svg: SVGSVGElement|null, outline: SVGRectElement|null, hatch: SVGPathElement|null, receivers: SVGPathElement|null, cw: number, ch: number, left: number, top: number, legend: any}} */
-  const hm = { key: "", rects: [], flat: [], svg: null, outline: null, hatch: null, receivers: null, cw: 0, ch: 0, left: 0, top: 0, legend: null };
+  /** @type {{key: string, rects: SVGRectElement[], flat: number[], gridCols: number, active: number, svg: SVGSVGElement|null, outline: SVGRectElement|null, hatch: SVGPathElement|null, receivers: SVGPathElement|null, cw: number, ch: number, left: number, top: number, legend: any}} */
+  const hm = { key: "", rects: [], flat: [], gridCols: 1, active: 0, svg: null, outline: null, hatch: null, receivers: null, cw: 0, ch: 0, left: 0, top: 0, legend: null };
 
   /** Build the SVG skeleton (labels, empty cells, legend) for a heatmap's shape. @param {Heatmap} p */
   function buildHeatmap(p, view) {
@@ -578,7 +594,7 @@ function render({ model, el }) {
     // panel takes the rest), and its cells grow up to 40 px.
     const share = width >= 900 ? 0.64 : 1;
     const cw = Math.max(6, Math.min(40, Math.floor((width * share - left - legendW - 8) / nC)));
-    const ch = Math.max(4, Math.min(32, Math.floor(720 / nR), Math.max(Math.round(cw * 0.8), 16)));
+    const ch = Math.max(4, Math.min(40, Math.floor(720 / nR), Math.max(cw, 16)));
     const colFont = Math.min(11, Math.max(7, cw - 1));
     // Tilt column labels just enough that neighbours do not overlap (steeper when narrow).
     const angle = Math.max(45, Math.min(90, (Math.asin(Math.min(1, (colFont + 1) / cw)) * 180) / Math.PI));
@@ -586,7 +602,7 @@ function render({ model, el }) {
     const gridW = cw * nC, gridH = ch * nR;
     const svg = /** @type {SVGSVGElement} */ (s("svg", {
       width: left + gridW + legendW, height: top + gridH + 24, class: "pw-heatmap",
-      role: "img", "aria-label": `${p.direction} ${p.site} heatmap of ${p.metric}`,
+      role: "grid", "aria-label": `${p.direction} ${p.site} heatmap of ${p.metric}: arrow keys move, Enter explains a cell`,
       "data-rows": nR, "data-cols": nC, "data-view": view.byPosition ? "position" : "all",
     }));
     // Column labels: tokens (diff positions bold) or head numbers; thin out when crowded.
@@ -622,7 +638,7 @@ function render({ model, el }) {
     view.cells.forEach(([i, j], n) => {
       if (i < 0) return;
       const gi = Math.floor(n / nC), gj = n % nC;
-      const r = /** @type {SVGRectElement} */ (s("rect", { x: left + gj * cw, y: top + gi * ch, width: cw - gap, height: ch - gap, class: "pw-cell", "data-row": i, "data-col": j }));
+      const r = /** @type {SVGRectElement} */ (s("rect", { x: left + gj * cw, y: top + gi * ch, width: cw - gap, height: ch - gap, class: "pw-cell", "data-row": i, "data-col": j, role: "gridcell" }));
       const d = { ...p.rows[i], ...p.cols[j] };
       for (const k of ["layer", "head", "pos"]) if (d[k] !== undefined) r.setAttribute(`data-${k}`, String(d[k]));
       rects.push(r);
@@ -659,7 +675,11 @@ function render({ model, el }) {
     const outline = /** @type {SVGRectElement} */ (s("rect", { class: "pw-outline pw-hidden", width: cw, height: ch }));
     svg.append(hatch, receivers, outline);
     plot.replaceChildren(svg);
-    Object.assign(hm, { svg, rects, flat, outline, hatch, receivers, cw, ch, left, top, legend: { legendTexts, legendTitle, grad } });
+    const hadFocus = !!hm.svg && hm.svg.contains(document.activeElement);
+    const active = Math.min(Math.max(0, hm.active), rects.length - 1);
+    rects.forEach((r, n) => r.setAttribute("tabindex", n === active ? "0" : "-1"));
+    Object.assign(hm, { svg, rects, flat, gridCols: nC, active, outline, hatch, receivers, cw, ch, left, top, legend: { legendTexts, legendTitle, grad } });
+    if (hadFocus && rects[active]) rects[active].focus();
   }
 
   /** Colour the cells from the current values (cheap: runs on every streamed update). */
@@ -707,6 +727,8 @@ function render({ model, el }) {
       }
       if (exact) r.setAttribute("data-value", String(v));
       else r.removeAttribute("data-value");
+      r.setAttribute("aria-label", `${cellName(p.rows[Number(r.dataset.row)], p.cols[Number(r.dataset.col)], !!p.path)}: ${p.metric} ` +
+        (exact ? fmt(v, 3) : Number.isFinite(v) ? `about ${fmt(v, 3)} (approximate)` : "not computed"));
       const isApprox = !exact && Number.isFinite(v);
       r.classList.toggle("pw-approx", isApprox);
       if (isApprox) {
@@ -825,7 +847,7 @@ function render({ model, el }) {
 
   plot.addEventListener("mousemove", (e) => {
     const r = /** @type {Element} */ (e.target);
-    if (!(r instanceof SVGRectElement) || !r.classList.contains("pw-cell")) return hideTooltip();
+    if (!isCell(r)) return hideTooltip();
     /** @type {Heatmap} */
     const p = model.get("heatmap");
     const row = p.rows[Number(r.dataset.row)], col = p.cols[Number(r.dataset.col)];
@@ -848,11 +870,14 @@ function render({ model, el }) {
     showTooltip(e, lines);
   });
   plot.addEventListener("mouseleave", hideTooltip);
-  plot.addEventListener("click", (e) => {
-    const r = /** @type {Element} */ (e.target);
-    if (!(r instanceof SVGRectElement) || !r.classList.contains("pw-cell")) return;
+  /**
+   * A click (or Enter) on a cell selects it; with Shift in the path view, it adds or removes
+   * the head as a receiver. @param {SVGRectElement} r @param {boolean} shift
+   */
+  function activate(r, shift) {
     const { layer, head, pos } = r.dataset;
-    if (e.shiftKey && model.get("site") === "path" && layer !== undefined && head !== undefined && pos === undefined) {
+    setActive(r, false);
+    if (shift && model.get("site") === "path" && layer !== undefined && head !== undefined && pos === undefined) {
       toggleReceiver(`${layer}.${head}`);
       return;
     }
@@ -861,6 +886,41 @@ function render({ model, el }) {
       explanation.textContent = "Explanations come from Python, and no Python widget has answered this view yet: hover a cell for its value.";
       expectKernel("an explanation");
     }
+  }
+  plot.addEventListener("click", (e) => {
+    const r = /** @type {Element} */ (e.target);
+    if (!isCell(r)) return;
+    activate(/** @type {SVGRectElement} */ (r), e.shiftKey);
+  });
+
+  // Keyboard: the grid is one tab stop (roving tabindex: the active cell has tabindex 0, the
+  // others -1); arrows move, Home/End go to the row's ends, Enter selects (as a click),
+  // Shift+Enter toggles a receiver in the path view. Each cell's accessible name carries its
+  // place and value (set when painted).
+  /** @param {SVGRectElement} r @param {boolean} focus */
+  function setActive(r, focus) {
+    for (const other of hm.rects) if (other !== r && other.getAttribute("tabindex") === "0") other.setAttribute("tabindex", "-1");
+    r.setAttribute("tabindex", "0");
+    hm.active = hm.rects.indexOf(r);
+    if (focus) r.focus();
+  }
+  plot.addEventListener("keydown", (e) => {
+    const r = /** @type {Element} */ (e.target);
+    if (!isCell(r)) return;
+    const n = hm.rects.indexOf(r), nC = hm.gridCols, nR = Math.ceil(hm.rects.length / nC);
+    const gi = Math.floor(n / nC), gj = n % nC;
+    /** @type {Object<string, number[]>} */
+    const moves = { ArrowLeft: [gi, gj - 1], ArrowRight: [gi, gj + 1], ArrowUp: [gi - 1, gj], ArrowDown: [gi + 1, gj],
+      Home: [gi, 0], End: [gi, nC - 1], PageUp: [0, gj], PageDown: [nR - 1, gj] };
+    if (e.key in moves) {
+      const [i, j] = moves[e.key];
+      const next = hm.rects[Math.max(0, Math.min(nR - 1, i)) * nC + Math.max(0, Math.min(nC - 1, j))];
+      if (next) setActive(next, true);
+    } else if (e.key === "Enter" || e.key === " ") {
+      activate(r, e.shiftKey);
+    } else return;
+    e.preventDefault();
+    e.stopPropagation();
   });
 
   /** Add a head to the receivers field, or remove it (an empty field means the logits). */
@@ -883,7 +943,7 @@ function render({ model, el }) {
     const per = avail >= 560 ? avail / 2 - 12 : avail - 4;
     const labelLen = Math.min(12, Math.max(...toks.map((t) => t.length + 2)));
     const labelW = 10 + labelLen * 6;
-    const cell = Math.max(3, Math.min(10, Math.floor((per - labelW) / n))); // (smaller than the heatmap's cells: the heatmap is the main picture)
+    const cell = Math.max(3, Math.min(8, Math.floor((per - labelW) / n))); // (smaller than the heatmap's cells: the heatmap is the main picture)
     const font = Math.min(10, Math.max(7, cell - 2));
     const left = 10 + labelLen * font * 0.6, top = 10 + labelLen * font * 0.5;
     const svg = s("svg", { width: left + n * cell + 4, height: top + n * cell + 4, class: "pw-pattern", "data-prompt": name, "data-n": n });
@@ -905,9 +965,10 @@ function render({ model, el }) {
     }
     svg.addEventListener("mousemove", (e) => {
       const r = /** @type {Element} */ (e.target);
-      if (!(r instanceof SVGRectElement)) return hideTooltip();
-      const qi = Number(r.dataset.q), ki = Number(r.dataset.k);
-      showTooltip(e, [`attention ${fmt(Number(r.dataset.weight), 3)}`, `${name} prompt`,
+      if (!(r instanceof Element) || r.tagName !== "rect") return hideTooltip();
+      const cellData = /** @type {SVGElement} */ (r).dataset;
+      const qi = Number(cellData.q), ki = Number(cellData.k);
+      showTooltip(e, [`attention ${fmt(Number(cellData.weight), 3)}`, `${name} prompt`,
         `query ${qi}: ${quote(toks[qi])}`, `key ${ki}: ${quote(toks[ki])}`]);
     });
     svg.addEventListener("mouseleave", hideTooltip);
