@@ -746,8 +746,9 @@ class Engine:
         without chunks, of one unpatched run plus the self-check. What the progress bar
         (:class:`patchwidgets.watch.SweepWatch`) counts."""
         n_layers = len(getattr(self.model, "blocks", ()) or ()) or 1
-        if chunks is None:
-            return 2 * self.batch * self.seq_len * n_layers  # the run, and pass (A) of the check
+        if chunks is None:  # the run, pass (A) of the check, and the short pass (B)
+            check_b = self.batch * (self.seq_len - int(self.answer_pos.min())) * (2 * n_layers - n_layers // 2 + 1)
+            return 2 * self.batch * self.seq_len * n_layers + check_b
         total = 0
         for chunk in chunks:
             k = len(chunk.patches)

@@ -26,6 +26,7 @@ calls a hook that pastes each patch's slice; :mod:`.streaming` fills the result 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from typing import Any, Callable, Sequence
@@ -36,6 +37,7 @@ from .inputs import Prompts
 from .results import PatchResult
 from .streaming import PatchUpdate, run_streaming
 from .sweep import new_result, prepare_request, run_unpatched, sweep_cells, sweep_stats
+from .watch import SweepWatch, show_by_default
 
 __all__ = ["patch", "PatchUpdate"]
 
@@ -93,10 +95,12 @@ def patch(
         layers, positions, heads, neurons: restrict the sweep to these values of each axis.
         index: for a hook-name site, the list of index tuples to patch.
         max_batch_tokens: memory budget (rows x positions) of one forward pass.
-        progress: show a tqdm bar (default: for sweeps of more than 20 forward passes).
+        progress: show a tqdm bar over the whole sweep, unpatched runs included (default:
+            for sweeps that could take more than a few seconds).
         callback: called with a :class:`PatchUpdate` after every chunk; return ``False`` to
             cancel.
-        cancel: a ``threading.Event``; setting it stops the sweep after the current chunk.
+        cancel: a ``threading.Event``; setting it stops the sweep within one block of one
+            forward pass, the unpatched runs included (:mod:`patchwidgets.watch`).
         remote: for an nnsight model (``nnsight.TransformersModel``, which ``patch`` also
             accepts, see :mod:`patchwidgets.nnsight_backend`): run the traces on NDIF.
 
@@ -128,21 +132,28 @@ def patch(
     cells = sweep_cells(model, request.inputs, site, layers=layers, positions=positions, heads=heads,
                         neurons=neurons, index=index)
 
-    # --- The two unpatched runs: the target is the run we patch into, the source the run the
-    # pasted values come from.
-    columns, request = request.answer_columns()
-    runs = run_unpatched(model, request, cells.hook_names(), max_batch_tokens, columns)
-    cells.check_activations(runs.target_acts)
-    measure = request.measure(runs.target_logits, runs.source_logits)
+    # Cancel and progress from here on, block by block (the unpatched runs included).
+    inputs = request.inputs
+    full_pass = inputs.batch * inputs.seq_len * model.cfg.n_layers
+    watch = SweepWatch(cancel, show_by_default(progress, full_pass * len(cells.sites) * len(cells.indices)))
+    with contextlib.closing(watch), watch.watching(model):
+        # --- The two unpatched runs: the target is the run we patch into, the source the run
+        # the pasted values come from.
+        columns, request = request.answer_columns()
+        runs = run_unpatched(model, request, cells.hook_names(), max_batch_tokens, columns, watch)
+        cells.check_activations(runs.target_acts)
+        measure = request.measure(runs.target_logits, runs.source_logits)
 
-    # --- List the patches; a patch where both runs are bound to agree is already done.
-    patches = cells.patches(request.changed)
-    result = new_result(PatchResult, request, measure, sites=cells.names, axes=cells.axes, shape=cells.shape,
-                        indices=cells.indices, first_pos=[p.first_pos for p in patches])
+        # --- List the patches; a patch where both runs are bound to agree is already done.
+        patches = cells.patches(request.changed)
+        result = new_result(PatchResult, request, measure, sites=cells.names, axes=cells.axes, shape=cells.shape,
+                            indices=cells.indices, first_pos=[p.first_pos for p in patches])
 
-    # --- Run the rest in chunks, streaming partial results.
-    chunks = runs.target.plan(patches)
-    result.stats = sweep_stats(result, len(chunks), **runs.target.shortcut_report())
-    jobs = [([p.slot for p in chunk.patches], functools.partial(runs.target.run_chunk, chunk, runs.source_acts))
-            for chunk in chunks]
-    return run_streaming(result, jobs, measure, progress=progress, callback=callback, cancel=cancel)
+        # --- Run the rest in chunks, streaming partial results.
+        chunks = runs.target.plan(patches)
+        result.stats = sweep_stats(result, len(chunks), **runs.target.shortcut_report())
+        jobs = [([p.slot for p in chunk.patches], functools.partial(runs.target.run_chunk, chunk, runs.source_acts))
+                for chunk in chunks]
+        watch.expect(runs.target.work(chunks))
+        return run_streaming(result, jobs, measure, progress=False, callback=watch.reporting(callback),
+                             cancel=cancel)

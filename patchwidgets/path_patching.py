@@ -58,6 +58,7 @@ Step 1 stops as soon as the last receiver input has been recorded.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ from .sites import SITES, Dims
 from .streaming import PatchUpdate, run_streaming
 from .sweep import new_result, prepare_request, run_unpatched, sweep_stats
 from .validation import as_int, check_restrictions
+from .watch import SweepWatch, show_by_default
 
 Head = tuple[int, int]
 
@@ -213,33 +215,40 @@ def path_patch(
     names = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
     if freeze_mlps:
         names += [f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]
-    runs = run_unpatched(model, request, names, max_batch_tokens)
-    measure = request.measure(runs.target_logits, runs.source_logits)
+    full_pass = batch * inputs.seq_len * n_layers
+    watch = SweepWatch(cancel, show_by_default(progress, full_pass * len(groups) * (2 if recv else 1)))
+    with contextlib.closing(watch), watch.watching(model):
+        runs = run_unpatched(model, request, names, max_batch_tokens, watch=watch)
+        measure = request.measure(runs.target_logits, runs.source_logits)
 
-    # --- Which senders change anything, and from which position on.
-    last_receiver_layer = max(l for l, _ in recv) if recv else n_layers
-    first_pos: list[int | None] = []
-    for group in groups:
-        firsts = [SITES["head_out"].first_changed_position((l, h), request.changed) for l, h in group]
-        changes = [f for f in firsts if f is not None]
-        reaches = min(l for l, _ in group) < last_receiver_layer
-        first_pos.append(min(changes) if changes and reaches else None)
-    result = new_result(
-        PathPatchResult, request, measure, sites=[_site_label(recv, comps)], axes=axes, shape=shape,
-        indices=indices, first_pos=first_pos, senders=groups, receivers=recv,
-        receiver_input=comps if recv else (), freeze_mlps=freeze_mlps)
+        # --- Which senders change anything, and from which position on.
+        last_receiver_layer = max(l for l, _ in recv) if recv else n_layers
+        first_pos: list[int | None] = []
+        for group in groups:
+            firsts = [SITES["head_out"].first_changed_position((l, h), request.changed) for l, h in group]
+            changes = [f for f in firsts if f is not None]
+            reaches = min(l for l, _ in group) < last_receiver_layer
+            first_pos.append(min(changes) if changes and reaches else None)
+        result = new_result(
+            PathPatchResult, request, measure, sites=[_site_label(recv, comps)], axes=axes, shape=shape,
+            indices=indices, first_pos=first_pos, senders=groups, receivers=recv,
+            receiver_input=comps if recv else (), freeze_mlps=freeze_mlps)
 
-    chunks = _plan(groups, first_pos, batch, inputs.seq_len, int(inputs.answer_pos.min()), max_batch_tokens)
-    result.stats = sweep_stats(result, len(chunks) * (2 if recv else 1), **runs.target.shortcut_report())
+        chunks = _plan(groups, first_pos, batch, inputs.seq_len, int(inputs.answer_pos.min()), max_batch_tokens)
+        result.stats = sweep_stats(result, len(chunks) * (2 if recv else 1), **runs.target.shortcut_report())
 
-    def run(cells, offset):
-        with torch.no_grad():
-            logits = _run_chunk(runs.target, [groups[c] for c in cells], offset, runs.target_acts, runs.source_acts,
-                                recv, comps, freeze_mlps, n_layers)
-        return logits.reshape(len(cells), batch, -1)
+        def run(cells, offset):
+            with torch.no_grad():
+                logits = _run_chunk(runs.target, [groups[c] for c in cells], offset, runs.target_acts,
+                                    runs.source_acts, recv, comps, freeze_mlps, n_layers)
+            return logits.reshape(len(cells), batch, -1)
 
-    jobs = [(cells, functools.partial(run, cells, offset)) for cells, offset in chunks]
-    return run_streaming(result, jobs, measure, progress=progress, callback=callback, cancel=cancel)
+        jobs = [(cells, functools.partial(run, cells, offset)) for cells, offset in chunks]
+        # (An estimate: each pass runs every block from the first sender's on.)
+        watch.expect(sum(len(cells) * batch * (inputs.seq_len - offset) * n_layers * (2 if recv else 1)
+                         for cells, offset in chunks))
+        return run_streaming(result, jobs, measure, progress=False, callback=watch.reporting(callback),
+                             cancel=cancel)
 
 
 def _site_label(recv: list[Head] | None, comps: tuple[str, ...]) -> str:

@@ -52,7 +52,13 @@ def run_streaming(result: R, jobs: Sequence[Job],
             if cancel is not None and cancel.is_set():
                 raise PatchingCancelled(result)
             rows = torch.tensor(slots)
-            for name, v in measure(run()).items():
+            try:
+                logits = run()
+            except PatchingCancelled as stop:  # cancelled inside the pass (patchwidgets.watch)
+                if stop.partial is not None:
+                    raise
+                raise PatchingCancelled(result) from None
+            for name, v in measure(logits).items():
                 values[name][rows] = v.to("cpu", values[name].dtype)  # results live on the CPU
             done[rows] = True
             if bar is not None:

@@ -36,6 +36,7 @@ from .sites import Dims, Site, resolve_sites
 from .sources import ablation_values, differing_positions, noise_hooks
 from .validation import (check_direction, check_index, check_index_ranges, check_noise, check_request,
                          check_restrictions)
+from .watch import SweepWatch
 
 
 class RunSpec(NamedTuple):
@@ -182,13 +183,17 @@ class Unpatched:
 
 
 def run_unpatched(model: Any, request: Request, names: Sequence[str], max_batch_tokens: int,
-                  columns: torch.Tensor | None = None) -> Unpatched:
+                  columns: torch.Tensor | None = None, watch: SweepWatch | None = None) -> Unpatched:
     """Step 3: run the target (recording what resumed passes need) and the source, keeping the
-    activations ``names``."""
+    activations ``names``. ``watch`` (watching the model) is told the work ahead."""
     target_run, source_run = request.runs(model)
     answer_pos = request.inputs.answer_pos
     target = Engine(model, target_run.tokens, answer_pos, target_run.hooks, max_batch_tokens, columns)
+    watch = watch or SweepWatch()
     with torch.no_grad():
+        one_run = request.inputs.batch * request.inputs.seq_len * getattr(model.cfg, "n_layers", 0)
+        watch.expect(target.work() + (one_run if source_run is not None else 0))
+        watch.stage("unpatched runs")
         target_logits, target_acts = target.run_target(names)
         if source_run is None:
             source_logits = None

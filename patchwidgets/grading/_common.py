@@ -475,11 +475,14 @@ class _WeightGuard:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.model.reset_hooks()
-        changed = [n for n, p in self.model.named_parameters() if not torch.equal(p.detach(), self.weights[n])]
+        # (Weights offloaded by accelerate sit on the `meta` device between calls: nothing to compare.)
+        changed = [n for n, p in self.model.named_parameters()
+                   if p.device.type != "meta" and not torch.equal(p.detach(), self.weights[n])]
         if changed:
             with torch.no_grad():
                 for n, p in self.model.named_parameters():
-                    p.copy_(self.weights[n])
+                    if p.device.type != "meta":
+                        p.copy_(self.weights[n])
             if exc_type is None or issubclass(exc_type, Exception):
                 raise GradingError(
                     f"{self.name} changed the model's weights ({', '.join(changed[:3])}"
