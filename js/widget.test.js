@@ -150,6 +150,12 @@ describe("render with a fake model", () => {
     expect(el.querySelector(".pw-approx-note").textContent).toContain("stopped before reaching");
   });
 
+  it("never counts the previous picture as the cancelled sweep's", () => {
+    const { model, el } = mount({ heatmap: heatmap("normalized", [0, 0.5, 1, -0.25, 0.1, 2]), progress: [6, 6] });
+    model.py({ status: "cancelled" }); // cancelled before its job started: the picture is the last Run's
+    expect(el.querySelector(".pw-progress-text").textContent).toBe("cancelled before the sweep started: the heatmap is the previous one");
+  });
+
   it("names only the hint 'Type two prompts.' when both prompts are empty", () => {
     const { model, el } = mount({ tokens: { clean: null, corrupted: null }, clean: "qq", corrupted: "zz" });
     expect(el.querySelector(".pw-tokens").textContent).not.toContain("Type two prompts");

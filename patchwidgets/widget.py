@@ -51,10 +51,18 @@ JupyterLab 4 and Jupyter Notebook 7 (Notebook 7 is built from JupyterLab compone
 ships the same ipywidgets manager, so the widget behaves identically), VS Code and Colab
 (anywidget's ``export default { render }`` convention). To reopen a saved notebook with its
 last heatmap, turn on *Settings -> Jupyter Widgets -> Save Jupyter widget state in
-notebooks*; the traitlets (heatmap included) are then stored in the notebook. Exported
-notebooks (nbconvert, GitHub) show a static HTML table of the heatmap instead, from
-:meth:`PatchingWidget._repr_mimebundle_`, as of the moment the widget was displayed:
-display it after ``w.run(wait=True)`` to export a filled one.
+notebooks*; the traitlets (heatmap included) are then stored in the notebook, and a view
+restored without its Python object (the notebook reopened, the kernel restarted) shows the
+saved heatmap and says, when Run or a cell is clicked, that nothing answers it. Exported
+notebooks (``jupyter nbconvert --to html``, GitHub) cannot run the widget offline: a displayed
+widget adds a second output, the last heatmap as static HTML with its legend
+(:meth:`PatchingWidget.export_html`), redrawn through a display id whenever a sweep ends;
+the widget's stylesheet hides it wherever the live widget runs.
+
+Keyboard: the heatmap is one tab stop; arrows move, Enter explains a cell, Shift+Enter adds
+or removes a receiver in the path view. Datasets: ``PatchingWidget(model, dataset=[(clean,
+corrupted, correct, incorrect), ...])`` (or the page's list) sweeps every pair; the heatmap
+shows the mean (explanations add its standard error) or, with ``w.pair = k``, one pair.
 """
 
 from __future__ import annotations
@@ -135,6 +143,10 @@ class PatchingWidget(anywidget.AnyWidget):
     auto_run_delay = t.Float(0.4)  # seconds of quiet before an auto-run starts
     selected = t.Dict().tag(sync=True)          # {"row": r, "col": c} of the clicked cell
     pattern_layer = t.Int(0).tag(sync=True)
+    # Datasets: [[clean, corrupted, correct, incorrect], ...]; a sweep runs over every pair, the
+    # heatmap shows the mean (``pair=-1``) or one pair's own values (``pair=k``).
+    dataset = t.List().tag(sync=True)
+    pair = t.Int(-1).tag(sync=True)
     pattern_head = t.Int(0).tag(sync=True)
 
     # Outputs (set by Python only).
@@ -153,7 +165,7 @@ class PatchingWidget(anywidget.AnyWidget):
     explanation = t.Unicode("").tag(sync=True)
     pattern = t.Dict().tag(sync=True)           # one head's pattern on both prompts
 
-    def __init__(self, model: Any = None, **kwargs: Any):
+    def __init__(self, model: Any = None, dataset: Any = None, **kwargs: Any):
         self._sync_lock = threading.RLock()  # see hold_sync below
         if model is None or isinstance(model, str):
             model = quiet_load(model or "toy-ioi")
@@ -166,6 +178,11 @@ class PatchingWidget(anywidget.AnyWidget):
         self._run_errors: dict[str, str] = {}
         # An answer follows the model's prediction until the user types one (typing it empty
         # makes it follow again); the prompt edited last is where a length mismatch is shown.
+        if dataset:  # the fields show (and the preview checks) the first pair
+            dataset = [[str(x) for x in row] for row in dataset]
+            if any(len(row) != 4 for row in dataset):
+                raise ValueError("dataset rows are (clean, corrupted, correct, incorrect)")
+            kwargs.update(dataset=dataset, **dict(zip(INPUT_FIELDS, dataset[0])))
         self._follow = {name: not kwargs.get(name) for name in ("correct", "incorrect")}
         self._edited_prompt = "corrupted"
         self._patterns: dict[str, Any] = {}
@@ -185,6 +202,8 @@ class PatchingWidget(anywidget.AnyWidget):
         self.observe(self._on_selected, names="selected")
         self.observe(self._on_pattern_choice, names=["pattern_layer", "pattern_head"])
         self.observe(self._on_auto_run, names="auto_run")
+        self.observe(lambda change: self.sweeps.push(), names="pair")
+        self.observe(self._on_dataset, names="dataset")
         self.on_msg(self._on_frontend_msg)
         self._preview()  # nothing else uses the model yet, so this may run right here
 
@@ -232,7 +251,9 @@ class PatchingWidget(anywidget.AnyWidget):
                 if self._timer is timer:  # it fired (or was cancelled) without clearing
                     self._timer = None
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return self._jobs.wait(left)
+        done = self._jobs.wait(left)
+        self._refresh_export()  # (here, on the kernel's thread, the display update reaches its cell)
+        return done
 
     def figure(self, metric: str | None = None):
         """The current heatmap as a plotly figure (``result.figure``)."""
@@ -308,6 +329,47 @@ class PatchingWidget(anywidget.AnyWidget):
         data["text/html"] = static_html(self.heatmap, f"PatchingWidget ({self.model_name})")
         return data, meta
 
+    # ------------------------------------------------------------------ export (nbconvert, GitHub)
+    # A notebook that carries widget state exports the widget as a script that loads the
+    # widget manager from a CDN: offline (or on GitHub) that draws nothing. So a displayed
+    # widget gets a second output: the last heatmap as static HTML (colours, legend, labels;
+    # no scripts), kept up to date through a display id. The widget's own CSS hides it
+    # wherever the live widget (or the widget manager) runs, so a reader sees one heatmap.
+    def _ipython_display_(self, **kwargs: Any) -> None:
+        from IPython.display import display
+
+        data, meta = self._repr_mimebundle_()
+        data.pop("text/html", None)  # (the static picture is the output below)
+        display(data, metadata=meta, raw=True)
+        self._export_key = self._export_state()
+        self._export_handle = display(self._export_bundle(), raw=True, display_id=True)
+
+    def export_html(self) -> str:
+        """The last heatmap as self-contained HTML, as exported notebooks show it."""
+        return (f'<div class="pw-static-export" data-run-id="{self.heatmap.get("run_id", "")}">'
+                f'{static_html(self.heatmap, f"PatchingWidget ({self.model_name})")}</div>')
+
+    def _export_bundle(self) -> dict:
+        return {"text/html": self.export_html(),
+                "text/plain": f"PatchingWidget heatmap (static copy): {self.heatmap.get('metric', 'none yet')}"}
+
+    def _export_state(self) -> tuple:
+        hm = self.heatmap or {}
+        return hm.get("run_id"), hm.get("metric"), hm.get("state"), hm.get("done")
+
+    def _refresh_export(self) -> None:
+        """Update the static copy if the heatmap changed since it was drawn (and was displayed)."""
+        handle = getattr(self, "_export_handle", None)
+        if handle is None or (self.heatmap or {}).get("state") == "running":
+            return
+        key = self._export_state()
+        if key != getattr(self, "_export_key", None):
+            self._export_key = key
+            try:
+                handle.update(self._export_bundle(), raw=True)
+            except Exception:  # (no IPython display machinery here: nothing to update)
+                pass
+
     # ------------------------------------------------------------------ observers
     def _writing(self) -> bool:
         return getattr(self._quiet, "on", False)
@@ -350,6 +412,11 @@ class PatchingWidget(anywidget.AnyWidget):
             except ValueError as err:
                 self._run_errors["receivers"] = str(err)
 
+    def _on_dataset(self, change) -> None:
+        self.sweeps.errors = {}
+        self._set_errors()
+        self._schedule_auto_run()
+
     def _on_auto_run(self, change) -> None:
         if change["new"]:
             self._schedule_auto_run()
@@ -385,6 +452,7 @@ class PatchingWidget(anywidget.AnyWidget):
 
     def _on_frontend_msg(self, widget, content, buffers) -> None:
         kind = content.get("type") if isinstance(content, dict) else None
+        self._refresh_export()  # a page message: the kernel's thread, a good moment to catch up
         if kind == "hello":  # a view asks whether a Python object is behind it
             self.send({"type": "hello"})
         elif kind == "run":
@@ -480,6 +548,7 @@ class PatchingWidget(anywidget.AnyWidget):
             self._set_errors()
             if not self._jobs.waiting("sweep"):  # a newer sweep keeps "running"
                 self.status = status
+        self._refresh_export()
 
     def service(self) -> None:
         self._jobs.service(("preview", "pattern"))

@@ -46,7 +46,7 @@ from .path_patching import path_patch
 from .widget_state import INPUT_FIELDS, WIDGET_SITES, heatmap_payload
 
 #: What a sweep reads from the widget when it starts.
-SWEEP_FIELDS = (*INPUT_FIELDS, "direction", "site", "receivers", "receiver_input")
+SWEEP_FIELDS = (*INPUT_FIELDS, "direction", "site", "receivers", "receiver_input", "dataset")
 #: The receiver inputs the page offers (the core accepts any combination of q, k, v).
 RECEIVER_INPUTS = ("q", "k", "v", "kv", "qkv")
 
@@ -200,6 +200,7 @@ class SweepHost(Protocol):
     step_delay: float
     max_batch_tokens: int
     selected: dict
+    pair: int
 
     def sweep_inputs(self) -> dict: ...                     # the inputs a sweep reads when it starts
     def blocking_errors(self) -> dict: ...                  # what the preview found wrong with them
@@ -248,7 +249,7 @@ class Sweeper:
             if source is None or host.metric not in source.metrics:
                 return False
             payload = heatmap_payload(view.result, host.metric, view.inputs, view.run_id,
-                                      estimate=view.estimate, state=view.state)
+                                      estimate=view.estimate, state=view.state, pair=host.pair)
             self.view = view
             host.show(payload, clear_selection=self._moved(payload))
             return True
@@ -320,14 +321,20 @@ class Sweeper:
             host.service()  # keep edits responsive
             self._pause(cancel)
 
+        rows = inputs.get("dataset") or []
+        if rows:
+            clean, corrupted, answers = [r[0] for r in rows], [r[1] for r in rows], [(r[2], r[3]) for r in rows]
+        else:
+            clean, corrupted, answers = inputs["clean"], inputs["corrupted"], (inputs["correct"], inputs["incorrect"])
+
         def sweep(metrics):
-            common = dict(answers=(inputs["correct"], inputs["incorrect"]), direction=inputs["direction"],
+            common = dict(answers=answers, direction=inputs["direction"],
                           metrics=metrics, callback=on_update, cancel=cancel, progress=False,
                           max_batch_tokens=host.max_batch_tokens)
             if inputs["site"] == "path":
-                return path_patch(host.model, inputs["clean"], inputs["corrupted"], receivers=receivers,
+                return path_patch(host.model, clean, corrupted, receivers=receivers,
                                   receiver_input=inputs["receiver_input"], **common)
-            return patch(host.model, inputs["clean"], inputs["corrupted"], site=inputs["site"], **common)
+            return patch(host.model, clean, corrupted, site=inputs["site"], **common)
 
         try:
             try:
@@ -342,8 +349,9 @@ class Sweeper:
                 if self.complete is not None:
                     self.result = self.complete.result
                     self.push(self.complete)
-            elif stop.partial is not None:
-                view.result = self.result = stop.partial
+            elif stop.partial is not None or self.view is view:  # (what it has, marked as stopped)
+                if stop.partial is not None:
+                    view.result = self.result = stop.partial
                 view.state = "cancelled"
                 self.push(view)
             return host.finished("cancelled", time.perf_counter() - started)
@@ -376,8 +384,11 @@ class Sweeper:
             self.preview_skipped = f"metric {metric!r} has no gradient"
             return
         try:
+            rows = inputs.get("dataset") or []
             estimate = attribution_patch(
-                host.model, inputs["clean"], inputs["corrupted"], answers=(inputs["correct"], inputs["incorrect"]),
+                host.model, [r[0] for r in rows] if rows else inputs["clean"],
+                [r[1] for r in rows] if rows else inputs["corrupted"],
+                answers=[(r[2], r[3]) for r in rows] if rows else (inputs["correct"], inputs["incorrect"]),
                 site=inputs["site"], direction=inputs["direction"], metrics=[metric])
         except Exception as err:  # an estimate is optional: the exact sweep reports input errors
             self.preview_skipped = f"{type(err).__name__}: {err}"

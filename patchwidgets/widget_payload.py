@@ -33,7 +33,7 @@ def _token_label(token: str) -> str:
     return token if len(token) <= 14 else token[:12] + "\u2026"
 
 
-def table_2d(result, metric: str, mask: torch.Tensor | None = None
+def table_2d(result, metric: str, mask: torch.Tensor | None = None, stat: str = "mean", pair: int = 0
              ) -> tuple[torch.Tensor, list[dict], list[dict], str, str]:
     """The sweep's grid as a 2-D table: ``values [rows, cols]``, row and column descriptors,
     and the two axis titles.
@@ -45,13 +45,24 @@ def table_2d(result, metric: str, mask: torch.Tensor | None = None
     corrupted ``token`` there. ``mask`` (``result.done`` as it was when the caller looked) blanks
     the cells computed after that moment, so values and counts come from one instant even
     while the sweep fills the result in place on another thread.
+
+    Over a dataset of prompt pairs, ``stat`` picks what the table holds: ``"mean"`` (the
+    default), ``"se"`` (the standard error of that mean) or ``"pair"`` (pair ``pair`` alone,
+    labelled with its own tokens).
     """
-    grid = result.grid(metric).float()
+    if stat == "mean":
+        grid = result.grid(metric).float()
+    else:
+        per = result.grid(metric, per_pair=True).float()
+        n = per.shape[-1]
+        grid = per[..., pair] if stat == "pair" else (
+            per.std(-1, unbiased=True) / n ** 0.5 if n > 1 else torch.zeros_like(per[..., 0]))
     if mask is not None:
         grid = grid.masked_fill(~mask.reshape(grid.shape), float("nan"))
     axes, shape = tuple(result.axes), tuple(result.shape)
-    clean = result.clean_str_tokens[0] if result.clean_str_tokens else None
-    corrupted = result.corrupted_str_tokens[0] if result.corrupted_str_tokens else None
+    k = pair if stat == "pair" else 0
+    clean = result.clean_str_tokens[k] if result.clean_str_tokens else None
+    corrupted = result.corrupted_str_tokens[k] if result.corrupted_str_tokens else None
 
     def pos_cols(n: int) -> list[dict]:
         cols = []
@@ -101,7 +112,7 @@ def sweep_progress(result, estimate=None) -> tuple[int, int, torch.Tensor | None
 
 
 def heatmap_payload(result, metric: str, inputs: dict, run_id: int, estimate=None,
-                    state: str = "running") -> dict:
+                    state: str = "running", pair: int = -1) -> dict:
     """The ``heatmap`` traitlet: everything the front end needs to draw one metric.
 
     ``values`` is the row-major ``[rows, cols]`` table as little-endian float32 bytes
@@ -121,7 +132,9 @@ def heatmap_payload(result, metric: str, inputs: dict, run_id: int, estimate=Non
     done, total, mask = sweep_progress(result, estimate)
     has_estimate = estimate is not None and metric in estimate.metrics
     layout = result if result is not None else estimate
-    values, rows, cols, row_title, col_title = table_2d(layout, metric, mask)
+    n_pairs = layout.n_pairs if hasattr(layout, "n_pairs") else 1
+    one = 0 <= pair < n_pairs and n_pairs > 1 and result is not None
+    values, rows, cols, row_title, col_title = table_2d(layout, metric, mask, "pair" if one else "mean", pair)
     if result is None:
         values = torch.full_like(values, float("nan"))
     baselines = {name: _finite(float(b[metric].float().mean())) if metric in b else None
@@ -148,7 +161,12 @@ def heatmap_payload(result, metric: str, inputs: dict, run_id: int, estimate=Non
         payload.update(site="path", row_title="sender layer", col_title="sender head", path={
             "label": layout.sites[0], "receiver_input": "".join(layout.receiver_input),
             "receivers": None if recv is None else [[int(l), int(h)] for l, h in recv]})
-    if has_estimate:
+    if n_pairs > 1:  # a dataset: the mean over pairs, its standard error, or one pair alone
+        payload["n_pairs"] = n_pairs
+        payload["pair"] = pair if one else -1
+        if result is not None and not one:
+            payload["se"] = _f32(table_2d(result, metric, mask, "se")[0])
+    if has_estimate and not one:
         payload["estimate"] = _f32(table_2d(estimate, metric)[0])
         payload["estimate_method"] = getattr(estimate, "method", "atp")
     return payload
@@ -190,7 +208,7 @@ def static_html(payload: dict | None, title: str) -> str:
     for r, row in enumerate(payload["rows"]):
         cells = "".join(
             f'<td style="{cell};background:{paint(float(v))}" title="{esc(colours.fmt(float(v), 4))}">'
-            f'{"" if not math.isfinite(float(v)) else f"{float(v):.2f}"}</td>'
+            f'{"" if not math.isfinite(float(v)) else f"{float(v):.2f}".replace("-0.00", "0.00")}</td>'
             for v in values[r].tolist())
         body.append(f'<tr><th style="font-size:10px;text-align:right">{esc(row["label"])}</th>{cells}</tr>')
     status = "" if payload.get("complete") else f" (partial: {payload['done']}/{payload['total']} patches)"

@@ -101,6 +101,17 @@ def explain_cell(payload: dict, row: int, col: int, answers: tuple[str, str]) ->
                 "press Run again." if stopped else "replaced by the exact value when the sweep reaches this cell.")
         return (f"{lead}: not computed exactly yet. Attribution patching estimates {said}; this is a "
                 f"first-order approximation, {then}")
+    tail = ""
+    if payload.get("n_pairs", 1) > 1:  # a dataset: the mean and its standard error, or one pair
+        if payload.get("pair", -1) >= 0:
+            tail = f" (pair {payload['pair']} of {payload['n_pairs']} alone)"
+        elif payload.get("se"):
+            se = float(payload_values({**payload, "values": payload["se"]})[row, col])
+            tail = (f" (mean over {payload['n_pairs']} prompt pairs; standard error {_fmt(se)})")
+    return _explain_exact(payload, lead, value, metric, words, verb, denoising, target, source, percent) + tail
+
+
+def _explain_exact(payload, lead, value, metric, words, verb, denoising, target, source, percent) -> str:
     base = payload.get("baselines", {})
     if metric == "normalized":
         goal = "the clean answer" if denoising else "the clean answer's lead"

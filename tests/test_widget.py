@@ -607,7 +607,7 @@ def test_cancel_right_after_run_is_honest(widget, fast_preview):
         assert payload["done"] == exact and payload["total"] == 60, (payload["done"], exact)
         assert not payload["complete"]
     last = widget.heatmap
-    assert last["state"] == "cancelled" and 0 < last["done"] < 60  # the no-ops at least
+    assert last["state"] == "cancelled" and last["done"] < 60
     assert widget.progress == [last["done"], last["total"]]
     row, col = (int(i) for i in torch.isnan(payload_values(last)).nonzero()[0])
     text = widget.select(row, col)
@@ -755,3 +755,60 @@ def test_scale_follows_the_metric_registry(metric, kind):
         assert widget_colour.colour(1.0, lo, hi, kind)[3] == 0  # best rank: the background
         assert "worse" in widget_colour.legend_words("rank")
     assert len(widget_colour.ticks(*widget_colour.domain(metric, [0.5]))) >= 5
+
+
+def test_export_copy_follows_the_last_heatmap(widget):
+    """The static copy shown by exported notebooks is redrawn once a sweep ends (never a
+    partial one), legend included."""
+    class Handle:  # IPython's DisplayHandle, recorded
+        def __init__(self):
+            self.updates = []
+
+        def update(self, obj, raw=False):
+            self.updates.append(obj)
+    handle = widget._export_handle = Handle()
+    widget._export_key = widget._export_state()
+    assert "No heatmap yet" in widget.export_html()
+    widget.run(wait=True)
+    html = handle.updates[-1]["text/html"]
+    assert 'class="pw-static-export"' in html and html.count("<td") == 60 and 'data-legend="diverging"' in html
+    n = len(handle.updates)
+    widget.wait()
+    assert len(handle.updates) == n, "redrawn only when the picture changed"
+    widget.metric = "rank"
+    widget.wait()
+    assert 'data-legend="sequential"' in handle.updates[-1]["text/html"]
+
+
+# --------------------------------------------------------------------------- datasets (§5)
+IOI_PAIRS = [
+    (DEFAULT_CLEAN, DEFAULT_CORRUPTED, " Mary", " John"),
+    (DEFAULT_CORRUPTED, DEFAULT_CLEAN, " John", " Mary"),
+    ("When Lisa and Sarah went to the cinema, Lisa gave the ticket to",
+     "When Lisa and Sarah went to the cinema, Sarah gave the ticket to", " Sarah", " Lisa"),
+]
+
+
+def test_dataset_mean_standard_error_and_one_pair(model):
+    w = PatchingWidget(model, dataset=IOI_PAIRS)
+    try:
+        assert (w.clean, w.correct) == (DEFAULT_CLEAN, " Mary"), "the fields show the first pair"
+        result = w.run(wait=True)
+        assert result is not None and result.n_pairs == 3
+        ref = patchwidgets.patch(model, [p[0] for p in IOI_PAIRS], [p[1] for p in IOI_PAIRS],
+                                 answers=[(p[2], p[3]) for p in IOI_PAIRS], metrics=list(BUILTIN_METRICS))
+        hm = w.heatmap
+        assert hm["n_pairs"] == 3 and hm["pair"] == -1
+        assert torch.allclose(payload_values(hm), ref.grid("normalized"), atol=1e-6), "the heatmap is the mean"
+        per = ref.grid("normalized", per_pair=True)
+        se = payload_values({**hm, "values": hm["se"]})
+        assert torch.allclose(se, per.std(-1) / 3 ** 0.5, atol=1e-6)
+        text = w.select(layer=0, pos=S2)
+        assert f"mean over 3 prompt pairs; standard error {widget_colour.fmt(float(se[0, S2]))}" in text
+        w.pair = 2  # one pair's own heatmap and tokens
+        hm = w.heatmap
+        assert hm["pair"] == 2 and torch.allclose(payload_values(hm), per[..., 2], atol=1e-6)
+        assert hm["cols"][10]["token"] == " Lisa" and "se" not in hm
+        assert "pair 2 of 3 alone" in w.select(layer=0, pos=S2)
+    finally:
+        w.close()

@@ -639,8 +639,10 @@ def test_identical_answers_error_before_run(page):
 def test_cancel_right_after_run_says_what_it_holds(page):
     run_cell(page, 1)  # slow motion, several chunks
     try:
+        before = run_id(page)
         page.click("button[data-action='run']")
-        page.wait_for_selector("button[data-action='cancel']:not([disabled])")
+        # Cancel as soon as the new sweep's first picture (the estimate) is on screen.
+        page.wait_for_function("(b) => Number(document.querySelector('.pw-root').dataset.runId) > b", arg=before)
         page.click("button[data-action='cancel']")
         page.wait_for_function("""() => { const r = document.querySelector('.pw-root');
             return r.dataset.status === 'cancelled' && r.dataset.runState === 'cancelled'; }""")
@@ -656,7 +658,12 @@ def test_cancel_right_after_run_says_what_it_holds(page):
 
 
 # --------------------------------------------------------------------------- pictures (§2)
-GPT2_CELL = """\
+def gpt2_shaped_cell(n_embd: int = 96, vocab: int = 366, **widget_args: str) -> str:
+    """A notebook cell that displays a widget on a random model shaped like GPT-2 small where
+    the view is concerned: 12 layers x 12 heads (``n_embd`` and ``vocab`` set its cost), with
+    the toy-ioi word tokenizer for string prompts. Also used by bench_widget_latency.py."""
+    args = "".join(f", {k}={v!r}" for k, v in widget_args.items())
+    return f"""\
 import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 import torch
@@ -664,14 +671,15 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from transformer_lens.model_bridge import TransformerBridge
 import patchwidgets
 from patchwidgets.loading import model_path
-# A random model shaped like GPT-2 small where the view is concerned: 12 layers x 12 heads
-# (narrow, so the test is quick), with the toy-ioi word tokenizer for string prompts.
 torch.manual_seed(0)
-hf = GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=12, n_embd=96, vocab_size=366, n_positions=64)).eval()
+hf = GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=12, n_embd={n_embd}, vocab_size={vocab}, n_positions=1024)).eval()
 model = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=AutoTokenizer.from_pretrained(model_path("toy-ioi")))
 model.eval()
-w = patchwidgets.PatchingWidget(model, site="head_out_by_pos", metric="logit_diff", correct=" Mary", incorrect=" John")
+w = patchwidgets.PatchingWidget(model, metric="logit_diff", correct=" Mary", incorrect=" John"{args})
 w"""
+
+
+GPT2_CELL = gpt2_shaped_cell(site="head_out_by_pos")
 
 
 @pytest.fixture(scope="module")
@@ -788,6 +796,50 @@ def test_keyboard_navigation(page):
     page.wait_for_function("() => document.querySelector(\"input[data-field='receivers']\").value === ''")
 
 
+def test_dataset_in_the_page(page):
+    """Add two prompt pairs to the list, Run: the heatmap is their mean, the explanation adds
+    its standard error, and one pair can be shown alone."""
+    import patchwidgets
+
+    page.select_option("select[data-control='site']", "resid_pre")
+    page.select_option("select[data-control='metric']", "logit_diff")
+    pairs = [(CLEAN, CORRUPTED, " Sarah", " Lisa"), (CORRUPTED, CLEAN, " Lisa", " Sarah")]
+    page.click("details[data-panel='dataset'] summary")
+    for clean, corrupted, correct, incorrect in pairs:
+        page.fill("input[data-field='clean']", clean)
+        page.fill("input[data-field='corrupted']", corrupted)
+        page.fill("input[data-field='correct']", correct)
+        page.fill("input[data-field='incorrect']", incorrect)
+        page.wait_for_function("() => document.querySelector('.pw-root').dataset.errors === ''")
+        n = page.locator(".pw-dataset-row").count()
+        page.click("button[data-action='add-pair']")
+        page.wait_for_function("(n) => document.querySelectorAll('.pw-dataset-row').length === n", arg=n + 1)
+    assert page.input_value("input[data-dataset-row='1'][data-dataset-col='2']") == " Lisa"
+    before = run_id(page)
+    page.click("button[data-action='run']")
+    wait_for_run(page, before)
+    assert page.is_visible("select[data-control='pair']")
+    model = patchwidgets.load_model("toy-ioi")
+    ref = patchwidgets.patch(model, [p[0] for p in pairs], [p[1] for p in pairs],
+                             answers=[(p[2], p[3]) for p in pairs], metrics=["logit_diff"])
+    mean, per = ref.grid("logit_diff"), ref.grid("logit_diff", per_pair=True)
+    for c in cell_values(page):
+        assert c["value"] == pytest.approx(float(mean[c["layer"], c["pos"]]), abs=1e-4)
+    page.click("rect.pw-cell[data-layer='0'][data-pos='10']")
+    page.wait_for_function("() => document.querySelector('.pw-explanation').textContent.includes('standard error')")
+    assert "mean over 2 prompt pairs" in page.inner_text(".pw-explanation")
+    page.select_option("select[data-control='pair']", "1")
+    page.wait_for_function("() => document.querySelector('.pw-root').dataset.pair === '1'")
+    for c in cell_values(page):
+        assert c["value"] == pytest.approx(float(per[c["layer"], c["pos"], 1]), abs=1e-4)
+    shot(page, "16-dataset-one-pair.png")
+    page.select_option("select[data-control='pair']", "-1")
+    page.click("button[data-action='remove-pair'] >> nth=0")
+    page.click("button[data-action='remove-pair'] >> nth=0")
+    page.wait_for_function("() => document.querySelectorAll('.pw-dataset-row').length === 0")
+    page.select_option("select[data-control='metric']", "normalized")
+
+
 def test_reopened_notebook_without_python_widget_says_so(page):
     """Last: a restarted kernel has no widget behind the saved view. The saved heatmap shows;
     Run and cell clicks say that no Python widget answers, and nothing spins forever."""
@@ -817,3 +869,47 @@ def test_reopened_notebook_without_python_widget_says_so(page):
     page.click("rect.pw-cell >> nth=3")
     assert "no Python widget" in page.inner_text(".pw-explanation")
     shot(page, "12-saved-copy-without-kernel.png")
+
+
+# --------------------------------------------------------------------------- export (§3)
+def test_exported_notebook_shows_last_heatmap_offline(tmp_path, playwright_session):
+    """``jupyter nbconvert --to html --execute`` stores the widget state (so the export holds
+    the widget-manager script, which needs a CDN); opened with no network, the page still
+    shows the last heatmap: the static copy, with its legend."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell(WIDGET_CELL),                    # displayed before any Run ...
+        nbformat.v4.new_code_cell("w.run(wait=True);"),            # ... and filled in afterwards
+    ])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "exported.ipynb"
+    nbformat.write(nb, path)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(
+        p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p))
+    subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "--execute", str(path)],
+                   check=True, env=env, capture_output=True, timeout=300)
+    html_path = tmp_path / "exported.html"
+    text = html_path.read_text()
+    assert "application/vnd.jupyter.widget-state+json" in text, "the export carries the widget state"
+
+    blocked: list[str] = []
+    browser = launch_browser(playwright_session)
+    try:
+        context = browser.new_context(offline=True)
+        context.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:")
+                      else (blocked.append(route.request.url), route.abort()))
+        page = context.new_page()
+        page.goto(html_path.as_uri())
+        page.wait_for_selector(".pw-static-export table", state="visible", timeout=30_000)
+        cells = page.locator(".pw-static-export td")
+        assert cells.count() == 4 * 15, "the last heatmap, every cell"
+        filled = page.eval_on_selector_all(".pw-static-export td", "els => els.filter(e => e.textContent.trim()).length")
+        assert filled == 60, "a complete heatmap (the Run after the display reached the export)"
+        legend = page.locator(".pw-static-export [data-legend]")
+        assert legend.count() == 1 and legend.locator("span").count() == 5
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.locator(".pw-static-export").screenshot(path=str(ARTIFACTS / "15-exported-offline.png"))
+        assert any("http" in url for url in blocked) or "cdn" not in text, "(no network was used)"
+    finally:
+        browser.close()

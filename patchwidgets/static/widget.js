@@ -412,6 +412,48 @@ function render({ model, el }) {
       "(the logits: its direct effect; heads: the chosen input of those heads), every other head frozen. ",
       "Shift+click a head cell to add or remove it as a receiver."));
   root.append(pathRow);
+
+  // ------------------------------------------------------------ dataset (several prompt pairs)
+  // An editable list of (clean, corrupted, correct, incorrect) rows; a Run sweeps them all and
+  // the heatmap shows their mean (the explanation adds its standard error) or one pair alone.
+  const datasetBody = h("div", { class: "pw-dataset-rows" });
+  const datasetSummary = h("summary", {}, "Dataset");
+  const datasetPanel = h("details", { class: "pw-dataset", "data-panel": "dataset" }, datasetSummary, datasetBody);
+  root.append(datasetPanel);
+  /** @param {string[][]} rows */
+  const saveDataset = (rows) => save("dataset", rows.map((r) => [...r]));
+  function drawDataset() {
+    /** @type {string[][]} */
+    const rows = model.get("dataset") || [];
+    datasetSummary.textContent = rows.length ? `Dataset: ${rows.length} prompt pairs (the heatmap shows their mean)` :
+      "Dataset: one prompt pair (add pairs to average over several)";
+    if (datasetPanel.contains(document.activeElement) && datasetBody.childElementCount === rows.length + 1) return; // typing here
+    const labels = ["clean prompt", "corrupted prompt", "correct", "incorrect"];
+    datasetBody.replaceChildren(...rows.map((row, i) => {
+      const line = h("div", { class: "pw-dataset-row", "data-pair": String(i) });
+      row.forEach((text, j) => {
+        const input = /** @type {HTMLInputElement} */ (h("input", { type: "text", class: `pw-input ${j < 2 ? "pw-dataset-prompt" : "pw-dataset-answer"}`,
+          "data-dataset-row": String(i), "data-dataset-col": String(j), "aria-label": `pair ${i} ${labels[j]}`, spellcheck: "false" }));
+        input.value = text;
+        input.addEventListener("change", () => {
+          const next = (model.get("dataset") || []).map((/** @type {string[]} */ r) => [...r]);
+          next[i][j] = input.value;
+          saveDataset(next);
+        });
+        line.append(input);
+      });
+      const remove = h("button", { type: "button", class: "pw-cancel", "data-action": "remove-pair", "aria-label": `remove pair ${i}` }, "\u2212");
+      remove.addEventListener("click", () => saveDataset((model.get("dataset") || []).filter((/** @type {any} */ _, k) => k !== i)));
+      line.append(remove);
+      return line;
+    }), (() => {
+      const add = h("button", { type: "button", class: "pw-cancel", "data-action": "add-pair" }, "+ add the prompts above as a pair");
+      add.addEventListener("click", () => saveDataset([...(model.get("dataset") || []),
+        ["clean", "corrupted", "correct", "incorrect"].map((k) => String(model.get(k) || ""))]));
+      return add;
+    })());
+  }
+  on("change:dataset", drawDataset);
   root.append(reminder, h("div", { class: "pw-progress-row" }, progress, progressText));
 
   function drawControls() {
@@ -489,6 +531,13 @@ function render({ model, el }) {
     expectKernel("a Run");
   }
 
+  /** What a cancel left: counted from the picture itself (one snapshot), or nothing started. */
+  function cancelledText() {
+    const p = model.get("heatmap") || {};
+    return p.state === "cancelled" ? `cancelled after ${p.done}/${p.total} patches`
+      : "cancelled before the sweep started: the heatmap is the previous one";
+  }
+
   function drawStatus() {
     const status = root.dataset.kernel === "missing" ? "no kernel" : model.get("status");
     const [done, total] = model.get("progress") || [0, 0];
@@ -500,11 +549,11 @@ function render({ model, el }) {
     const secs = model.get("elapsed");
     progressText.textContent = running ? `${done}/${total} patches`
       : status === "done" ? `${total} patches in ${fmt(secs, 2)} s` + (root.dataset.latencyMs ? ` (${root.dataset.latencyMs} ms from click to heatmap)` : "")
-      : status === "cancelled" ? `cancelled after ${done}/${total} patches` : "";
+      : status === "cancelled" ? cancelledText() : "";
     statusText.textContent = status;
     statusText.className = `pw-status pw-status-${status.replace(" ", "-")}`;
   }
-  for (const name of ["status", "progress", "elapsed"]) on(`change:${name}`, drawStatus);
+  for (const name of ["status", "progress", "elapsed", "heatmap"]) on(`change:${name}`, drawStatus);
 
   // ------------------------------------------------------------ errors
   const generalError = errorBox("general");
@@ -528,6 +577,22 @@ function render({ model, el }) {
   // One position at a time for (layer.head x position) sweeps: a layer x head grid.
   const posSelect = /** @type {HTMLSelectElement} */ (h("select", { class: "pw-select", "data-control": "position", "aria-label": "position shown" }));
   const posRow = h("label", { class: "pw-position pw-hidden" }, h("span", { class: "pw-label" }, "Show "), posSelect);
+  const pairSelect = /** @type {HTMLSelectElement} */ (h("select", { class: "pw-select", "data-control": "pair", "aria-label": "prompt pair shown" }));
+  const pairRow = h("label", { class: "pw-position pw-hidden" }, h("span", { class: "pw-label" }, "Pairs "), pairSelect);
+  pairSelect.addEventListener("change", () => save("pair", Number(pairSelect.value)));
+  /** @param {Heatmap} p */
+  function drawPairChoice(p) {
+    const n = Number(/** @type {any} */ (p).n_pairs || 1);
+    pairRow.classList.toggle("pw-hidden", n < 2);
+    if (n < 2) return;
+    const rows = (p.inputs && /** @type {any} */ (p.inputs).dataset) || [];
+    if (pairSelect.options.length !== n + 1) {
+      pairSelect.replaceChildren(h("option", { value: "-1" }, `mean over ${n} pairs (explanations add the standard error)`),
+        ...Array.from({ length: n }, (_, k) => h("option", { value: String(k) }, `pair ${k}: ${clip(String((rows[k] || [])[0] || ""), 48)}`)));
+    }
+    pairSelect.value = String(/** @type {any} */ (p).pair ?? -1);
+    root.dataset.pair = pairSelect.value;
+  }
   /** @type {string|null} */ let posChoice = null; // null: automatic (one position when there are many rows)
   let posOptionsKey = "";
   posSelect.addEventListener("change", () => { posChoice = posSelect.value; hm.key = ""; paintHeatmap(); });
@@ -569,7 +634,7 @@ function render({ model, el }) {
   headSelect.addEventListener("change", () => save("pattern_head", Number(headSelect.value)));
 
   root.append(h("div", { class: "pw-main" },
-    h("div", { class: "pw-heatmap-panel" }, caption, legendNote, posRow, approxNote, staleNote, generalError, plot),
+    h("div", { class: "pw-heatmap-panel" }, caption, legendNote, pairRow, posRow, approxNote, staleNote, generalError, plot),
     h("div", { class: "pw-side" },
       h("div", { class: "pw-side-title" }, "Selected cell"), explanation,
       h("div", { class: "pw-side-title" }, "Attention pattern of ", layerSelect, headSelect),
@@ -694,6 +759,7 @@ function render({ model, el }) {
       delete root.dataset.runId;
       return;
     }
+    drawPairChoice(p);
     const view = gridView(p, drawPositionChoice(p));
     const key = `${p.run_id}|${p.site}|${p.rows.length}x${p.cols.length}|${Math.round((root.clientWidth || 800) / 40)}|${view.byPosition ? view.cells[0][1] : "all"}`;
     if (key !== hm.key) { buildHeatmap(p, view); hm.key = key; }
@@ -799,7 +865,8 @@ function render({ model, el }) {
     if (!p.inputs) return staleNote.classList.add("pw-hidden");
     const keys = ["clean", "corrupted", "correct", "incorrect", "direction", "site"];
     if (p.inputs.site === "path") keys.push("receivers", "receiver_input");
-    const stale = keys.some((k) => p.inputs[k] !== model.get(k));
+    const stale = keys.some((k) => p.inputs[k] !== model.get(k)) ||
+      JSON.stringify(p.inputs.dataset || []) !== JSON.stringify(model.get("dataset") || []);
     staleNote.classList.toggle("pw-hidden", !stale);
   }
 
@@ -990,7 +1057,7 @@ function render({ model, el }) {
   for (const name of ["pattern", "pattern_layer", "pattern_head"]) on(`change:${name}`, drawPattern);
 
   // ------------------------------------------------------------ first draw + resizing
-  drawTokens(); drawControls(); drawStatus(); drawErrors(); paintHeatmap(); drawPattern();
+  drawTokens(); drawControls(); drawStatus(); drawErrors(); paintHeatmap(); drawPattern(); drawDataset();
   explanation.textContent = model.get("explanation") || "Click a cell of the heatmap to see what it means.";
   let rootWidth = 0, patternWidth = 0;
   const resize = new ResizeObserver(() => {
