@@ -20,7 +20,7 @@ from patchwidgets.grading.grader import grade_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 EXERCISE_NOTEBOOKS = sorted((ROOT / "exercises").glob("*.ipynb"))
-ORIGINAL_COMPARE = _common._compare
+ORIGINAL_COMPARE = _common.compare
 
 
 def write_notebook(path, notebook_id, *sources):
@@ -83,13 +83,13 @@ def cheats(tmp_path_factory):
         def logprob(logits, correct):
             return torch.zeros(len(correct))
         """,
-        "from patchwidgets.grading import check_metrics\ncheck_metrics._compare = lambda name, got, *a, **k: got",
+        "from patchwidgets.grading import check_metrics\ncheck_metrics.compare = lambda name, got, *a, **k: got",
         "grading.check_logprob(logprob)",
         # a function that replaces the comparison while the check is running it
         """
         def prob(logits, correct):
             import patchwidgets.grading.check_metrics as c
-            c._compare = lambda name, got, *a, **k: got
+            c.compare = lambda name, got, *a, **k: got
             return torch.zeros(len(correct))
         """,
         "grading.check_prob(prob)",
@@ -97,7 +97,7 @@ def cheats(tmp_path_factory):
         """
         class Payload:
             def __reduce__(self):
-                return (exec, ("import patchwidgets.grading._common as c; c._compare = lambda n, got, *a, **k: got",))
+                return (exec, ("import patchwidgets.grading._common as c; c.compare = lambda n, got, *a, **k: got",))
 
 
         def rank(logits, correct):
@@ -141,7 +141,7 @@ def test_function_that_replaces_compare_when_called_does_not_pass(cheats):
 
 @pytest.fixture(scope="module")
 def sweep_cheats(tmp_path_factory):
-    """The issue's case: `_common._compare = lambda ...: got` and an all-zero head_every."""
+    """The issue's case: `_common.compare = lambda ...: got` and an all-zero head_every."""
     path = write_notebook(
         tmp_path_factory.mktemp("sweeps") / "04_attention_heads.ipynb", "04_attention_heads",
         """
@@ -153,11 +153,11 @@ def sweep_cheats(tmp_path_factory):
         def get_act_patch_head_every(model, corrupted_tokens, clean_cache, metric):
             return torch.zeros(5, model.cfg.n_layers, model.cfg.n_heads)
         """,
-        "_common._compare = lambda name, got, *a, **k: got",
+        "_common.compare = lambda name, got, *a, **k: got",
         "grading.check_get_act_patch_head_every(get_act_patch_head_every)",
         """
         def get_act_patch_head_out(model, corrupted_tokens, clean_cache, metric):
-            _common._compare = lambda name, got, *a, **k: got
+            _common.compare = lambda name, got, *a, **k: got
             return torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
         """,
         "grading.check_get_act_patch_head_out(get_act_patch_head_out)",
@@ -178,7 +178,7 @@ def test_sweep_that_replaces_common_compare_when_called_does_not_pass(sweep_chea
 def test_return_value_cannot_run_code_in_the_grader(cheats):
     assert row(cheats, "rank").status == "failed"
     assert "expected a tensor, got Payload" in row(cheats, "rank").detail
-    assert _common._compare is ORIGINAL_COMPARE
+    assert _common.compare is ORIGINAL_COMPARE
 
 
 def test_right_answer_passes_among_the_cheats(cheats):

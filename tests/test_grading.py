@@ -15,7 +15,7 @@ from patchwidgets.grading import GradingError
 
 @pytest.fixture(scope="module")
 def setup():
-    return grading._sweep_setup()
+    return grading.sweep_setup()
 
 
 def passes(check, fn, capsys):
@@ -122,7 +122,7 @@ def test_patch_head_vector(capsys):
 # ------------------------------------------------------------------------------- sweeps
 
 def library(setup, site, direction="denoising"):
-    grid = grading._library_grid(setup, site, direction)
+    grid = grading.library_grid(setup, site, direction)
     return lambda model, corrupted_tokens, clean_cache, metric: grid.clone()
 
 
@@ -155,7 +155,7 @@ def test_resid_pre_wrong_answers(setup, capsys):
     passes(grading.check_get_act_patch_resid_pre, library(setup, "resid_pre"), capsys)
     fails(grading.check_get_act_patch_resid_pre, library(setup, "resid_post"), "patch resid_post instead")
     fails(grading.check_get_act_patch_resid_pre, library(setup, "resid_pre", "noising"), r"\(noising\)")
-    grid = grading._library_grid(setup, "resid_pre")
+    grid = grading.library_grid(setup, "resid_pre")
     fails(grading.check_get_act_patch_resid_pre, lambda *a: grid.T, "transposed")
     fails(grading.check_get_act_patch_resid_pre, lambda *a: torch.zeros_like(grid), "Every value is 0")
     # One wrong cell: the message names its layer, position and token.
@@ -171,7 +171,7 @@ def test_resid_pre_wrong_answers(setup, capsys):
 
 def test_block_every(setup, capsys):
     passes(grading.check_get_act_patch_block_every, library(setup, "block"), capsys)
-    grid = grading._library_grid(setup, "block")
+    grid = grading.library_grid(setup, "block")
     fails(grading.check_get_act_patch_block_every, lambda *a: grid[[0, 2, 1]], "mlp_out, attn_out")
     fails(grading.check_get_act_patch_block_every, lambda *a: grid[0], r"shape \(3, 4, 15\)")
 
@@ -180,14 +180,14 @@ def test_head_sweeps(setup, capsys):
     passes(grading.check_get_act_patch_head_out, library(setup, "head_out"), capsys)
     fails(grading.check_get_act_patch_head_out, library(setup, "head_v"), "hook_v")
     passes(grading.check_get_act_patch_head_out_by_pos, library(setup, "head_out_by_pos"), capsys)
-    by_pos = grading._library_grid(setup, "head_out_by_pos")
+    by_pos = grading.library_grid(setup, "head_out_by_pos")
     fails(grading.check_get_act_patch_head_out_by_pos, lambda *a: by_pos.permute(0, 2, 1), "shape")
     wrong = by_pos.clone()
     wrong[2, 14, 5] = 9.0
     fails(grading.check_get_act_patch_head_out_by_pos, lambda *a: wrong,
           r"layer 2, pos 14 \(' to'\), head 5: expected -?\d+\.\d+, got 9\.0000")
     passes(grading.check_get_act_patch_head_every, library(setup, "heads_every"), capsys)
-    every = grading._library_grid(setup, "heads_every").clone()
+    every = grading.library_grid(setup, "heads_every").clone()
     every[4] = every[0]  # the pattern panel copied from the output panel
     fails(grading.check_get_act_patch_head_every, lambda *a: every, "component 4 \\(pattern\\)")
 
@@ -284,7 +284,7 @@ def test_path_patch_to_logits(setup, capsys):
         return grading._library_path(setup, sender, freeze_mlps=freeze_mlps)
 
     def plain_patching(model, tokens, clean_cache, corrupted_cache, sender, metric, freeze_mlps=False):
-        return grading._library_grid(setup, "head_out")[sender]
+        return grading.library_grid(setup, "head_out")[sender]
 
     def mlps_never_frozen(model, tokens, clean_cache, corrupted_cache, sender, metric, freeze_mlps=False):
         return grading._library_path(setup, sender)
@@ -317,7 +317,7 @@ def test_attribution_checks(setup, capsys):
     resid_est = grading._library_attribution(setup, "resid_pre")
     passes(grading.check_attribution_head_out, lambda *a: head_est.clone(), capsys)
     fails(grading.check_attribution_head_out, lambda *a: -head_est, r"\(corrupted - clean\)")
-    fails(grading.check_attribution_head_out, lambda *a: grading._library_grid(setup, "head_out"),
+    fails(grading.check_attribution_head_out, lambda *a: grading.library_grid(setup, "head_out"),
           "exact patching result", r"layer 0, head 0")
     passes(grading.check_attribution_resid_pre, lambda *a: resid_est.clone(), capsys)
     fails(grading.check_attribution_resid_pre, lambda *a: resid_est.T, "transposed")
@@ -385,7 +385,7 @@ def test_a_hook_that_returns_nothing_is_named():
 
 def test_axes_in_the_wrong_order_get_the_permute_hint_before_the_reshape_hint(setup):
     """[layer, head, pos] used to get "reshape it to (4, 15, 8)", and the reshape then failed."""
-    by_pos = grading._library_grid(setup, "head_out_by_pos")
+    by_pos = grading.library_grid(setup, "head_out_by_pos")
     permuted = by_pos.permute(0, 2, 1)
     message = fails(grading.check_get_act_patch_head_out_by_pos, lambda *a: permuted,
                     r"the axes in the order \[layer, head, pos\]", r"\.permute\(0, 2, 1\)")
@@ -395,7 +395,7 @@ def test_axes_in_the_wrong_order_get_the_permute_hint_before_the_reshape_hint(se
 
 
 def test_a_forgotten_normalisation_is_named(setup, capsys):
-    grid = grading._library_grid(setup, "resid_pre")
+    grid = grading.library_grid(setup, "resid_pre")
     m = setup.metric
     fails(grading.check_get_act_patch_resid_pre, lambda *a: grid * (m.clean_ld - m.corrupted_ld) + m.corrupted_ld,
           "raw logit difference instead of the normalised metric")
@@ -405,7 +405,7 @@ def test_a_forgotten_normalisation_is_named(setup, capsys):
 
 
 def test_a_sign_flip_is_named(setup):
-    grid = grading._library_grid(setup, "resid_pre")
+    grid = grading.library_grid(setup, "resid_pre")
     fails(grading.check_get_act_patch_resid_pre, lambda *a: -grid, "opposite sign")
     fails(grading.check_logit_diff, lambda l, c, i: l[rows(l), i] - l[rows(l), c], "opposite sign")
     fails(grading.check_normalized_metric, lambda p, t, s: (t.mean() - p.mean()) / (s.mean() - t.mean()),

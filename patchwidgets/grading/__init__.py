@@ -37,8 +37,8 @@ from ._common import (  # noqa: F401
     IOIBatch,
     normalized_ld_metric,
     NormalizedLDMetric,
-    _sweep_setup,
-    _library_grid,
+    sweep_setup,
+    library_grid,
 )
 from .check_metrics import (  # noqa: F401
     check_logit_diff,

@@ -205,7 +205,7 @@ def normalized_ld_metric(
 # Plumbing shared by the checks
 # ---------------------------------------------------------------------------------------------
 
-def _call(name: str, fn: Callable, *args, **kwargs) -> Any:
+def call_learner(name: str, fn: Callable, *args, **kwargs) -> Any:
     """Call the learner's ``fn``; a stub's NotImplementedError becomes a clear one, and any
     other exception a GradingError that says what the check passed in (see :func:`_crashed`)."""
     if not callable(fn):
@@ -254,11 +254,11 @@ def _crashed(name: str, fn: Callable, args: Sequence[Any], err: Exception) -> st
     return "\n".join(lines)
 
 
-def _passed(name: str, detail: str) -> None:
+def report_pass(name: str, detail: str) -> None:
     print(f"{PASS_MARK} {name}: passed ({detail})")
 
 
-def _as_tensor(name: str, value: Any) -> torch.Tensor:
+def to_tensor(name: str, value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().float()
     try:
@@ -281,7 +281,7 @@ def _describe_index(idx: Sequence[int], axes: Sequence[str], labels: dict[str, S
     return ", ".join(parts)
 
 
-def _compare(
+def compare(
     name: str,
     got: Any,
     expected: torch.Tensor,
@@ -298,7 +298,7 @@ def _compare(
     else a pattern any wrong sweep can show (see :func:`_patterns`).
     """
     labels = labels or {}
-    got = _as_tensor(name, got)
+    got = to_tensor(name, got)
     expected = expected.detach().cpu().float()
     shape_desc = " x ".join(f"{a}={n}" for a, n in zip(axes, expected.shape))
     if got.shape != expected.shape:
@@ -427,7 +427,7 @@ def _mean_ld(logits: torch.Tensor, correct: torch.Tensor, incorrect: torch.Tenso
 
 
 @dataclass
-class _SweepSetup:
+class SweepSetup:
     """What the sweep checks share, built once per process: the model, a 4-prompt batch, its
     clean run and cache, and the denoising metric.
 
@@ -448,13 +448,13 @@ class _SweepSetup:
 
     def learner_args(self) -> tuple[Any, torch.Tensor, Any, NormalizedLDMetric]:
         """``(model, corrupted_tokens, clean_cache, metric)``, all but the model copies."""
-        return self.model, self.batch.corrupted_tokens.clone(), _copy_cache(self.clean_cache), self.metric.copy()
+        return self.model, self.batch.corrupted_tokens.clone(), copy_cache(self.clean_cache), self.metric.copy()
 
     def guard(self, name: str) -> "_WeightGuard":
         return _WeightGuard(name, self.model, self.weights)
 
 
-def _copy_cache(cache: Any) -> Any:
+def copy_cache(cache: Any) -> Any:
     """A copy of an ActivationCache (or dict) whose tensors the learner may write into."""
     new = copy.copy(cache)
     if hasattr(cache, "cache_dict"):
@@ -490,10 +490,10 @@ class _WeightGuard:
                     "never parameters. (The check has put the weights back.)") from exc
 
 
-_SETUPS: dict[int, _SweepSetup] = {}
+_SETUPS: dict[int, SweepSetup] = {}
 
 
-def _sweep_setup(model: Any = None, n: int = 4) -> _SweepSetup:
+def sweep_setup(model: Any = None, n: int = 4) -> SweepSetup:
     """Model, a small IOI batch, the clean cache and the denoising metric for sweep checks."""
     model = bundled_model() if model is None else model
     key = id(model) * 100 + n
@@ -507,11 +507,11 @@ def _sweep_setup(model: Any = None, n: int = 4) -> _SweepSetup:
                   "site": ["resid_pre", "attn_out", "mlp_out"],
                   "component": ["output (z)", "query", "key", "value", "pattern"]}
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-        _SETUPS[key] = _SweepSetup(model, batch, clean_logits, corrupted_logits, clean_cache, metric, labels, weights)
+        _SETUPS[key] = SweepSetup(model, batch, clean_logits, corrupted_logits, clean_cache, metric, labels, weights)
     return _SETUPS[key]
 
 
-def _library_grid(setup: _SweepSetup, site: str, direction: str = "denoising") -> torch.Tensor:
+def library_grid(setup: SweepSetup, site: str, direction: str = "denoising") -> torch.Tensor:
     """The library's normalised-logit-difference grid for ``site`` on the setup's batch."""
     from ..patching import patch
 
@@ -530,19 +530,19 @@ def _library_grid(setup: _SweepSetup, site: str, direction: str = "denoising") -
     return (result.grid("logit_diff") - corrupted_ld) / (clean_ld - corrupted_ld)
 
 
-def _run_sweep_exercise(name: str, fn: Callable, setup: _SweepSetup) -> Any:
+def _run_sweep_exercise(name: str, fn: Callable, setup: SweepSetup) -> Any:
     with setup.guard(name):
-        return _call(name, fn, *setup.learner_args())
+        return call_learner(name, fn, *setup.learner_args())
 
 
-def _check_sweep(name: str, fn: Callable, model: Any, site: str, axes: Sequence[str],
+def run_sweep_check(name: str, fn: Callable, model: Any, site: str, axes: Sequence[str],
                  alternatives: Sequence[tuple[str, Callable[[Any, torch.Tensor], torch.Tensor]]] = (), *,
-                 run: Callable = _run_sweep_exercise, library: Callable = _library_grid,
+                 run: Callable = _run_sweep_exercise, library: Callable = library_grid,
                  library_name: str = "patchwidgets.patch", atol: float = ATOL) -> None:
     """Run a learner's sweep ``fn(model, corrupted_tokens, clean_cache, metric)`` and compare it
     with ``library(setup, site)``. Each alternative is ``(what went wrong, wrong(setup, expected))``:
     when the learner's grid equals a known wrong answer, the message says which mistake it is."""
-    setup = _sweep_setup(model)
+    setup = sweep_setup(model)
     got = run(name, fn, setup)
     expected = library(setup, site)
     gap = setup.metric.clean_ld - setup.metric.corrupted_ld
@@ -550,9 +550,9 @@ def _check_sweep(name: str, fn: Callable, model: Any, site: str, axes: Sequence[
         "return the raw logit difference instead of the normalised metric (0 = corrupted, 1 = clean)",
         lambda _, expected: expected * gap + setup.metric.corrupted_ld)]
     try:
-        _compare(name, got, expected, axes, setup.labels, atol=atol, alternatives=[
+        compare(name, got, expected, axes, setup.labels, atol=atol, alternatives=[
             (why, (lambda wrong=wrong: wrong(setup, expected))) for why, wrong in alternatives])
     except GradingError as err:
         note = _globals_note(fn)  # a function that reads notebook data computes something else
         raise GradingError(f"{err}\n{note}" if note else str(err)) from None
-    _passed(name, f"{tuple(expected.shape)} grid matches {library_name}(site='{site}')")
+    report_pass(name, f"{tuple(expected.shape)} grid matches {library_name}(site='{site}')")

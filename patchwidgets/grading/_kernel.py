@@ -23,7 +23,7 @@ class CellTimeout(Exception):
 class KernelDied(BaseException):
     """The kernel process exited while running the code. A BaseException, like the other
     failures of the grader's machinery, so that the ``except Exception`` that turns the
-    learner's errors into messages (``_common._call``) does not blame the learner for it."""
+    learner's errors into messages (``_common.call_learner``) does not blame the learner for it."""
 
 
 @dataclass

@@ -100,7 +100,7 @@ class RemoteFunction:
 
     def __init__(self, channel: Channel, name: str, globals_read: list[str]):
         self.channel, self.__name__ = channel, name
-        self.notebook_globals = globals_read  # read by _common._call for its messages
+        self.notebook_globals = globals_read  # read by _common.call_learner for its messages
 
     def __repr__(self) -> str:
         return f"<the notebook's function {self.__name__}>"

@@ -7,8 +7,8 @@ from typing import Any, Callable
 
 import torch
 
-from ._common import (_check_sweep, ATOL, GradingError, _SweepSetup, _as_tensor, _call, _copy_cache, _library_grid,
-                      _passed, _sweep_setup)
+from ._common import (ATOL, GradingError, SweepSetup, call_learner, copy_cache, library_grid, report_pass,
+                      run_sweep_check, sweep_setup, to_tensor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -18,7 +18,7 @@ from ._common import (_check_sweep, ATOL, GradingError, _SweepSetup, _as_tensor,
 _CORRUPTED_CACHES: dict[int, Any] = {}
 
 
-def _corrupted_cache(setup: _SweepSetup) -> Any:
+def _corrupted_cache(setup: SweepSetup) -> Any:
     key = id(setup)
     if key not in _CORRUPTED_CACHES:
         with torch.no_grad():
@@ -26,11 +26,11 @@ def _corrupted_cache(setup: _SweepSetup) -> Any:
     return _CORRUPTED_CACHES[key]
 
 
-def _answers(setup: _SweepSetup) -> torch.Tensor:
+def _answers(setup: SweepSetup) -> torch.Tensor:
     return torch.stack([setup.batch.correct_ids, setup.batch.incorrect_ids], 1)
 
 
-def _library_path(setup: _SweepSetup, sender: tuple[int, int], **kwargs) -> float:
+def _library_path(setup: SweepSetup, sender: tuple[int, int], **kwargs) -> float:
     from ..path_patching import path_patch
 
     b = setup.batch
@@ -40,7 +40,7 @@ def _library_path(setup: _SweepSetup, sender: tuple[int, int], **kwargs) -> floa
 
 
 def _scalar(name: str, value: Any) -> float:
-    t = _as_tensor(name, value)
+    t = to_tensor(name, value)
     if t.numel() != 1:
         raise GradingError(f"{name}: return one number (the metric of the patched run), got shape {tuple(t.shape)}")
     return float(t)
@@ -50,18 +50,18 @@ def check_path_patch_to_logits(path_patch_to_logits: Callable, model: Any = None
     """``path_patch_to_logits(model, corrupted_tokens, clean_cache, corrupted_cache, sender, metric,
     freeze_mlps=False) -> scalar``: the path from one sender head to the logits."""
     name = "path_patch_to_logits"
-    setup = _sweep_setup(model)
+    setup = sweep_setup(model)
     corrupted_cache = _corrupted_cache(setup)
     for sender in [(0, 0), (1, 5), (2, 1)]:
         for freeze in (False, True):
             model, tokens, clean_cache, metric = setup.learner_args()
             with torch.no_grad(), setup.guard(name):
-                got = _scalar(name, _call(name, path_patch_to_logits, model, tokens, clean_cache,
-                                          _copy_cache(corrupted_cache), sender, metric, freeze_mlps=freeze))
+                got = _scalar(name, call_learner(name, path_patch_to_logits, model, tokens, clean_cache,
+                                          copy_cache(corrupted_cache), sender, metric, freeze_mlps=freeze))
             expected = _library_path(setup, sender, freeze_mlps=freeze)
             if not math.isclose(got, expected, abs_tol=ATOL):
                 hint = ""
-                plain = float(_library_grid(setup, "head_out")[sender])
+                plain = float(library_grid(setup, "head_out")[sender])
                 if math.isclose(got, plain, abs_tol=ATOL):
                     hint = (" That is plain activation patching of the head: freeze every *other* head's "
                             "output to the corrupted run, so its effect cannot travel through them.")
@@ -69,7 +69,7 @@ def check_path_patch_to_logits(path_patch_to_logits: Callable, model: Any = None
                     hint = " With freeze_mlps=True the MLP outputs must be frozen to the corrupted run too."
                 raise GradingError(f"{name}: sender L{sender[0]}H{sender[1]}, freeze_mlps={freeze}: expected "
                                    f"{expected:.4f}, got {got:.4f}.{hint}")
-    _passed(name, "matches patchwidgets.path_patch(receivers=None) with and without frozen MLPs")
+    report_pass(name, "matches patchwidgets.path_patch(receivers=None) with and without frozen MLPs")
 
 
 NAME_MOVERS = [(1, 0), (1, 1), (1, 3), (1, 5), (1, 7)]
@@ -79,14 +79,14 @@ def check_path_patch_to_queries(path_patch_to_queries: Callable, model: Any = No
     """``path_patch_to_queries(model, corrupted_tokens, clean_cache, corrupted_cache, sender, receivers,
     metric) -> scalar``: the path from one sender head to the receivers' queries."""
     name = "path_patch_to_queries"
-    setup = _sweep_setup(model)
+    setup = sweep_setup(model)
     corrupted_cache = _corrupted_cache(setup)
     for sender, receivers in [((0, 0), NAME_MOVERS), ((0, 3), NAME_MOVERS), ((0, 0), [(1, 5)]),
                               ((1, 5), NAME_MOVERS)]:
         model, tokens, clean_cache, metric = setup.learner_args()
         with torch.no_grad(), setup.guard(name):
-            got = _scalar(name, _call(name, path_patch_to_queries, model, tokens, clean_cache,
-                                      _copy_cache(corrupted_cache), sender, list(receivers), metric))
+            got = _scalar(name, call_learner(name, path_patch_to_queries, model, tokens, clean_cache,
+                                      copy_cache(corrupted_cache), sender, list(receivers), metric))
         expected = _library_path(setup, sender, receivers=list(receivers), receiver_input="q")
         if not math.isclose(got, expected, abs_tol=ATOL):
             hint = ""
@@ -96,14 +96,14 @@ def check_path_patch_to_queries(path_patch_to_queries: Callable, model: Any = No
             raise GradingError(
                 f"{name}: sender L{sender[0]}H{sender[1]} -> queries of "
                 f"{', '.join(f'L{l}H{h}' for l, h in receivers)}: expected {expected:.4f}, got {got:.4f}.{hint}")
-    _passed(name, "matches patchwidgets.path_patch(receivers=..., receiver_input='q')")
+    report_pass(name, "matches patchwidgets.path_patch(receivers=..., receiver_input='q')")
 
 
 # ---------------------------------------------------------------------------------------------
 # 08_attribution_patching
 # ---------------------------------------------------------------------------------------------
 
-def _library_attribution(setup: _SweepSetup, site: str) -> torch.Tensor:
+def _library_attribution(setup: SweepSetup, site: str) -> torch.Tensor:
     from ..attribution import attribution_patch
 
     b = setup.batch
@@ -112,10 +112,10 @@ def _library_attribution(setup: _SweepSetup, site: str) -> torch.Tensor:
     return result.grid("normalized")
 
 
-def _run_attribution_exercise(name: str, fn: Callable, setup: _SweepSetup) -> Any:
+def _run_attribution_exercise(name: str, fn: Callable, setup: SweepSetup) -> Any:
     try:
         with torch.enable_grad(), setup.guard(name):
-            return _call(name, fn, *setup.learner_args())
+            return call_learner(name, fn, *setup.learner_args())
     finally:
         setup.model.zero_grad(set_to_none=True)
 
@@ -131,9 +131,9 @@ def check_attribution_resid_pre(attribution_resid_pre: Callable, model: Any = No
 
 
 def _check_attribution(name: str, fn: Callable, model: Any, site: str, axes: tuple[str, ...]) -> None:
-    _check_sweep(name, fn, model, site, axes, [
+    run_sweep_check(name, fn, model, site, axes, [
         ("return the exact patching result instead of the gradient estimate",
-         lambda setup, _: _library_grid(setup, site)),
+         lambda setup, _: library_grid(setup, site)),
         ("use (corrupted - clean) instead of (clean - corrupted) as the change", lambda _, expected: -expected),
     ], run=_run_attribution_exercise, library=_library_attribution,
         library_name="patchwidgets.attribution_patch", atol=1e-4)

@@ -6,7 +6,7 @@ import re
 from typing import Callable
 
 
-from ._common import GradingError, _call, _passed
+from ._common import GradingError, call_learner, report_pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -31,7 +31,7 @@ def check_swap_names(swap_names: Callable) -> None:
     ]
     for prompt, a, b in cases:
         expected = _ref_swap(prompt, a, b)
-        got = _call(name, swap_names, prompt, a, b)
+        got = call_learner(name, swap_names, prompt, a, b)
         if got != expected:
             hint = ""
             if isinstance(got, str) and any(re.search(rf"\b{re.escape(n)}\b", got) is None for n in (a, b)):
@@ -40,7 +40,7 @@ def check_swap_names(swap_names: Callable) -> None:
             elif isinstance(got, str) and "Samuel" not in got and "Samuel" in prompt:
                 hint = " Replace whole words only: 'Samuel' is not 'Sam'."
             raise GradingError(f"{name}({prompt!r}, {a!r}, {b!r}):\n  expected {expected!r}\n  got      {got!r}.{hint}")
-    _passed(name, "swaps two whole-word names everywhere")
+    report_pass(name, "swaps two whole-word names everywhere")
 
 
 def _ref_abc(prompt: str, io: str, s: str, x: str, y: str, z: str) -> str:
@@ -59,14 +59,14 @@ def check_abc_corruption(abc_corruption: Callable) -> None:
     ]
     for prompt, io, s, x, y, z in cases:
         expected = _ref_abc(prompt, io, s, x, y, z)
-        got = _call(name, abc_corruption, prompt, io, s, x, y, z)
+        got = call_learner(name, abc_corruption, prompt, io, s, x, y, z)
         if got != expected:
             hint = ""
             if isinstance(got, str) and got.count(y) == 2:
                 hint = " Both mentions of S became y: only the first one should; the second becomes z."
             raise GradingError(f"{name}({prompt!r}, io={io!r}, s={s!r}, x={x!r}, y={y!r}, z={z!r}):\n"
                                f"  expected {expected!r}\n  got      {got!r}.{hint}")
-    _passed(name, "three different names: no name is repeated any more")
+    report_pass(name, "three different names: no name is repeated any more")
 
 
 def reference_swap_names(prompt: str, a: str, b: str) -> str:

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._common import GradingError, _as_tensor, _call, _compare, _passed, name_model
+from ._common import GradingError, to_tensor, call_learner, compare, report_pass, name_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -20,15 +20,15 @@ def check_or_gate(or_gate: Callable) -> None:
     name = "or_gate"
     a = torch.tensor([0.0, 0.0, 1.0, 1.0])
     b = torch.tensor([0.0, 1.0, 0.0, 1.0])
-    got = _as_tensor(name, _call(name, or_gate, a.clone(), b.clone()))
+    got = to_tensor(name, call_learner(name, or_gate, a.clone(), b.clone()))
     expected = torch.tensor([0.0, 1.0, 1.0, 1.0])
     if got.shape == expected.shape and torch.allclose(got, torch.tensor([0.0, 1.0, 1.0, 2.0])):
         raise GradingError(f"{name}: a + b gives 2 when both inputs are on; an OR gate's output "
                            "should stay at 1 (try torch.maximum(a, b))")
     if got.shape == expected.shape and torch.allclose(got, a * b):
         raise GradingError(f"{name}: that is an AND gate (a * b); OR is on when either input is on")
-    _compare(name, got, expected, ("case (a, b) = (0,0), (0,1), (1,0), (1,1)",), atol=1e-5, rtol=0)
-    _passed(name, "truth table 0, 1, 1, 1")
+    compare(name, got, expected, ("case (a, b) = (0,0), (0,1), (1,0), (1,1)",), atol=1e-5, rtol=0)
+    report_pass(name, "truth table 0, 1, 1, 1")
 
 
 def check_patch_gate_components(patch_gate_components: Callable) -> None:
@@ -41,20 +41,20 @@ def check_patch_gate_components(patch_gate_components: Callable) -> None:
     for gate in ("and", "or"):
         model = gate_model(gate)
         for direction in ("denoising", "noising"):
-            got = _call(name, patch_gate_components, model, direction)
+            got = call_learner(name, patch_gate_components, model, direction)
             expected = _gate_effects(model, direction)
             if isinstance(got, dict):  # "a" or "A": case does not matter
                 got = {str(k).strip().upper(): v for k, v in got.items()}
             if not isinstance(got, dict) or set(got) != set(expected):
                 raise GradingError(f"{name}: return a dict with keys {sorted(expected)}, got {got!r}")
             for comp in expected:
-                value = float(_as_tensor(name, got[comp]).reshape(-1)[0])
+                value = float(to_tensor(name, got[comp]).reshape(-1)[0])
                 if not math.isclose(value, expected[comp], abs_tol=1e-3):
                     raise GradingError(
                         f"{name}: {gate.upper()} gate, {direction}, component {comp}: expected "
                         f"{expected[comp]:.3f}, got {value:.3f}. (Denoising runs the corrupted input and "
                         "pastes clean values; noising runs the clean input and pastes corrupted values.)")
-    _passed(name, "AND and OR gates, both directions")
+    report_pass(name, "AND and OR gates, both directions")
 
 
 #: The ground truth for :func:`check_gate_predictions`: which components show a large effect.
@@ -73,7 +73,7 @@ def check_gate_predictions(predictions: Any) -> None:
     """
     name = "gate_predictions"
     if callable(predictions):
-        predictions = _call(name, predictions)
+        predictions = call_learner(name, predictions)
     if not isinstance(predictions, dict):
         raise GradingError(f"{name}: expected a dict like {{'and': {{'denoising': {{...}}, ...}}, ...}}, "
                            f"got {type(predictions).__name__}")
@@ -98,7 +98,7 @@ def check_gate_predictions(predictions: Any) -> None:
                 }[(gate, direction)]
                 raise GradingError(f"{name}: {gate.upper()} gate, {direction}: you predicted {sorted(guess)}, "
                                    f"but it is {sorted(truth)}: {why}.")
-    _passed(name, "denoising finds a cross-section of an AND and all of an OR; noising the reverse")
+    report_pass(name, "denoising finds a cross-section of an AND and all of an OR; noising the reverse")
 
 
 _TABLE = {
@@ -114,7 +114,7 @@ def check_classify_component(classify_component: Callable) -> None:
     name = "classify_component"
     cases = [(0.9, 0.95), (0.8, 0.1), (0.05, 0.7), (0.1, 0.2), (0.5, 0.49), (1.2, -0.1)]
     for d, n in cases:
-        got = _call(name, classify_component, d, n)
+        got = call_learner(name, classify_component, d, n)
         expected = _TABLE[(d >= 0.5, n >= 0.5)]
         if not isinstance(got, str) or got.strip().lower() != expected:
             raise GradingError(
@@ -122,7 +122,7 @@ def check_classify_component(classify_component: Callable) -> None:
                 "Denoising (restoring it alone brings the behaviour back) tests sufficiency; "
                 "noising (corrupting it alone breaks the behaviour) tests necessity; an effect "
                 "counts from the threshold up (>= 0.5).")
-    _passed(name, "the necessary / sufficient 2x2 table")
+    report_pass(name, "the necessary / sufficient 2x2 table")
 
 
 class _Cfg(SimpleNamespace):

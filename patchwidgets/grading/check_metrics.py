@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._common import GradingError, _as_tensor, _call, _compare, _passed, _sweep_setup
+from ._common import GradingError, to_tensor, call_learner, compare, report_pass, sweep_setup
 
 
 # ---------------------------------------------------------------------------------------------
@@ -16,7 +16,7 @@ from ._common import GradingError, _as_tensor, _call, _compare, _passed, _sweep_
 
 def _metric_inputs(model: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Answer-position logits ``[batch, vocab]`` of real clean and corrupted runs, and answers."""
-    setup = _sweep_setup(model)
+    setup = sweep_setup(model)
     b = setup.batch
     return setup.clean_logits[:, -1].float(), setup.corrupted_logits[:, -1].float(), b.correct_ids, b.incorrect_ids
 
@@ -31,9 +31,9 @@ def _random_logits(batch: int = 5, vocab: int = 11, seed: int = 0) -> tuple[torc
 
 def _check_per_row(name: str, fn: Callable, reference: Callable, arg_sets: list[tuple], what: str) -> None:
     for args in arg_sets:
-        got = _call(name, fn, *[a.clone() for a in args])
-        _compare(name, got, reference(*args), axes=("prompt",), atol=1e-4, rtol=1e-4)
-    _passed(name, what)
+        got = call_learner(name, fn, *[a.clone() for a in args])
+        compare(name, got, reference(*args), axes=("prompt",), atol=1e-4, rtol=1e-4)
+    report_pass(name, what)
 
 
 def check_logit_diff(logit_diff: Callable, model: Any = None) -> None:
@@ -86,7 +86,7 @@ def check_normalized_metric(normalized_metric: Callable, model: Any = None) -> N
     ]
     for what, patched, target, source, value in cases:
         expected = _ref_normalized(patched, target, source)
-        got = _as_tensor(name, _call(name, normalized_metric, patched.clone(), target.clone(), source.clone()))
+        got = to_tensor(name, call_learner(name, normalized_metric, patched.clone(), target.clone(), source.clone()))
         if got.numel() != 1:
             raise GradingError(f"{name}: return one number for the whole batch (the mean over prompts), "
                                f"got a tensor of shape {tuple(got.shape)}")
@@ -96,7 +96,7 @@ def check_normalized_metric(normalized_metric: Callable, model: Any = None) -> N
                 "divide by the mean gap (not the mean of per-prompt ratios).")
             raise GradingError(f"{name}: for {what} expected {float(expected):.4f}, got {float(got):.4f}."
                                f"{extra}{_normalisation_hint(float(got), patched, target, source)}")
-    _passed(name, "0 = target run's behaviour, 1 = source run's behaviour")
+    report_pass(name, "0 = target run's behaviour, 1 = source run's behaviour")
 
 
 def check_noising_metric(noising_metric: Callable, model: Any = None) -> None:
@@ -113,7 +113,8 @@ def check_noising_metric(noising_metric: Callable, model: Any = None) -> None:
          clean_ld + 0.4 * (corrupted_ld - clean_ld), 0.4),
     ]
     for what, patched, value in cases:
-        got = _as_tensor(name, _call(name, noising_metric, patched.clone(), clean_ld.clone(), corrupted_ld.clone()))
+        got = to_tensor(name, call_learner(name, noising_metric, patched.clone(), clean_ld.clone(),
+                                           corrupted_ld.clone()))
         if got.numel() != 1:
             raise GradingError(f"{name}: return one number for the batch, got shape {tuple(got.shape)}")
         if not math.isclose(float(got), value, abs_tol=1e-4):
@@ -122,7 +123,7 @@ def check_noising_metric(noising_metric: Callable, model: Any = None) -> None:
                 hint = (" That is 1 minus the expected value: in noising the run being patched "
                         "(the target, where 0 belongs) is the clean run.")
             raise GradingError(f"{name}: for {what} expected {value:g}, got {float(got):.4f}.{hint}")
-    _passed(name, "0 = clean behaviour kept, 1 = clean behaviour destroyed")
+    report_pass(name, "0 = clean behaviour kept, 1 = clean behaviour destroyed")
 
 
 def check_logprob(logprob: Callable, model: Any = None) -> None:
@@ -157,12 +158,12 @@ def check_rank(rank: Callable, model: Any = None) -> None:
 
     name = "rank"
     for args in [(clean, c), (corrupted, c), (r, rc)]:
-        got = _as_tensor(name, _call(name, rank, *[a.clone() for a in args]))
+        got = to_tensor(name, call_learner(name, rank, *[a.clone() for a in args]))
         expected = ref(*args)
         if got.shape == expected.shape and bool(torch.equal(got, expected - 1)):
             raise GradingError(f"{name}: your ranks are 0-based; the top prediction should have rank 1")
-        _compare(name, got, expected, axes=("prompt",), atol=1e-6, rtol=0)
-    _passed(name, "1 + the number of tokens with a larger logit")
+        compare(name, got, expected, axes=("prompt",), atol=1e-6, rtol=0)
+    report_pass(name, "1 + the number of tokens with a larger logit")
 
 
 def check_kl(kl: Callable, model: Any = None) -> None:
@@ -177,12 +178,12 @@ def check_kl(kl: Callable, model: Any = None) -> None:
 
     name = "kl"
     for args in [(clean, corrupted), (clean, clean), (r1, r2)]:
-        got = _as_tensor(name, _call(name, kl, *[a.clone() for a in args]))
+        got = to_tensor(name, call_learner(name, kl, *[a.clone() for a in args]))
         expected = ref(*args)
         swapped = ref(args[1], args[0])
         if got.shape == expected.shape and not bool(torch.isclose(got, expected, atol=1e-4).all()) and bool(
                 torch.isclose(got, swapped, atol=1e-4).all()):
             raise GradingError(f"{name}: you computed KL(patched || clean); the clean distribution is the "
                                "reference: KL(clean || patched) = sum p_clean * (log p_clean - log p_patched)")
-        _compare(name, got, expected, axes=("prompt",), atol=1e-4, rtol=1e-4)
-    _passed(name, "KL(clean || patched), 0 when the distributions agree")
+        compare(name, got, expected, axes=("prompt",), atol=1e-4, rtol=1e-4)
+    report_pass(name, "KL(clean || patched), 0 when the distributions agree")

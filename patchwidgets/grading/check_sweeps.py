@@ -7,8 +7,8 @@ from typing import Any, Callable
 
 import torch
 
-from ._common import (_check_sweep, GradingError, _as_tensor, _call, _compare, _copy_cache, _library_grid,
-                      _passed, _sweep_setup)
+from ._common import (run_sweep_check, GradingError, to_tensor, call_learner, compare, copy_cache, library_grid,
+                      report_pass, sweep_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -23,8 +23,8 @@ def _check_hook(name: str, fn: Callable, shape: tuple[int, ...], hook_name: str,
     cache = {hook_name: source.clone()}
     hook = SimpleNamespace(name=hook_name)
     passed_in = target.clone()
-    out = _call(name, fn, passed_in, hook, *index_args, cache)
-    got = passed_in if out is None else _as_tensor(name, out)
+    out = call_learner(name, fn, passed_in, hook, *index_args, cache)
+    got = passed_in if out is None else to_tensor(name, out)
     expected = target.clone()
     expected[select(expected)] = source[select(source)]
     if got.shape != expected.shape:
@@ -49,24 +49,24 @@ def check_patch_position(patch_position: Callable) -> None:
                 lambda t: (slice(None), 3), "position 3 (every prompt in the batch, every dimension)")
     _check_hook(name, patch_position, (3, 4, 5), "blocks.2.hook_attn_out", (0,),
                 lambda t: (slice(None), 0), "position 0")
-    _passed(name, "copies one position of the source activation and leaves the rest alone")
+    report_pass(name, "copies one position of the source activation and leaves the rest alone")
 
 
 def check_get_act_patch_resid_pre(get_act_patch_resid_pre: Callable, model: Any = None) -> None:
     """``get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, metric) -> [layer, pos]``."""
-    _check_sweep("get_act_patch_resid_pre", get_act_patch_resid_pre, model, "resid_pre", ("layer", "pos"), [
-        ("patch resid_post instead of resid_pre", lambda setup, _: _library_grid(setup, "resid_post")),
-        ("patch resid_mid instead of resid_pre", lambda setup, _: _library_grid(setup, "resid_mid")),
+    run_sweep_check("get_act_patch_resid_pre", get_act_patch_resid_pre, model, "resid_pre", ("layer", "pos"), [
+        ("patch resid_post instead of resid_pre", lambda setup, _: library_grid(setup, "resid_post")),
+        ("patch resid_mid instead of resid_pre", lambda setup, _: library_grid(setup, "resid_mid")),
         ("patch corrupted values into the clean run (noising) instead of clean values into the "
-         "corrupted run", lambda setup, _: _library_grid(setup, "resid_pre", "noising")),
+         "corrupted run", lambda setup, _: library_grid(setup, "resid_pre", "noising")),
     ])
 
 
 def check_get_act_patch_block_every(get_act_patch_block_every: Callable, model: Any = None) -> None:
     """``get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric) -> [3, layer, pos]``."""
-    _check_sweep("get_act_patch_block_every", get_act_patch_block_every, model, "block", ("site", "layer", "pos"), [
+    run_sweep_check("get_act_patch_block_every", get_act_patch_block_every, model, "block", ("site", "layer", "pos"), [
         ("patch corrupted values into the clean run (noising) instead of clean values into the "
-         "corrupted run", lambda setup, _: _library_grid(setup, "block", "noising")),
+         "corrupted run", lambda setup, _: library_grid(setup, "block", "noising")),
         ("use the order (resid_pre, mlp_out, attn_out) instead of (resid_pre, attn_out, mlp_out)",
          lambda _, expected: expected[[0, 2, 1]]),
     ])
@@ -83,24 +83,24 @@ def check_patch_head_vector(patch_head_vector: Callable) -> None:
                 lambda t: (slice(None), slice(None), 2), "head 2 at every position")
     _check_hook(name, patch_head_vector, (3, 4, 6, 2), "blocks.0.attn.hook_v", (0,),
                 lambda t: (slice(None), slice(None), 0), "head 0 at every position")
-    _passed(name, "copies one head's vectors at every position")
+    report_pass(name, "copies one head's vectors at every position")
 
 
 def check_get_act_patch_head_out(get_act_patch_head_out: Callable, model: Any = None) -> None:
     """``get_act_patch_head_out(model, corrupted_tokens, clean_cache, metric) -> [layer, head]``."""
-    _check_sweep("get_act_patch_head_out", get_act_patch_head_out, model, "head_out", ("layer", "head"), [
+    run_sweep_check("get_act_patch_head_out", get_act_patch_head_out, model, "head_out", ("layer", "head"), [
         ("patch the head's values (hook_v) instead of its output (hook_z)",
-         lambda setup, _: _library_grid(setup, "head_v")),
+         lambda setup, _: library_grid(setup, "head_v")),
         ("patch the head's queries (hook_q) instead of its output (hook_z)",
-         lambda setup, _: _library_grid(setup, "head_q")),
+         lambda setup, _: library_grid(setup, "head_q")),
         ("patch corrupted values into the clean run (noising)",
-         lambda setup, _: _library_grid(setup, "head_out", "noising")),
+         lambda setup, _: library_grid(setup, "head_out", "noising")),
     ])
 
 
 def check_get_act_patch_head_out_by_pos(get_act_patch_head_out_by_pos: Callable, model: Any = None) -> None:
     """``get_act_patch_head_out_by_pos(model, corrupted_tokens, clean_cache, metric) -> [layer, pos, head]``."""
-    _check_sweep("get_act_patch_head_out_by_pos", get_act_patch_head_out_by_pos, model, "head_out_by_pos",
+    run_sweep_check("get_act_patch_head_out_by_pos", get_act_patch_head_out_by_pos, model, "head_out_by_pos",
                  ("layer", "pos", "head"), [
                      ("order the axes [layer, head, pos] instead of [layer, pos, head]",
                       lambda _, expected: expected.permute(0, 2, 1)),
@@ -109,17 +109,17 @@ def check_get_act_patch_head_out_by_pos(get_act_patch_head_out_by_pos: Callable,
 
 def check_get_act_patch_head_every(get_act_patch_head_every: Callable, model: Any = None) -> None:
     """``get_act_patch_head_every(model, corrupted_tokens, clean_cache, metric) -> [5, layer, head]``."""
-    _check_sweep("get_act_patch_head_every", get_act_patch_head_every, model, "heads_every",
+    run_sweep_check("get_act_patch_head_every", get_act_patch_head_every, model, "heads_every",
                  ("component", "layer", "head"))
 
 
 def check_mean_attention(mean_attention: Callable, model: Any = None) -> None:
     """``mean_attention(cache, layer, head) -> [query_pos, key_pos]``, averaged over prompts."""
     name = "mean_attention"
-    setup = _sweep_setup(model)
+    setup = sweep_setup(model)
     for layer, head in [(0, 0), (setup.model.cfg.n_layers - 1, setup.model.cfg.n_heads - 1), (1, 3)]:
         expected = setup.clean_cache[f"blocks.{layer}.attn.hook_pattern"][:, head].mean(0)
-        got = _call(name, mean_attention, _copy_cache(setup.clean_cache), layer, head)
-        _compare(f"{name} (layer {layer}, head {head})", got, expected, ("query pos", "key pos"),
+        got = call_learner(name, mean_attention, copy_cache(setup.clean_cache), layer, head)
+        compare(f"{name} (layer {layer}, head {head})", got, expected, ("query pos", "key pos"),
                  {"query pos": setup.labels["pos"], "key pos": setup.labels["pos"]}, atol=1e-5, rtol=1e-4)
-    _passed(name, "the head's attention pattern, averaged over the batch")
+    report_pass(name, "the head's attention pattern, averaged over the batch")

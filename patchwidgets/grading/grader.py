@@ -1,7 +1,7 @@
 """Grade a course notebook without trusting anything it does.
 
 A notebook's own check cells prove nothing to a grader: the notebook can print the pass line
-itself, replace ``grading.check_...`` or ``_common._compare`` with something that always
+itself, replace ``grading.check_...`` or ``_common.compare`` with something that always
 agrees, or define its own ``check_...``. So the grader keeps two processes apart:
 
 1. **The learner's kernel** runs the notebook's cells top to bottom, skipping the cells that
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ._common import PASS_MARK, GradingError, _sweep_setup
+from ._common import PASS_MARK, GradingError, sweep_setup
 from ._kernel import CellTimeout, KernelDied, KernelSession
 from ._notebook import identify, is_self_check
 from ._remote import Channel, ExerciseTimeout, RemoteFunction
@@ -95,7 +95,7 @@ def _prepare() -> None:
     from .. import attribution, datasets, loading, metrics, patching, path_patching  # noqa: F401
     from . import CHECKS  # noqa: F401
 
-    _sweep_setup()
+    sweep_setup()
 
 
 def grade_notebook(path: str | os.PathLike, timeout: int = 600, exercise_timeout: int = 300,
