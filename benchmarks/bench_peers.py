@@ -504,12 +504,17 @@ def print_memory(rows: list[dict]) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="median of this many runs (default 3)")
+    parser.add_argument("--peer-repeats", type=int,
+                        help="runs of transformer_lens and nnsight (default: --repeats; they take minutes)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS table")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, or 1 with --tiny)")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--sweeps", nargs="+", choices=SWEEPS, default=list(SWEEPS))
     parser.add_argument("--tiny", action="store_true", help="2 layers, d_model 64, vocab 512: tests the script")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # PAIRS:TOKENS:MAX_BATCH_TOKENS
     args = parser.parse_args(argv)
+    if args.peer_repeats is None:
+        args.peer_repeats = args.repeats
     if args.threads is None:
         # A tiny model's matmuls are too small to split; on a busy machine the threads' spin
         # waits cost several times the work.
@@ -542,7 +547,7 @@ def main(argv=None) -> int:
     }
     print(f"model: {'tiny' if args.tiny else 'GPT-2-small'} shape, random weights: {shape.n_layers} layers, "
           f"{shape.n_heads} heads, d_model {shape.d_model}, vocab {shape.d_vocab}")
-    print(f"threads {args.threads}, repeats {args.repeats}, float32 matmul peak {peak / 1e9:.1f} GFLOP/s, "
+    print(f"threads {args.threads}, repeats {args.repeats} (peers {args.peer_repeats}), float32 matmul peak {peak / 1e9:.1f} GFLOP/s, "
           f"nnsight {nnsight.__version__}, torch {torch.__version__}")
 
     failed = False
@@ -556,15 +561,18 @@ def main(argv=None) -> int:
             bound_s = flops / peak
             print(f"{case.name} {sweep}: {len(sweep_cells(sweep, shape, n_pos))} patches, "
                   f"bound {flops / 1e9:.3g} GFLOP = {bound_s * 1e3:.3g} ms")
-            (reference, tl_note), tl_s = median_time(lambda: tools["transformer_lens"](case, sweep), args.repeats)
+            (reference, tl_note), tl_s = median_time(lambda: tools["transformer_lens"](case, sweep),
+                                                     args.peer_repeats)
             print_row("transformer_lens", tl_s, tl_s, bound_s, 0.0, tl_note + " (reference)")
             for tool in ("nnsight", "nnsight-last", "patchwidgets"):
-                (grid, note), seconds = median_time(lambda: tools[tool](case, sweep), args.repeats)
+                repeats = args.repeats if tool == "patchwidgets" else args.peer_repeats
+                (grid, note), seconds = median_time(lambda: tools[tool](case, sweep), repeats)
                 diff = max_diff(grid, reference)
                 failed |= not diff <= TOLERANCE  # NaN fails too
                 print_row(tool, seconds, tl_s, bound_s, diff, note)
 
-    print_memory(measure_memory(args))
+    if not args.no_memory:
+        print_memory(measure_memory(args))
     if failed:
         print(f"\nFAIL: a grid differs from transformer_lens.patching by more than {TOLERANCE:g}")
     return 1 if failed else 0
