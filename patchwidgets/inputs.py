@@ -63,7 +63,8 @@ def _as_list(prompts: Prompts, field: str, vocab: int) -> list[str] | torch.Tens
         raise EmptyPromptError(f"the {field} prompt list is empty", field)
     for text in items:
         if not isinstance(text, str):
-            raise PatchingInputError(f"{field} prompts must be strings or a token tensor, got {type(text).__name__}", field)
+            raise PatchingInputError(
+                f"{field} prompts must be strings or a token tensor, got {type(text).__name__}", field)
         if not text.strip():
             raise EmptyPromptError(f"the {field} prompt is empty: type a sentence for the model to complete", field)
     return items
