@@ -87,15 +87,18 @@ Run
     pip install -e ".[bench]"                               # nnsight
     python benchmarks/bench_peers.py                        # full size: many minutes, idle machine
     python benchmarks/bench_peers.py --tiny --repeats 1     # 2-layer model, under a minute
-    options: --repeats N (median of N runs, default 3), --threads N (torch threads; 1 with --tiny),
-             --cases 1x15 8x15, --sweeps resid_pre head_out head_out_by_pos
+    options: --repeats N (median of N runs, default 3), --peer-repeats N (runs of transformer_lens
+             and nnsight, default --repeats), --threads N (torch threads; 1 with --tiny),
+             --cases 1x15 8x15, --sweeps resid_pre head_out head_out_by_pos, --no-memory
+    The README's table: --cases 1x15 --repeats 3 --peer-repeats 1, then
+    --cases 8x15 --sweeps resid_pre head_out --repeats 3 --peer-repeats 1 --no-memory.
 
 Columns
 -------
 Timing table, one line per tool under a line per (case, sweep) that gives the number of
 patches and the FLOP bound:
     tool        the tool (see above)
-    time        median wall-clock seconds over --repeats runs
+    time        median wall-clock seconds over --repeats (peers: --peer-repeats) runs
     speed-up    transformer_lens' time / this tool's time
     x bound     this tool's time / the FLOP bound's time (1.0 is the bound itself)
     max |diff|  largest absolute difference between this tool's grid and transformer_lens'
