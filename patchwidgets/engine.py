@@ -94,6 +94,18 @@ _CACHE_NAMES = frozenset({"cache", "past_key_values", "past_key_value", "layer_p
 _TAP_ATTENTION: "weakref.WeakKeyDictionary[Any, frozenset[int]]" = weakref.WeakKeyDictionary()
 
 
+# Models on which pass (A) of the self-check (the engine running every block itself, taps
+# recording the keys and values) reproduced the plain forward pass with every tap read once.
+# On such a model the target run itself records the keys and values through the taps, so
+# later sweeps skip pass (A); pass (B) still checks every sweep, and any doubt sends the
+# sweep back the long way.
+_TAPS_VERIFIED: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+class _Redo(Exception):
+    """The target run that recorded through taps cannot be trusted: run it again, plainly."""
+
+
 class ShortcutWarning(UserWarning):
     """A TransformerBridge model could not use one of the engine's shortcuts (results stay exact)."""
 
@@ -357,10 +369,15 @@ class Engine:
         self.can_resume = self.can_skip_prefix = False
         self.column_unembed = None
         handles = []
+        taps: dict[int, _KVTap] | None = None
         if record:
             names |= {f"blocks.{l}.hook_resid_pre" for l in range(len(blocks))}
             for layer, block in enumerate(blocks):
                 handles.append(block.register_forward_pre_hook(self._recorder(layer), with_kwargs=True))
+            if self.model in _TAPS_VERIFIED and int(self.answer_pos.min()) > 0:
+                taps = {l: _KVTap(record=True) for l in range(len(blocks))}
+                self._tap_attention = set(_TAP_ATTENTION.get(self.model, ()))
+                handles += self._give_taps(taps)  # (after the recorder: it records the call as made)
         acts: dict[str, torch.Tensor] = {}
 
         def saver(name: str):
@@ -382,14 +399,37 @@ class Engine:
         self.logits_device = final.device
         if record:
             self.resid_pre = {l: acts[f"blocks.{l}.hook_resid_pre"] for l in range(len(blocks))}
-            with torch.no_grad():
-                self._self_check(final)
+            try:
+                with torch.no_grad():
+                    self._self_check(final, taps)
+            except _Redo:
+                _TAPS_VERIFIED.discard(self.model)
+                return self.run_target(names, record)
         elif is_bridge:
             self.fallback_reason = "the target run was not recorded (record=False)"
         else:
             self.fallback_reason = ("not a TransformerBridge (no blocks to resume at): "
                                     "plain run_with_hooks by design")
         return final, acts
+
+    def _give_taps(self, taps: dict[int, _KVTap]) -> list:
+        """Forward pre-hooks handing each block (or its attention) its recording tap in place
+        of the model's own cache, as the engine's passes do; returns the hook handles."""
+        def give(tap: _KVTap):
+            def pre_hook(module, args, kwargs):
+                args = tuple(tap if _is_cache(a) else a for a in args)
+                kwargs = {n: tap if _is_cache(v) or (v is None and n in _CACHE_NAMES)
+                          else (False if n == "use_cache" else v) for n, v in kwargs.items()}
+                return args, kwargs
+            return pre_hook
+
+        handles = []
+        for layer, block in enumerate(self.model.blocks):
+            handles.append(block.register_forward_pre_hook(give(taps[layer]), with_kwargs=True))
+            if layer in self._tap_attention:
+                handles.append(block.attn.register_forward_pre_hook(_hand_tap_to_attention(taps[layer]),
+                                                                    with_kwargs=True))
+        return handles
 
     def _answer_only_hooks(self, names: set[str]) -> list[Hook]:
         """A hook that unembeds the answer positions only, where the model has an unembedding
@@ -419,7 +459,7 @@ class Engine:
             self.block_args[layer], self.block_kwargs[layer] = tuple(args), dict(kwargs)
         return record
 
-    def _self_check(self, target_final: torch.Tensor) -> None:
+    def _self_check(self, target_final: torch.Tensor, recorded: dict[int, _KVTap] | None = None) -> None:
         """Turn on the shortcuts that reproduce the plain forward pass; say why any is off.
 
         Two passes in the usual case: (A) every block from the recorded inputs, all
@@ -441,6 +481,19 @@ class Engine:
         def gap(logits: torch.Tensor) -> float:
             return float((logits - target_final.repeat(logits.shape[0] // self.batch, 1)).abs().max())
 
+        if recorded is not None:
+            # The target run recorded the keys and values itself (a model that passed (A)
+            # before): check that it did so completely, then only (B) is left.
+            if any(t.calls != 1 or t.recorded is None or t.recorded[0].shape[-2] != self.seq_len
+                   for t in recorded.values()):
+                raise _Redo
+            if self._record_prefix(recorded, tol, gap) is not None:
+                raise _Redo
+            self._check_b(gap, tol)
+            if not self.can_skip_prefix:
+                raise _Redo  # (the target logits came through the taps: not a reference)
+            return
+
         # (A) Every block, every position; the taps record keys and values.
         self._tap_attention = set(_TAP_ATTENTION.get(self.model, ()))
         taps = {l: _KVTap(record=True) for l in range(n_layers)}
@@ -458,24 +511,10 @@ class Engine:
 
         prefix_problem = self._record_prefix(taps, tol, gap)
         if prefix_problem is None:
-            # (B) Resume + tiling + prefix (+ column unembedding) in one pass.
-            joins = {0: 1, n_layers // 2: 1, n_layers - 1: 1}
-            offset = int(self.answer_pos.min())
-            self._enable_column_unembed()
-            try:
-                diff = gap(self._run_blocks(joins, offset, []))
-                if diff > tol and self.column_unembed is not None:
-                    self.column_unembed = None  # perhaps only the column shortcut is off
-                    diff = gap(self._run_blocks(joins, offset, []))
-            except Exception as e:
-                diff, prefix_problem = float("inf"), f"running positions {offset}.. only raised {_error(e)}"
-            else:
-                prefix_problem = f"reusing the cached keys/values differs from the plain forward pass by {diff:.1e}"
-            if diff <= tol:
-                self.can_resume = self.can_skip_prefix = True
-                self.fallback_reason = None
+            prefix_problem = self._check_b(gap, tol)
+            if prefix_problem is None:
+                _TAPS_VERIFIED.add(self.model)
                 return
-            self.kv, self.column_unembed = None, None
 
         # Prefix off: is resuming (with the batch tiled) still exact?
         try:
@@ -489,6 +528,29 @@ class Engine:
         if self.column_unembed is not None and gap(self._resumed(n_layers - 1, 0, 1, [])) > tol:
             self.column_unembed = None
         self._off(prefix_problem, warn=not prefix_problem.startswith("no unchanged prefix"))
+
+    def _check_b(self, gap: Callable[[torch.Tensor], float], tol: float) -> str | None:
+        """(B) Resume + tiling + prefix (+ column unembedding) in one short pass; on success
+        turns both shortcuts on, else says why the prefix is off (and forgets the K/V)."""
+        n_layers = len(self.model.blocks)
+        joins = {0: 1, n_layers // 2: 1, n_layers - 1: 1}
+        offset = int(self.answer_pos.min())
+        self._enable_column_unembed()
+        try:
+            diff = gap(self._run_blocks(joins, offset, []))
+            if diff > tol and self.column_unembed is not None:
+                self.column_unembed = None  # perhaps only the column shortcut is off
+                diff = gap(self._run_blocks(joins, offset, []))
+        except Exception as e:
+            diff, problem = float("inf"), f"running positions {offset}.. only raised {_error(e)}"
+        else:
+            problem = f"reusing the cached keys/values differs from the plain forward pass by {diff:.1e}"
+        if diff <= tol:
+            self.can_resume = self.can_skip_prefix = True
+            self.fallback_reason = None
+            return None
+        self.kv, self.column_unembed = None, None
+        return problem
 
     def _record_prefix(self, taps: dict[int, _KVTap], tol: float,
                        gap: Callable[[torch.Tensor], float]) -> str | None:
@@ -746,9 +808,10 @@ class Engine:
         without chunks, of one unpatched run plus the self-check. What the progress bar
         (:class:`patchwidgets.watch.SweepWatch`) counts."""
         n_layers = len(getattr(self.model, "blocks", ()) or ()) or 1
-        if chunks is None:  # the run, pass (A) of the check, and the short pass (B)
+        if chunks is None:  # the run, pass (A) of the check unless known good, the short pass (B)
             check_b = self.batch * (self.seq_len - int(self.answer_pos.min())) * (2 * n_layers - n_layers // 2 + 1)
-            return 2 * self.batch * self.seq_len * n_layers + check_b
+            runs = 1 if self.model in _TAPS_VERIFIED else 2
+            return runs * self.batch * self.seq_len * n_layers + check_b
         total = 0
         for chunk in chunks:
             k = len(chunk.patches)

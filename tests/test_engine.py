@@ -36,24 +36,60 @@ def test_unembedding_sees_only_answer_rows(toy_model):
     assert shapes and all(shape[1] == 1 for shape in shapes), sorted(set(shapes))
 
 
-def test_target_run_and_self_check_cost_about_two_passes(toy_model):
-    """The target run plus the self-check of the shortcuts: one plain pass, one recording
-    pass over every block, and one short pass at the answer positions (it used to be four
-    full passes' worth, a third of a GPT-2-small sweep). GPT-2 blocks in transformers 5 do
-    not pass the KV cache on to TransformerLens' attention, which the engine learns with one
-    more pass on a model's first sweep and remembers."""
+def test_target_run_and_self_check_cost_about_one_pass_after_the_first_sweep(toy_model):
+    """The target run plus the self-check of the shortcuts. On a model's first sweep: one plain
+    pass, one pass over every block by the engine with taps recording keys and values (A),
+    and one short pass at the answer positions (B) (it used to be four full passes' worth, a
+    third of a GPT-2-small sweep). Once (A) has shown the taps reproduce the plain pass, the
+    target run records through the taps itself: one full pass and (B). (GPT-2 blocks in
+    transformers 5 do not pass the KV cache on to TransformerLens' attention; the engine
+    learns that on the first sweep too, and remembers it.)"""
     batch = ioi_batch(toy_model, 4)
     tokens = toy_model.to_tokens(batch.corrupted)  # [batch, pos]
     answer_pos = torch.full((tokens.shape[0],), tokens.shape[1] - 1)
     Engine(toy_model, tokens, answer_pos).run_target([])  # (the model's first sweep, maybe)
     engine = Engine(toy_model, tokens, answer_pos, columns=torch.tensor([1, 2]))
+    expected = engine.work()
     counts, handles = _count_block_tokens(toy_model)
     try:
-        engine.run_target([])
+        final, _ = engine.run_target([])
     finally:
         for h in handles:
             h.remove()
     assert engine.shortcut_report() == {"resumed": 1, "prefix_skipped": 1, "fallback_reason": None}
     one_pass = tokens.numel() * toy_model.cfg.n_layers
-    assert counts[0] <= 2 * one_pass + 3 * tokens.shape[0] * toy_model.cfg.n_layers, counts[0] / one_pass
-    assert engine.work() == counts[0]  # what the progress bar expects
+    assert counts[0] <= one_pass + 3 * tokens.shape[0] * toy_model.cfg.n_layers, counts[0] / one_pass
+    assert expected == counts[0]  # what the progress bar expects
+    # ...and the logits are the model's own.
+    with torch.no_grad():
+        plain = toy_model(tokens)[:, -1][:, torch.tensor([1, 2])]
+    torch.testing.assert_close(final, plain, atol=1e-5, rtol=0)
+
+
+def test_target_run_through_taps_is_redone_when_in_doubt(toy_model, monkeypatch):
+    """If the taps the target run records through are not all read once (here: the engine has
+    forgotten that GPT-2's attention must be handed its tap directly), the engine does not
+    trust those logits: it runs the target again, plainly, and checks the long way."""
+    import weakref
+
+    import patchwidgets.engine as engine_module
+
+    batch = ioi_batch(toy_model, 4)
+    tokens = toy_model.to_tokens(batch.corrupted)
+    answer_pos = torch.full((tokens.shape[0],), tokens.shape[1] - 1)
+    Engine(toy_model, tokens, answer_pos).run_target([])
+    assert toy_model in engine_module._TAPS_VERIFIED
+    monkeypatch.setattr(engine_module, "_TAP_ATTENTION", weakref.WeakKeyDictionary())
+    engine = Engine(toy_model, tokens, answer_pos)
+    counts, handles = _count_block_tokens(toy_model)
+    try:
+        final, _ = engine.run_target([])
+    finally:
+        for h in handles:
+            h.remove()
+    one_pass = tokens.numel() * toy_model.cfg.n_layers
+    assert counts[0] >= 3 * one_pass  # the tapped run, the plain one, and pass (A) again (and its hand-off)
+    assert engine.shortcut_report()["prefix_skipped"] == 1
+    with torch.no_grad():
+        plain = toy_model(tokens)[:, -1]
+    torch.testing.assert_close(final, plain, atol=1e-5, rtol=0)

@@ -17,11 +17,13 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import warnings
+import weakref
 
 import pytest
 import torch
 
 import patchwidgets
+import patchwidgets.engine as engine_module
 from patchwidgets.engine import Engine, input_device
 
 N_LAYERS, N_HEADS, N_KV_HEADS, D_MODEL, SEQ = 4, 4, 2, 64, 9
@@ -312,7 +314,10 @@ def test_half_precision_shortcuts_add_no_error(ioi_fp32, dtype, monkeypatch):
     model = patchwidgets.load_model("toy-ioi", "cpu", dtype=dtype)
     args = (model, batch.clean_tokens, batch.corrupted_tokens, answers)
     fast = patchwidgets.patch(*args, site="head_out", progress=False)
-    monkeypatch.setattr(Engine, "_self_check", lambda self, final: self._off("forced off", warn=False))
+    # Shortcuts off, and a target run that records nothing through the engine's taps.
+    monkeypatch.setattr(Engine, "_self_check",
+                        lambda self, final, recorded=None: self._off("forced off", warn=False))
+    monkeypatch.setattr(engine_module, "_TAPS_VERIFIED", weakref.WeakSet())
     plain = patchwidgets.patch(*args, site="head_out", progress=False)
     assert fast.stats["resumed"] == 1 and plain.stats["resumed"] == 0
     assert float((fast.values["logit_diff"] - plain.values["logit_diff"]).abs().max()) <= 0.01
