@@ -140,6 +140,49 @@ def compare(estimate: PatchResult, exact: PatchResult, metric: str | None = None
         misses=misses.reset_index(drop=True))
 
 
+# ---------------------------------------------------------------------------- shared steps
+def gradient_groups(metric_fns: dict[str, Any]) -> dict[str, list[str]]:
+    """The backward passes a request needs: ``{group key: metric names}``. ``logit_diff`` and
+    ``normalized`` share one (``normalized`` is an affine map of the logit difference); every
+    other metric has its own."""
+    groups: dict[str, list[str]] = {}
+    for name, m in metric_fns.items():
+        groups.setdefault(_LD if m in ("logit_diff", "normalized") else name, []).append(name)
+    return groups
+
+
+def differentiated_metric(key: str, metric_fns: dict[str, Any], logits: torch.Tensor,
+                          ctx: metrics_mod.MetricContext) -> torch.Tensor:
+    """``[batch]``: the metric of group ``key`` (:func:`gradient_groups`) from answer logits
+    ``[batch, vocab]`` that carry a graph. Raises for a metric without a gradient."""
+    if key == _LD:
+        scalar = metrics_mod.logit_diff(logits.float(), ctx.correct, ctx.incorrect)
+    else:
+        scalar = metrics_mod.compute({key: metric_fns[key]}, logits[None], ctx)[key][0]
+    if not scalar.requires_grad:
+        raise PatchingInputError(f"metric {key!r} has no gradient, so it cannot be estimated", "metrics")
+    return scalar
+
+
+def attribution_result(request: Any, cells: Any, measure: Any, groups: dict[str, list[str]],
+                       per_group: dict[str, list[torch.Tensor]], method: str) -> "AttributionResult":
+    """The :class:`AttributionResult`: each metric's unpatched target value plus its group's
+    estimates ``per_group[key]`` (one ``[n_cells, batch]`` tensor per site), ``normalized``
+    divided by the clean-corrupted gap."""
+    inputs, n_sites, n_cells = request.inputs, len(cells.sites), len(cells.indices)
+    values = {}
+    for key, members in groups.items():
+        change = torch.stack(per_group[key])                                     # [site, cell, batch]
+        for name in members:
+            scale = 1 / measure.ctx.gap if request.metric_fns[name] == "normalized" else 1.0
+            values[name] = (measure.target_values[name].float().cpu()[None, None, :] + change * scale)
+    return AttributionResult(
+        sites=cells.names, axes=cells.axes, shape=cells.shape, indices=cells.indices,
+        values={k: values[k].reshape(n_sites, n_cells, -1) for k in request.metric_fns},
+        direction=request.direction, baselines=measure.baselines, clean_str_tokens=inputs.clean_str_tokens,
+        corrupted_str_tokens=inputs.corrupted_str_tokens, method=method)
+
+
 class _Stop(Exception):
     """Ends a forward pass once the final residual stream is in hand."""
 
@@ -209,6 +252,7 @@ def attribution_patch(
     heads: Sequence[int] | None = None,
     neurons: Sequence[int] | None = None,
     index: Sequence[tuple] | None = None,
+    remote: bool = False,
 ) -> AttributionResult:
     """Estimate every patch of ``site`` from two forward passes and one backward pass per metric.
 
@@ -220,11 +264,21 @@ def attribution_patch(
     Args:
         qk_fix: AtP*: recompute the attention softmax exactly for query and key patches
             (module docstring). ``False`` gives plain AtP everywhere.
+        remote: for an nnsight model (``nnsight.TransformersModel``, which this function also
+            accepts, see :func:`patchwidgets.nnsight_backend.attribution_patch`): run the
+            traces on NDIF.
 
     Raises:
         PatchingInputError: as :func:`patchwidgets.patch`, and for a discrete metric
             (``rank``, ``accuracy``), which has no gradient.
     """
+    from . import nnsight_backend  # (imports nnsight only for an nnsight model)
+
+    if remote or nnsight_backend.is_nnsight_model(model):
+        return nnsight_backend.attribution_patch(
+            model, clean, corrupted, answers, site, direction, metrics, qk_fix=qk_fix, ablation=ablation,
+            noise=noise, noise_positions=noise_positions, noise_seed=noise_seed, layers=layers,
+            positions=positions, heads=heads, neurons=neurons, index=index, remote=remote)
     request = prepare_request(model, clean, corrupted, answers, direction, metrics, ablation=ablation,
                               noise=noise, noise_positions=noise_positions, noise_seed=noise_seed, gradient=True)
     inputs, metric_fns = request.inputs, request.metric_fns
@@ -261,21 +315,14 @@ def attribution_patch(
     ctx = measure.ctx
 
     # --- One backward pass per distinct gradient (normalized is an affine map of logit_diff).
-    with torch.enable_grad():
-        base = metrics_mod.compute(metric_fns, target_logits[None], ctx)
-    plan: dict[str, list[str]] = {}
-    for name, m in metric_fns.items():
-        plan.setdefault(_LD if m in ("logit_diff", "normalized") else name, []).append(name)
+    groups = gradient_groups(metric_fns)
     tensors = list({id(target_acts[n]): target_acts[n] for n in names}.values())
-    estimates: dict[str, list[torch.Tensor]] = {}
+    per_group: dict[str, list[torch.Tensor]] = {}
     qk_ok = bool(qk_layers)
-    for g, (key, members) in enumerate(plan.items()):
+    for g, key in enumerate(groups):
         with torch.enable_grad():
-            scalar = (metrics_mod.logit_diff(target_logits.float(), ctx.correct, ctx.incorrect)
-                      if key == _LD else base[key][0])
-            if not scalar.requires_grad:
-                raise PatchingInputError(f"metric {key!r} has no gradient, so it cannot be estimated", "metrics")
-            grads = torch.autograd.grad(scalar.sum(), tensors, retain_graph=g < len(plan) - 1, allow_unused=True)
+            scalar = differentiated_metric(key, metric_fns, target_logits, ctx)
+            grads = torch.autograd.grad(scalar.sum(), tensors, retain_graph=g < len(groups) - 1, allow_unused=True)
         grad_of = {id(t): gr for t, gr in zip(tensors, grads)}
         grad = {n: grad_of[id(target_acts[n])] for n in names}
         qk = _qk_estimates(model, qk_layers, target_acts, source_acts, grad) if qk_ok else None
@@ -283,29 +330,28 @@ def attribution_patch(
             qk_ok = False
             warnings.warn("cannot rebuild the attention pattern from hook_q/hook_k on this model (rotary, "
                           "ALiBi or soft-capped scores?): using plain AtP for queries and keys", stacklevel=2)
-        per_site = [_site_estimates(s, indices, inputs.batch, target_acts, source_acts, grad, qk) for s in sites]
-        for name in members:
-            scale = 1 / ctx.gap if metric_fns[name] == "normalized" else 1.0
-            estimates[name] = [e * scale for e in per_site]
+        per_group[key] = [site_estimates(s, indices, inputs.batch, target_acts, source_acts, grad, qk) for s in sites]
 
     n_cells = len(indices)
-    values = {name: measure.target_values[name].float().cpu()[None, None, :] + torch.stack(estimates[name])
-              for name in metric_fns}
-    result = AttributionResult(
-        sites=cells.names, axes=cells.axes, shape=cells.shape, indices=indices,
-        values={k: v.reshape(len(sites), n_cells, -1) for k, v in values.items()}, direction=request.direction,
-        baselines=measure.baselines, clean_str_tokens=inputs.clean_str_tokens,
-        corrupted_str_tokens=inputs.corrupted_str_tokens,
-        method="atp*" if qk_fix and (qk_ok or not qk_layers) else "atp")
+    result = attribution_result(request, cells, measure, groups, per_group,
+                                method="atp*" if qk_fix and (qk_ok or not qk_layers) else "atp")
     result.stats = {"patches": n_cells * len(sites), "forward_passes": 1 + (source_run is not None),
-                    "backward_passes": len(plan), "qk_fix": int(qk_ok), "logits_shortcut": int(shortcut)}
+                    "backward_passes": len(groups), "qk_fix": int(qk_ok), "logits_shortcut": int(shortcut)}
     return result
 
 
 # ---------------------------------------------------------------------------- per-site sums
-def _site_estimates(site: Site, indices: list[tuple], batch: int, target_acts, source_acts, grad,
-                    qk) -> torch.Tensor:
-    """``[n_cells, batch]``: each cell's estimated change of the metric."""
+def site_estimates(site: Site, indices: list[tuple], batch: int, target_acts: dict[str, torch.Tensor],
+                   source_acts: dict[str, torch.Tensor], grad: dict[str, torch.Tensor | None],
+                   qk: dict | None = None) -> torch.Tensor:
+    """``[n_cells, batch]``: each cell's estimated change of the metric.
+
+    ``target_acts``, ``source_acts`` and ``grad`` (the metric's gradient at the target run,
+    ``None`` where the metric does not depend on it) are keyed by hook name, in the layout of
+    the bridge's hooks (``[batch, pos, head, d_head]`` for per-head sites); ``qk``: AtP*
+    estimates for query and key sites (:func:`attribution_patch`), ``None`` for plain AtP.
+    The nnsight backend calls it with its own activations, laid out the same way.
+    """
     out = torch.zeros(len(indices), batch)
     if site.kind == "raw":
         name = site.hook_template

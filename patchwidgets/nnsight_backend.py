@@ -1,4 +1,5 @@
-"""Activation patching on an nnsight model: :func:`patchwidgets.patch` for ``nnsight.TransformersModel``.
+"""Patching on an nnsight model: :func:`patchwidgets.patch` and :func:`patchwidgets.attribution_patch`
+for ``nnsight.TransformersModel``.
 
 ``pw.patch(model, ...)`` hands an nnsight model (``nnsight.TransformersModel``, or its
 deprecated alias ``nnsight.LanguageModel``) to :func:`patch` here. The sweep is the same as on
@@ -54,8 +55,14 @@ Not supported (a :class:`~patchwidgets.errors.UnknownSiteError` lists the suppor
 a bridge patching ``hook_resid_mid`` replaces only the input of the MLP's LayerNorm while the
 residual stream carried past the MLP keeps the unpatched value (unlike ``HookedTransformer``),
 so there is no single nnsight value that reproduces it and means "the residual stream"; raw
-hook names (``index=``). :func:`patchwidgets.attribution_patch` and
-:func:`patchwidgets.path_patch` do not take nnsight models.
+hook names (``index=``). :func:`patchwidgets.path_patch` does not take nnsight models.
+
+Attribution patching
+--------------------
+:func:`patchwidgets.attribution_patch` on an nnsight model runs :func:`attribution_patch` here:
+the two recording traces above, then one trace per distinct gradient that runs the target
+forward and backward (nnsight's ``with scalar.backward():`` block) and saves the gradient at
+every site. Same sites as patching; queries and keys get plain AtP (no pattern to rebuild).
 
 Loading: ``nnsight.TransformersModel(hf_model, tokenizer=tok, task="text-generation")`` or
 ``nnsight.TransformersModel(folder, task="text-generation", dispatch=True)``; with nnsight
@@ -79,12 +86,15 @@ import functools
 import inspect
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from .attribution import (QK_SITES, AttributionResult, attribution_result, differentiated_metric,
+                          gradient_groups, site_estimates)
 from .errors import PatchingInputError, UnknownSiteError
 from .inputs import Prompts
 from .results import PatchResult
@@ -394,6 +404,57 @@ class _Run:
         return answer.reshape(k, self.batch, -1)
 
 
+    def gradients(self, values: Sequence[tuple[str, str]],
+                  weights: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
+        """The gradient of ``sum(weights * answer logits)`` at each ``(module path, port)``
+        value of this run (``values`` in the model's order; ``weights``: ``[batch, vocab]``).
+
+        One trace: the forward pass with gradients on, then nnsight's backward block, which
+        serves ``.grad`` in reverse order. A value the model computes without a graph (frozen
+        weights) is replaced by a leaf that requires one, as the bridge's attribution does.
+        """
+        import nnsight
+
+        model, encoding, noise = self.info.model, self.encoding, self.noise
+        envoys = [(_envoy(model, path), port) for path, port in values]
+        if noise is not None:
+            embed, scale = _envoy(model, noise[0]), self.noise_scale
+        rows, column = torch.arange(self.batch), self.column
+        weights = weights.detach()
+        with torch.enable_grad():
+            with self._trace() as tracer:
+                grads = nnsight.save([None] * len(envoys))
+                with tracer.invoke(encoding):
+                    if noise is not None:
+                        noised = embed.output.clone()
+                        noised[:, noise[1]] += (noise[2] * scale).to(noised.device, noised.dtype)
+                        embed.output = noised
+                    read = []
+                    for env, port in envoys:
+                        if port == "input":
+                            value = env.input
+                        else:
+                            out = env.output
+                            value = out[0] if isinstance(out, tuple) else out
+                        if not value.requires_grad:  # frozen weights: start the graph here
+                            value = value.detach().requires_grad_(True)
+                            if port == "input":
+                                env.input = value
+                            elif isinstance(out, tuple):
+                                env.output = (value, *out[1:])
+                            else:
+                                env.output = value
+                        read.append(value)
+                    out = model.output
+                    logits = out.logits if hasattr(out, "logits") else out[0]
+                    answer = logits[rows.to(logits.device), column.to(logits.device)]   # [batch, vocab]
+                    scalar = (answer.float() * weights.to(answer.device)).sum()
+                    with scalar.backward():
+                        for j in range(len(read) - 1, -1, -1):
+                            grads[j] = read[j].grad.detach().clone()
+        return dict(zip(values, grads))
+
+
 def _device(hf_model: Any) -> torch.device:
     param = next(iter(hf_model.parameters()), None)
     if param is None or param.device.type == "meta":  # a remote model's local copy has no weights
@@ -413,6 +474,82 @@ def _noise(info: NNsightModelInfo, inputs, scale: float, noise_positions, seed: 
 
 
 # ---------------------------------------------------------------------------------- the sweep
+@dataclass
+class _Sweep:
+    """What :func:`patch` and :func:`attribution_patch` prepare alike: the checked request, its
+    cells, where each (site, layer) lives, and the target and source runs."""
+
+    info: NNsightModelInfo
+    request: Any                         # sweep.Request
+    cells: Any                           # sweep.Cells
+    where: dict[tuple[str, int], Point]  # (site name, layer) -> point
+    target: _Run
+    source: _Run
+
+    @property
+    def points(self) -> list[Point]:
+        return list(dict.fromkeys(self.where.values()))
+
+    @property
+    def ablated(self) -> bool:
+        return self.request.ablation in ("zero", "mean")
+
+    def module_values(self) -> list[tuple[str, str]]:
+        """The distinct ``(module path, port)`` values behind the points, in the order the
+        model computes them (one invoke reads them in that order). Several points can share
+        one value: GPT-2's fused ``c_attn`` output holds q, k and v."""
+        order = {"resid_pre": 0, "head_q": 1, "head_k": 2, "head_v": 3, "head_out": 4, "attn_out": 5,
+                 "neuron": 6, "mlp_out": 7, "resid_post": 8}
+        ranked = sorted(self.where.items(), key=lambda item: (item[0][1], order[item[0][0].removesuffix("_by_pos")]))
+        return list(dict.fromkeys((p.path, p.port) for _, p in ranked))
+
+
+def _prepare(model: Any, clean: Prompts, corrupted: Prompts | None, answers: Any, site: str, direction: Any,
+             metrics: Any, *, ablation: Any, noise: Any, noise_positions: Any, noise_seed: Any, layers: Any,
+             positions: Any, heads: Any, neurons: Any, index: Any, remote: bool, gradient: bool = False) -> _Sweep:
+    if not is_nnsight_model(model):
+        raise PatchingInputError("the nnsight backend (and remote=True, which runs on NDIF) needs an "
+                                 "nnsight model (nnsight.TransformersModel); this model is not one")
+    if not remote and not getattr(model, "dispatched", True):
+        model.dispatch()  # load the weights of a lazily loaded model (nnsight would on the first trace)
+    info = NNsightModelInfo(model)
+    request = prepare_request(info, clean, corrupted, answers, direction, metrics, ablation=ablation,
+                              noise=noise, noise_positions=noise_positions, noise_seed=noise_seed, gradient=gradient)
+    inputs = request.inputs
+    try:
+        sites = resolve_sites(site)
+    except UnknownSiteError:
+        raise unsupported_site(site) from None
+    for s in sites:
+        if s.name not in SUPPORTED_SITES:
+            raise unsupported_site(s.name)
+    if index is not None:
+        raise PatchingInputError("index= is for hook-name sites, which the nnsight backend does not "
+                                 "support; restrict a sweep with layers=, positions=, heads=, neurons=", "site")
+    cells = sweep_cells(info, inputs, site, layers=layers, positions=positions, heads=heads, neurons=neurons)
+    where = {(s.name, layer): info.point(s, layer) for s in cells.sites
+             for layer in sorted({i[0] for i in cells.indices})}
+    # The target is patched into, the source gives the values (the target itself when ablated).
+    noise_spec = _noise(info, inputs, request.noise, request.noise_positions, request.noise_seed) \
+        if request.ablation == "noise" else None
+    corrupted_tokens = inputs.clean_tokens if request.ablation else inputs.corrupted_tokens
+    clean_run = _Run(info, inputs.clean_tokens, inputs.answer_pos, remote=remote)
+    corrupted_run = _Run(info, corrupted_tokens, inputs.answer_pos, noise_spec, remote)
+    target, source = (corrupted_run, clean_run) if request.direction == "denoising" else (clean_run, corrupted_run)
+    return _Sweep(info, request, cells, where, target, source)
+
+
+def _unpatched(sweep: _Sweep) -> tuple[Any, torch.Tensor, dict[Point, torch.Tensor], dict[Point, torch.Tensor]]:
+    """The two recording traces: the metrics, the target's answer logits ``[batch, vocab]``,
+    and the target's and source's values at every point."""
+    target_logits, target_acts = sweep.target.record(sweep.points)
+    if sweep.ablated:
+        source_logits, source_acts = None, ablation_values(target_acts, sweep.request.ablation or "")
+    else:
+        source_logits, source_acts = sweep.source.record(sweep.points)
+    return sweep.request.measure(target_logits, source_logits), target_logits, target_acts, source_acts
+
+
 @torch.no_grad()
 def patch(
     model: Any,
@@ -443,44 +580,12 @@ def patch(
     ``remote=True`` runs every trace on NDIF (``model.trace(remote=True)``; needs nnsight's
     NDIF API key). Not tested offline: see the module docstring.
     """
-    if not is_nnsight_model(model):
-        raise PatchingInputError("the nnsight backend (and remote=True, which runs on NDIF) needs an "
-                                 "nnsight model (nnsight.TransformersModel); this model is not one")
-    if not remote and not getattr(model, "dispatched", True):
-        model.dispatch()  # load the weights of a lazily loaded model (nnsight would on the first trace)
-    info = NNsightModelInfo(model)
-    request = prepare_request(info, clean, corrupted, answers, direction, metrics, ablation=ablation,
-                              noise=noise, noise_positions=noise_positions, noise_seed=noise_seed)
+    sweep = _prepare(model, clean, corrupted, answers, site, direction, metrics, ablation=ablation, noise=noise,
+                     noise_positions=noise_positions, noise_seed=noise_seed, layers=layers, positions=positions,
+                     heads=heads, neurons=neurons, index=index, remote=remote)
+    request, cells, where = sweep.request, sweep.cells, sweep.where
     inputs = request.inputs
-    try:
-        sites = resolve_sites(site)
-    except UnknownSiteError:
-        raise unsupported_site(site) from None
-    for s in sites:
-        if s.name not in SUPPORTED_SITES:
-            raise unsupported_site(s.name)
-    if index is not None:
-        raise PatchingInputError("index= is for hook-name sites, which the nnsight backend does not "
-                                 "support; restrict a sweep with layers=, positions=, heads=, neurons=", "site")
-    cells = sweep_cells(info, inputs, site, layers=layers, positions=positions, heads=heads, neurons=neurons)
-    where = {(s.name, layer): info.point(s, layer) for s in cells.sites
-             for layer in sorted({i[0] for i in cells.indices})}
-    points = list(dict.fromkeys(where.values()))
-
-    # --- The two unpatched runs: target (patched into) and source (values come from).
-    ablated = request.ablation in ("zero", "mean")
-    noise_spec = _noise(info, inputs, request.noise, request.noise_positions, request.noise_seed) \
-        if request.ablation == "noise" else None
-    corrupted_tokens = inputs.clean_tokens if request.ablation else inputs.corrupted_tokens
-    clean_run = _Run(info, inputs.clean_tokens, inputs.answer_pos, remote=remote)
-    corrupted_run = _Run(info, corrupted_tokens, inputs.answer_pos, noise_spec, remote)
-    target, source = (corrupted_run, clean_run) if request.direction == "denoising" else (clean_run, corrupted_run)
-    target_logits, target_acts = target.record(points if ablated else [])
-    if ablated:
-        source_logits, source_acts = None, ablation_values(target_acts, request.ablation or "")
-    else:
-        source_logits, source_acts = source.record(points)
-    measure = request.measure(target_logits, source_logits)
+    measure, _, _, source_acts = _unpatched(sweep)
 
     # --- The patches; one where both runs are bound to agree is already done (as on a bridge).
     patches = cells.patches(request.changed)
@@ -500,6 +605,77 @@ def patch(
             out.append((point, sl, point.view(source_acts[point])[sl]))
         return out
 
-    jobs = [([p.slot for p in chunk], functools.partial(lambda c: target.patched(writes(c)), chunk))
+    jobs = [([p.slot for p in chunk], functools.partial(lambda c: sweep.target.patched(writes(c)), chunk))
             for chunk in chunks]
     return run_streaming(result, jobs, measure, progress=progress, callback=callback, cancel=cancel)
+
+
+def attribution_patch(
+    model: Any,
+    clean: Prompts,
+    corrupted: Prompts | None = None,
+    answers: Any = None,
+    site: str = "head_out",
+    direction: str | None = None,
+    metrics: Any = ("logit_diff", "normalized"),
+    *,
+    qk_fix: bool = True,
+    ablation: str | None = None,
+    noise: float = 3.0,
+    noise_positions: Sequence[int] | None = None,
+    noise_seed: int = 0,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    neurons: Sequence[int] | None = None,
+    index: Sequence[tuple] | None = None,
+    remote: bool = False,
+) -> AttributionResult:
+    """:func:`patchwidgets.attribution_patch` for an nnsight model; same arguments, same result.
+
+    Two recording traces (as :func:`patch`), then one trace per distinct gradient
+    (:func:`~patchwidgets.attribution.gradient_groups`: one for ``logit_diff`` and
+    ``normalized`` together) that runs the target forward and backward and saves the
+    gradient at each site. The metric is a function of the answer logits only, so its
+    gradient with respect to them, ``w = dM/dlogits``, is computed here first and the trace
+    backpropagates ``sum(w * logits)``: nothing but torch runs inside the trace, and
+    ``remote=True`` (not run offline) sends the same trace to NDIF.
+
+    Queries and keys get plain AtP (``result.method == "atp"`` where they are swept): the
+    AtP* fix rebuilds the attention pattern from them, and the nnsight backend has no pattern.
+    Every other site gives the bridge's estimates (``tests/test_nnsight.py``).
+    """
+    sweep = _prepare(model, clean, corrupted, answers, site, direction, metrics, ablation=ablation, noise=noise,
+                     noise_positions=noise_positions, noise_seed=noise_seed, layers=layers, positions=positions,
+                     heads=heads, neurons=neurons, index=index, remote=remote, gradient=True)
+    request, cells, where = sweep.request, sweep.cells, sweep.where
+    with torch.no_grad():
+        measure, target_logits, target_acts, source_acts = _unpatched(sweep)
+    qk_swept = any(s.name in QK_SITES for s in cells.sites)
+    if qk_fix and qk_swept:
+        warnings.warn("the nnsight backend has no attention pattern to rebuild: plain AtP for queries and "
+                      "keys (AtP* needs a TransformerBridge)", stacklevel=3)
+
+    # Each (site, layer) in the bridge's hook layout, keyed by the bridge's hook name.
+    hooks = {s.hook_name(layer): point for (name, layer), point in where.items() for s in cells.sites
+             if s.name == name}
+    values = sweep.module_values()
+    groups = gradient_groups(request.metric_fns)
+    per_group: dict[str, list[torch.Tensor]] = {}
+    for key in groups:
+        logits = target_logits.detach().float().requires_grad_(True)
+        with torch.enable_grad():
+            scalar = differentiated_metric(key, request.metric_fns, logits, measure.ctx)
+            (weights,) = torch.autograd.grad(scalar.sum(), logits)        # [batch, vocab]
+        grad_of = sweep.target.gradients(values, weights)
+        grads = {p: grad_of[(p.path, p.port)] for p in sweep.points}
+        acts = ({h: p.view(target_acts[p]) for h, p in hooks.items()},
+                {h: p.view(source_acts[p]) for h, p in hooks.items()},
+                {h: p.view(grads[p]) for h, p in hooks.items()})
+        per_group[key] = [site_estimates(s, cells.indices, request.inputs.batch, *acts) for s in cells.sites]
+    result = attribution_result(request, cells, measure, groups, per_group,
+                                method="atp" if qk_swept else ("atp*" if qk_fix else "atp"))
+    result.stats = {"patches": len(cells.indices) * len(cells.sites), "forward_passes": 1 + (not sweep.ablated),
+                    "backward_passes": len(groups), "qk_fix": 0, "logits_shortcut": 0,
+                    "traces": 1 + (not sweep.ablated) + len(groups)}
+    return result

@@ -170,13 +170,8 @@ def test_remote_needs_an_nnsight_model(toy):
         pw.patch(bridge, batch.clean, batch.corrupted, list(zip(batch.correct, batch.incorrect)), remote=True)
 
 
-def test_remote_sends_every_trace_to_ndif(toy, monkeypatch):
-    """``remote=True`` is the local code path with ``remote=True`` on every trace. NDIF cannot
-    be reached offline, so the traces are run locally; what is checked is that none of them
-    would have stayed local, and that the sweep is otherwise the same."""
-    bridge, lm, batch = toy
-    answers = list(zip(batch.correct, batch.incorrect))
-    local = pw.patch(lm, batch.clean, batch.corrupted, answers, site="head_out")
+def _record_remote_flags(lm, monkeypatch) -> list:
+    """From now on, ``lm.trace`` runs locally and records the ``remote=`` each call asked for."""
     real_trace, flags = type(lm).trace, []
 
     def trace(self, *args, **kwargs):
@@ -184,6 +179,17 @@ def test_remote_sends_every_trace_to_ndif(toy, monkeypatch):
         return real_trace(self, *args, **kwargs)
 
     monkeypatch.setattr(type(lm), "trace", trace)
+    return flags
+
+
+def test_remote_sends_every_trace_to_ndif(toy, monkeypatch):
+    """``remote=True`` is the local code path with ``remote=True`` on every trace. NDIF cannot
+    be reached offline, so the traces are run locally; what is checked is that none of them
+    would have stayed local, and that the sweep is otherwise the same."""
+    bridge, lm, batch = toy
+    answers = list(zip(batch.correct, batch.incorrect))
+    local = pw.patch(lm, batch.clean, batch.corrupted, answers, site="head_out")
+    flags = _record_remote_flags(lm, monkeypatch)
     remote = pw.patch(lm, batch.clean, batch.corrupted, answers, site="head_out", remote=True)
     assert len(flags) >= 3 and all(flag is True for flag in flags), flags
     torch.testing.assert_close(remote.grid("normalized"), local.grid("normalized"), atol=0, rtol=0)
@@ -249,3 +255,99 @@ def test_llama_ablations_match_bridge(llama, ablation, direction, site):
     metrics = ["logit_diff", "prob", "kl"]
     expected, got = _pair(bridge, lm, batch, metrics, site=site, direction=direction, ablation=ablation)
     _assert_same(expected, got)
+
+
+# ------------------------------------------------------------------------------------ attribution patching
+def _atp_pair(bridge, lm, batch, metrics, **kw):
+    answers = list(zip(batch.correct, batch.incorrect))
+    corrupted = None if kw.get("ablation") else batch.corrupted
+    expected = pw.attribution_patch(bridge, batch.clean, corrupted, answers, metrics=metrics, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (plain AtP for q/k: asserted below)
+        got = pw.attribution_patch(lm, batch.clean, corrupted, answers, metrics=metrics, **kw)
+    return expected, got
+
+
+ATP_SITES = [
+    ("resid_pre", {}), ("attn_out", {}), ("mlp_out", {"direction": "noising"}), ("head_out", {}),
+    ("head_out_by_pos", {"layers": [2, 3]}), ("head_v", {}), ("head_q", {"qk_fix": False}),
+    ("head_k_by_pos", {"layers": [3], "qk_fix": False}), ("neuron", {"layers": [1], "neurons": range(0, 512, 32)}),
+    ("resid_post", {"ablation": "noise"}), ("head_out", {"ablation": "mean", "direction": "noising"}),
+]
+
+
+@pytest.mark.parametrize("site,kw", ATP_SITES, ids=[f"{s}-{'-'.join(map(str, kw.values()))}" for s, kw in ATP_SITES])
+def test_toy_attribution_matches_bridge(toy, site, kw):
+    """The nnsight traces (forward, nnsight's backward block) give the bridge's estimates: an
+    independent implementation (TransformerLens hooks and torch.autograd on the bridge)."""
+    bridge, lm, batch = toy
+    metrics = ["logit_diff", "normalized", "logprob", "kl"] if not kw.get("ablation") else ["logit_diff", "prob"]
+    expected, got = _atp_pair(bridge, lm, batch, metrics, site=site, **kw)
+    assert isinstance(got, pw.AttributionResult) and got.method == expected.method
+    assert got.sites == expected.sites and got.shape == expected.shape and got.indices == expected.indices
+    for metric in metrics:
+        assert got.values[metric].abs().max() > 0
+        torch.testing.assert_close(got.values[metric], expected.values[metric], atol=2e-4, rtol=1e-4, msg=metric)
+    # The estimates move away from the unpatched value (a gradient of zero would also "agree").
+    assert (got.values["logit_diff"] - got.baselines[("clean" if got.direction == "noising" else "corrupted")]
+            ["logit_diff"]).abs().max() > 1e-2
+
+
+def test_toy_attribution_qk_is_plain_atp(toy):
+    """No attention pattern on nnsight: queries and keys get plain AtP, with a warning, equal to
+    the bridge's plain AtP; AtP* on the bridge differs (so the comparison can tell them apart)."""
+    bridge, lm, batch = toy
+    answers = list(zip(batch.correct, batch.incorrect))
+    with pytest.warns(UserWarning, match="plain AtP"):
+        got = pw.attribution_patch(lm, batch.clean, batch.corrupted, answers, site="head_q")
+    plain = pw.attribution_patch(bridge, batch.clean, batch.corrupted, answers, site="head_q", qk_fix=False)
+    star = pw.attribution_patch(bridge, batch.clean, batch.corrupted, answers, site="head_q")
+    assert got.method == "atp" and got.stats["qk_fix"] == 0 and star.method == "atp*"
+    torch.testing.assert_close(got.grid(), plain.grid(), atol=2e-4, rtol=1e-4)
+    assert (star.grid() - plain.grid()).abs().max() > 1e-3
+
+
+def test_attribution_refuses_unsupported(toy):
+    _, lm, batch = toy
+    answers = list(zip(batch.correct, batch.incorrect))
+    with pytest.raises(PatchingInputError, match="resid_pre, resid_post") as err:
+        pw.attribution_patch(lm, batch.clean, batch.corrupted, answers, site="head_pattern")
+    assert err.value.field == "site"
+    with pytest.raises(PatchingInputError) as err:
+        pw.attribution_patch(lm, batch.clean, batch.corrupted, answers, metrics="rank")
+    assert err.value.field == "metrics"
+
+
+def test_attribution_frozen_weights(toy):
+    """Weights that do not require gradients (a frozen model) still give the estimates."""
+    bridge, lm, batch = toy
+    answers = list(zip(batch.correct, batch.incorrect))
+    expected = pw.attribution_patch(bridge, batch.clean, batch.corrupted, answers, site="attn_out")
+    flags = [p.requires_grad for p in lm._module.parameters()]
+    try:
+        for p in lm._module.parameters():
+            p.requires_grad_(False)
+        got = pw.attribution_patch(lm, batch.clean, batch.corrupted, answers, site="attn_out")
+    finally:
+        for p, flag in zip(lm._module.parameters(), flags):
+            p.requires_grad_(flag)
+    torch.testing.assert_close(got.grid(), expected.grid(), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("site", ["head_out", "head_v_by_pos", "mlp_out"])
+def test_llama_attribution_matches_bridge(llama, site):
+    bridge, lm, batch, gap = llama
+    expected, got = _atp_pair(bridge, lm, batch, ["logit_diff", "kl"], site=site)
+    for metric in ("logit_diff", "kl"):
+        torch.testing.assert_close(got.values[metric], expected.values[metric], atol=2e-4, rtol=1e-4, msg=metric)
+
+
+def test_attribution_remote_sends_every_trace_to_ndif(toy, monkeypatch):
+    """As for ``patch``: ``remote=True`` only sets the flag on every trace (run locally here)."""
+    _, lm, batch = toy
+    answers = list(zip(batch.correct, batch.incorrect))
+    local = pw.attribution_patch(lm, batch.clean, batch.corrupted, answers, site="head_out")
+    flags = _record_remote_flags(lm, monkeypatch)
+    remote = pw.attribution_patch(lm, batch.clean, batch.corrupted, answers, site="head_out", remote=True)
+    assert len(flags) == 3 and all(flag is True for flag in flags), flags  # target, source, gradient
+    torch.testing.assert_close(remote.grid("normalized"), local.grid("normalized"), atol=0, rtol=0)
