@@ -236,14 +236,42 @@ def test_everything_on_disk(checkpoint, tmp_path, data):
               patchwidgets.patch(disk, clean, c, answers, progress=False, **kwargs))
 
 
-def test_grading_check_on_offloaded_toy_model(tmp_path):
+TOY_SPLIT = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.drop": "cpu",
+             "transformer.h.0": "cpu", "transformer.h.1": "disk", "transformer.h.2": "disk",
+             "transformer.h.3": "disk", "transformer.ln_f": "disk", "lm_head": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def toy_split(tmp_path_factory):
+    """toy-ioi with its first block on the CPU and the rest (and the final norm) on disk."""
+    return patchwidgets.load_model("toy-ioi", device_map=TOY_SPLIT, offload_folder=tmp_path_factory.mktemp("off"))
+
+
+def test_widget_on_offloaded_toy_model(toy_split):
+    """The widget's sweep (with its attribution preview) and its attention pattern on a split
+    model: the numbers of patch() on the in-memory model, the pattern of its plain run."""
+    assert toy_split.original_model.transformer.h[2].mlp.c_fc.weight.device.type == "meta"  # on disk
+    memory = patchwidgets.load_model("toy-ioi")
+    w = patchwidgets.PatchingWidget(toy_split, site="head_out", metric="logit_diff")
+    result = w.run(wait=True, timeout=300)
+    assert w.status == "done" and result is not None, w.errors
+    expected = patchwidgets.patch(memory, w.clean, w.corrupted, (w.correct, w.incorrect), site="head_out",
+                                  metrics=result.metrics, progress=False)
+    _same(expected, result)
+    assert result.stats["resumed"] == 1 and result.stats["prefix_skipped"] == 1
+    w.select(layer=3, head=1)
+    w.wait(300)
+    view = w.pattern["clean"]
+    got = torch.frombuffer(bytearray(view["values"]), dtype=torch.float32).reshape(view["n"], view["n"])
+    _, cache = memory.run_with_cache(memory.to_tokens(w.clean))
+    torch.testing.assert_close(got, cache["blocks.3.attn.hook_pattern"][0, 1].float(), atol=1e-6, rtol=0)
+
+
+def test_grading_check_on_offloaded_toy_model(toy_split):
     """A grading check (which calls patch) on a toy-ioi split over CPU and disk."""
     from patchwidgets.grading import check_get_act_patch_resid_pre
 
-    device_map = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.drop": "cpu",
-                  "transformer.h.0": "cpu", "transformer.h.1": "disk", "transformer.h.2": "disk",
-                  "transformer.h.3": "disk", "transformer.ln_f": "disk", "lm_head": "cpu"}
-    model = patchwidgets.load_model("toy-ioi", device_map=device_map, offload_folder=tmp_path / "off")
+    model = toy_split
 
     def get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, metric):
         out = torch.zeros(model.cfg.n_layers, corrupted_tokens.shape[1])
