@@ -59,7 +59,7 @@ import math
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -156,6 +156,7 @@ def differentiated_metric(key: str, metric_fns: dict[str, Any], logits: torch.Te
     """``[batch]``: the metric of group ``key`` (:func:`gradient_groups`) from answer logits
     ``[batch, vocab]`` that carry a graph. Raises for a metric without a gradient."""
     if key == _LD:
+        assert ctx.incorrect is not None  # (validation: logit_diff and normalized need both answers)
         scalar = metrics_mod.logit_diff(logits.float(), ctx.correct, ctx.incorrect)
     else:
         scalar = metrics_mod.compute({key: metric_fns[key]}, logits[None], ctx)[key][0]
@@ -300,14 +301,16 @@ def attribution_patch(
             source_logits, full, source_acts = _run(model, source_run.tokens, source_run.hooks, names,
                                                     inputs.answer_pos, stop=bool(shortcut))
         if shortcut is None:
+            assert full is not None  # (a pass not stopped early returns the model's logits)
             shortcut = _SHORTCUT_OK[model] = _agrees(source_logits, full)
-        source_logits = source_logits if shortcut else full
+        source_logits = source_logits if shortcut or full is None else full
     with torch.enable_grad():
         short, full, target_acts = _run(model, target_run.tokens, target_run.hooks, names, inputs.answer_pos,
                                         stop=bool(shortcut))
         if shortcut is None:
+            assert full is not None
             shortcut = _SHORTCUT_OK[model] = _agrees(short, full)
-        target_logits = short if shortcut else full
+        target_logits = short if shortcut or full is None else full
     cells.check_activations(target_acts)
     if source_run is None:
         source_acts = ablation_values({n: a.detach() for n, a in target_acts.items()}, request.ablation or "")
@@ -341,8 +344,8 @@ def attribution_patch(
 
 
 # ---------------------------------------------------------------------------- per-site sums
-def site_estimates(site: Site, indices: list[tuple], batch: int, target_acts: dict[str, torch.Tensor],
-                   source_acts: dict[str, torch.Tensor], grad: dict[str, torch.Tensor | None],
+def site_estimates(site: Site, indices: list[tuple], batch: int, target_acts: Mapping[str, torch.Tensor],
+                   source_acts: Mapping[str, torch.Tensor], grad: Mapping[str, torch.Tensor | None],
                    qk: dict | None = None) -> torch.Tensor:
     """``[n_cells, batch]``: each cell's estimated change of the metric.
 
@@ -368,7 +371,8 @@ def site_estimates(site: Site, indices: list[tuple], batch: int, target_acts: di
             reduced = site.reduce(_linear(name, target_acts, source_acts, grad))
         rows = (idx[:, 0] == layer).nonzero()[:, 0]
         rest = idx[rows, 1:].T
-        out[rows] = reduced[(slice(None), *rest)].T.float().cpu()
+        index = (slice(None), *rest)  # every row; this layer's cells
+        out[rows] = reduced[index].T.float().cpu()
     return out
 
 

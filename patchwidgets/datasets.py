@@ -53,7 +53,7 @@ import itertools
 import random
 import re
 import string
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 __all__ = [
     "NAMES", "PLACES", "OBJECTS", "FACTS", "HOUSE_FACTS", "CITIES",
@@ -432,7 +432,7 @@ def training_corpus(n_sentences: int, seed: int = 0) -> list[str]:
     return sentences
 
 
-def _coverage_for(template: str, choices: dict[str, Sequence[str]]) -> Iterable[str]:
+def _coverage_for(template: str, choices: Mapping[str, Sequence[str]]) -> Iterable[str]:
     """Render ``template`` so each slot takes each of its values at least once."""
     slots = _slots(template)
     base = {slot: choices[slot][0] for slot in slots}

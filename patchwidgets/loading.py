@@ -93,7 +93,7 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _looks_offline(exc: BaseException) -> bool:
+def _looks_offline(exc: BaseException | None) -> bool:
     """Whether ``exc`` (or anything it was raised from) means "no Hub access"."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return True

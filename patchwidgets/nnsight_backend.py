@@ -159,7 +159,7 @@ class Point:
 
     def view(self, value: torch.Tensor) -> torch.Tensor:
         """The value in the site's layout (a view, so writes land in ``value``)."""
-        if self.heads is None:
+        if self.heads is None or self.d_head is None:
             return value
         return value.narrow(-1, self.offset, self.heads * self.d_head).unflatten(-1, (self.heads, self.d_head))
 
@@ -193,7 +193,7 @@ class NNsightModelInfo:
         self.tokenizer = self._own_tokenizer(getattr(model, "tokenizer", None), config)
         forward = getattr(hf, "forward", None)
         try:
-            self.keeps_logits = "logits_to_keep" in inspect.signature(forward).parameters
+            self.keeps_logits = forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
         except (TypeError, ValueError):
             self.keeps_logits = False
 
@@ -330,7 +330,7 @@ class _Run:
         model, encoding, noise = self.info.model, self.encoding, self.noise
         envoys = [_envoy(model, p.path) for p in points]
         ports = [p.port for p in points]
-        embed = _envoy(model, noise[0]) if noise is not None else None
+        embed: Any = _envoy(model, noise[0]) if noise is not None else None
         rows = torch.arange(self.batch)
         column = self.column
         with torch.no_grad():
@@ -366,7 +366,8 @@ class _Run:
         ``values`` into slice ``sl`` of its point (in the site's layout)."""
         model, encoding, noise = self.info.model, self.encoding, self.noise
         # Plain values for the trace (see `record`): envoy, port, head layout, slice, values.
-        plan = [(_envoy(model, p.path), p.port, None if p.heads is None else (p.offset, p.heads, p.d_head),
+        plan = [(_envoy(model, p.path), p.port,
+                 None if p.heads is None or p.d_head is None else (p.offset, p.heads, p.d_head),
                  sl, values) for p, sl, values in writes]
         if noise is not None:  # its scale was read when this run was recorded
             embed, scale = _envoy(model, noise[0]), self.noise_scale
@@ -533,6 +534,7 @@ def _prepare(model: Any, clean: Prompts, corrupted: Prompts | None, answers: Any
     noise_spec = _noise(info, inputs, request.noise, request.noise_positions, request.noise_seed) \
         if request.ablation == "noise" else None
     corrupted_tokens = inputs.clean_tokens if request.ablation else inputs.corrupted_tokens
+    assert corrupted_tokens is not None  # (validation: a corrupted prompt unless ablating)
     clean_run = _Run(info, inputs.clean_tokens, inputs.answer_pos, remote=remote)
     corrupted_run = _Run(info, corrupted_tokens, inputs.answer_pos, noise_spec, remote)
     target, source = (corrupted_run, clean_run) if request.direction == "denoising" else (clean_run, corrupted_run)

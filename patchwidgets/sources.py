@@ -22,7 +22,7 @@ set, thread count and library version) skips exactly the same patches.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -84,7 +84,10 @@ def embedding_std(model: Any) -> float:
     return (squares / max(n - 1, 1)) ** 0.5
 
 
-def ablation_values(acts: dict[str, torch.Tensor], ablation: str) -> dict[str, torch.Tensor]:
+K = TypeVar("K")
+
+
+def ablation_values(acts: Mapping[K, torch.Tensor], ablation: str) -> dict[K, torch.Tensor]:
     """Source activations of a zero or mean ablation, built from the target run's ``acts``.
 
     The mean is taken in float64 and cast back. A float64 sum of a dataset's worth of equal
