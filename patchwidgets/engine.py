@@ -102,6 +102,16 @@ _TAP_ATTENTION: "weakref.WeakKeyDictionary[Any, frozenset[int]]" = weakref.WeakK
 _TAPS_VERIFIED: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
+# Hook points whose activation is ``[batch, pos, ...]``: a source run that resumes from the
+# target's prefix rebuilds these from the target's first positions and its own later ones.
+_POSITION_SECOND = re.compile(
+    r"blocks\.\d+\.(hook_resid_(pre|mid|post)|hook_attn_out|hook_mlp_out|attn\.hook_[qkvz]|mlp\.hook_(pre|post))")
+
+
+class _StopPass(Exception):
+    """Ends a forward pass once the residual stream entering block 0 is in hand."""
+
+
 class _Redo(Exception):
     """The target run that recorded through taps cannot be trusted: run it again, plainly."""
 
@@ -411,6 +421,77 @@ class Engine:
             self.fallback_reason = ("not a TransformerBridge (no blocks to resume at): "
                                     "plain run_with_hooks by design")
         return final, acts
+
+    def run_source(self, tokens: torch.Tensor, hooks: Sequence[Hook], names: Iterable[str],
+                   changed: torch.Tensor, target_acts: dict[str, torch.Tensor],
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """The source run, resumed from this target run: its answer logits and activations
+        ``names``, or ``None`` where that cannot be done (then run the source plainly).
+
+        Before the first position where the two runs' inputs differ (``changed``: ``[pos]``
+        bool) the source computes exactly what the target did: same tokens, and causal
+        attention never looks ahead. So the source's own embeddings (one pass through the
+        embedding, stopped at block 0) enter a resumed pass over the later positions only,
+        which attends to the target's keys and values for the earlier ones: the same
+        machinery, checked by the same self-check, as a ``resid_pre`` patch of layer 0. The
+        activations are the target's over the shared prefix and the pass's own after it, so
+        only ``[batch, pos, ...]`` hook points qualify (``_POSITION_SECOND``).
+        """
+        names = sorted(set(names))
+        if not (self.can_resume and self.can_skip_prefix) or tuple(tokens.shape) != (self.batch, self.seq_len):
+            return None
+        if not all(_POSITION_SECOND.fullmatch(n) and n in target_acts for n in names):
+            return None
+        offset = self._source_offset(changed)
+        if offset == 0:
+            return None
+        captured: dict[str, torch.Tensor] = {}
+
+        def stop(resid: torch.Tensor, hook) -> None:  # [batch, pos, d_model]
+            captured["resid"] = resid.detach()
+            raise _StopPass
+
+        try:
+            self.model.run_with_hooks(tokens.to(self.target_tokens.device),
+                                      fwd_hooks=[*hooks, ("blocks.0.hook_resid_pre", stop)])
+        except _StopPass:
+            pass
+        if "resid" not in captured:
+            return None
+        entering = captured["resid"][:, offset:]                     # [batch, pos - offset, d_model]
+        acts: dict[str, torch.Tensor] = {}
+
+        def enter(resid: torch.Tensor, hook) -> torch.Tensor:
+            return entering.to(resid.device, resid.dtype)
+
+        def saver(name: str):
+            def save(activation: torch.Tensor, hook) -> None:
+                acts[name] = activation.detach()
+            return save
+
+        # (`enter` first: a saver on the same hook point sees the source's values.)
+        final = self._run_blocks({0: 1}, offset, [("blocks.0.hook_resid_pre", enter),
+                                                  *[(n, saver(n)) for n in names]])
+        full = {}
+        for n in names:
+            prefix, rest = target_acts[n][:, :offset], acts.get(n)
+            expected = (self.batch, self.seq_len - offset, *prefix.shape[2:])
+            if rest is None or tuple(rest.shape) != expected:
+                return None
+            full[n] = torch.cat([prefix, rest.to(prefix.device)], 1)
+        return final, full
+
+    def _source_offset(self, changed: torch.Tensor) -> int:
+        """The first position a resumed source run computes: where the runs' inputs first
+        differ, or the first answer position if that comes earlier."""
+        differs = changed.nonzero()
+        return min(int(differs[0]) if len(differs) else self.seq_len, int(self.answer_pos.min()))
+
+    def source_work(self, changed: torch.Tensor) -> int:
+        """Block-tokens of :meth:`run_source` (what the progress bar counts): block 0 entered
+        once by the embedding pass, then every block over the positions after the prefix."""
+        n_layers = len(self.model.blocks)
+        return self.batch * self.seq_len + self.batch * (self.seq_len - self._source_offset(changed)) * n_layers
 
     def _give_taps(self, taps: dict[int, _KVTap]) -> list:
         """Forward pre-hooks handing each block (or its attention) its recording tap in place

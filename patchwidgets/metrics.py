@@ -181,8 +181,10 @@ def check_normalization(clean_ld: torch.Tensor, corrupted_ld: torch.Tensor) -> N
             f"cannot normalise: the logit differences are not finite (per-pair gaps clean - "
             f"corrupted: {listed}).")
     if abs(mean_gap) < MIN_GAP_AGREEMENT * spread:
-        # The minority sign (negative gaps when they balance): likely answers given the wrong way round.
-        against = [i for i, g in enumerate(gaps.tolist()) if (g < 0 if mean_gap >= 0 else g > 0)]
+        # Correct answer = the clean prompt's answer, so a pair's gap should be positive: the
+        # negative ones likely give their answers the wrong way round. (Not "the minority sign":
+        # when the gaps balance, which sign the mean takes is rounding.)
+        against = [i for i, g in enumerate(gaps.tolist()) if g < 0]
         raise DegenerateNormalizationError(
             f"cannot normalise: the per-pair gaps (clean - corrupted logit difference) have "
             f"opposite signs and cancel: mean {mean_gap:+.3g} against a mean size of {spread:.3g}. "

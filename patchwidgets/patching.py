@@ -151,7 +151,8 @@ def patch(
 
         # --- Run the rest in chunks, streaming partial results.
         chunks = runs.target.plan(patches)
-        result.stats = sweep_stats(result, len(chunks), **runs.target.shortcut_report())
+        result.stats = sweep_stats(result, len(chunks), **runs.target.shortcut_report(),
+                                   source_resumed=int(runs.source_resumed))
         jobs = [([p.slot for p in chunk.patches], functools.partial(runs.target.run_chunk, chunk, runs.source_acts))
                 for chunk in chunks]
         watch.expect(runs.target.work(chunks))

@@ -180,6 +180,7 @@ class Unpatched:
     target_acts: dict[str, torch.Tensor]
     source_logits: torch.Tensor | None        # None: a zero or mean ablation
     source_acts: dict[str, torch.Tensor]      # the values patches paste
+    source_resumed: bool = False              # the source resumed from the target's prefix
 
 
 def run_unpatched(model: Any, request: Request, names: Sequence[str], max_batch_tokens: int,
@@ -188,20 +189,27 @@ def run_unpatched(model: Any, request: Request, names: Sequence[str], max_batch_
     activations ``names``. ``watch`` (watching the model) is told the work ahead."""
     target_run, source_run = request.runs(model)
     answer_pos = request.inputs.answer_pos
+    source_resumed = False
     target = Engine(model, target_run.tokens, answer_pos, target_run.hooks, max_batch_tokens, columns)
     watch = watch or SweepWatch()
     with torch.no_grad():
         one_run = request.inputs.batch * request.inputs.seq_len * getattr(model.cfg, "n_layers", 0)
-        watch.expect(target.work() + (one_run if source_run is not None else 0))
+        watch.expect(target.work())
         watch.stage("unpatched runs")
         target_logits, target_acts = target.run_target(names)
         if source_run is None:
             source_logits = None
             source_acts = ablation_values({n: target_acts[n] for n in names}, request.ablation or "")
         else:
-            source = Engine(model, source_run.tokens, answer_pos, source_run.hooks, max_batch_tokens, columns)
-            source_logits, source_acts = source.run_target(names, record=False)
-    return Unpatched(target, target_logits, target_acts, source_logits, source_acts)
+            # Resumed from the target where their inputs first differ, else a plain run.
+            resumed = target.run_source(source_run.tokens, source_run.hooks, names, request.changed, target_acts)
+            source_resumed = resumed is not None
+            watch.expect(target.source_work(request.changed) if source_resumed else one_run)
+            if resumed is None:
+                source = Engine(model, source_run.tokens, answer_pos, source_run.hooks, max_batch_tokens, columns)
+                resumed = source.run_target(names, record=False)
+            source_logits, source_acts = resumed
+    return Unpatched(target, target_logits, target_acts, source_logits, source_acts, source_resumed)
 
 
 # ---------------------------------------------------------------------------- 4. the metrics

@@ -182,6 +182,9 @@ def test_family_matches_transformer_lens(bridge_for, pairs, family):
             assert gap <= TOL, f"{family} {site} {direction}: differs from transformer_lens by {gap:.1e}"
             # Exact with the shortcuts on: a sweep that matches by falling back proves nothing.
             assert ours.stats["resumed"] == 1 and ours.stats["prefix_skipped"] == 1, (site, direction)
+            # ... and the source run resumed from the target's prefix (head_pattern: not a
+            # [batch, pos, ...] activation, so that source runs plainly).
+            assert ours.stats["source_resumed"] == int(site != "head_pattern"), (site, direction)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -203,6 +206,7 @@ def test_patch_stats_report_the_shortcuts(bridge_for, toy_model, pairs, family):
                       progress=False)
     assert result.stats["resumed"] == 1
     assert result.stats["prefix_skipped"] == 1
+    assert result.stats["source_resumed"] == 1
 
 
 def test_prefix_reuse_really_skips_work(bridge_for, pairs):
