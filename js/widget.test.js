@@ -1,24 +1,16 @@
 // @vitest-environment jsdom
 // Unit tests of patchwidgets/static/widget.js: the pure helpers against the cases the Python
-// tests check too (tests/shared/widget_cases.json), and the renderer against a fake anywidget
-// model (get/set/on/off/save_changes/send, as anywidget's model proxy has them).
+// tests check too (tests/shared/widget_cases.json), and the whole renderer against a fake anywidget
+// model (fake_model.js). Its parts alone: parts.test.js.
 import { readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { beforeAll, describe, expect, it, vi } from "vitest";
 import widget, { colour, domain, fmt, over, receiverHeads, ticks } from "../patchwidgets/static/widget.js";
+import { METRIC_INFO, f32, fakeModel, heatmap } from "./fake_model.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const cases = JSON.parse(readFileSync(join(here, "..", "tests", "shared", "widget_cases.json"), "utf8"));
-const METRIC_INFO = {
-  normalized: { scale: "diverging", label: "", high_means: "the patch gave the source run's behaviour", lo: null, hi: null },
-  logit_diff: { scale: "diverging", label: "", high_means: "the correct answer is preferred", lo: null, hi: null },
-  prob: { scale: "sequential", label: "", high_means: "the correct answer is likely", lo: 0, hi: 1 },
-  rank: { scale: "sequential", label: "", high_means: "the correct answer is far down the ranking (worse)", lo: 1, hi: null },
-  kl: { scale: "sequential", label: "", high_means: "", lo: 0, hi: null },
-  logprob: { scale: "sequential", label: "", high_means: "", lo: null, hi: 0 },
-  accuracy: { scale: "sequential", label: "", high_means: "", lo: 0, hi: 1 },
-};
 
 beforeAll(() => {
   globalThis.ResizeObserver = class { observe() {} disconnect() {} };
@@ -44,40 +36,8 @@ describe("shared cases (also checked by tests/test_widget.py)", () => {
   });
 });
 
-/** A fake anywidget model: the Python side is played by `py` (set without saving). */
-class FakeModel {
-  constructor(state) { this.state = { ...state }; this.handlers = new Map(); this.sent = []; this.saved = []; }
-  get(name) { return this.state[name]; }
-  set(name, value) { const old = this.state[name]; this.state[name] = value; if (old !== value) this.trigger(`change:${name}`); }
-  save_changes() { this.saved.push({ ...this.state }); }
-  send(msg) { this.sent.push(msg); }
-  on(name, fn) { if (!this.handlers.has(name)) this.handlers.set(name, []); this.handlers.get(name).push(fn); }
-  off(name, fn) { this.handlers.set(name, (this.handlers.get(name) || []).filter((f) => f !== fn)); }
-  trigger(name, ...args) { for (const fn of this.handlers.get(name) || []) fn(...args); }
-  py(values) { for (const [k, v] of Object.entries(values)) this.set(k, v); }
-}
-
-const f32 = (values) => new DataView(new Float32Array(values).buffer);
-
-function heatmap(metric, values, extra = {}) {
-  return {
-    run_id: 1, site: "resid_pre", metric, direction: "denoising", state: "done",
-    rows: [{ layer: 0, label: "0" }, { layer: 1, label: "1" }],
-    cols: [{ pos: 0, label: "A", token: "A" }, { pos: 1, label: "B", token: "B" }, { pos: 2, label: "C", token: "C" }],
-    row_title: "layer", col_title: "position", values: f32(values), done: 6, total: 6, complete: true,
-    baselines: {}, inputs: {}, ...extra,
-  };
-}
-
 function mount(state = {}) {
-  const model = new FakeModel({
-    clean: "a b c", corrupted: "a x c", correct: " b", incorrect: " x", direction: "denoising", metric: "normalized",
-    site: "resid_pre", receivers: "", receiver_input: "q", fast_preview: true, auto_run: false, selected: {},
-    pattern_layer: 0, pattern_head: 0, model_name: "toy", model_info: { n_layers: 2, n_heads: 2 },
-    metric_options: Object.keys(METRIC_INFO), metric_info: METRIC_INFO, site_options: [["g", [["resid_pre", "residual"]]]],
-    tokens: { clean: ["a", "b", "c"], corrupted: ["a", "x", "c"] }, baseline: {}, errors: {}, status: "idle",
-    progress: [0, 0], elapsed: 0, heatmap: {}, explanation: "", pattern: {}, ...state,
-  });
+  const model = fakeModel(state);
   const el = document.createElement("div");
   document.body.append(el);
   const cleanup = widget.render({ model, el });

@@ -414,6 +414,23 @@ def test_click_head_cell_shows_attention_pattern(page):
     shot(page, "04-head-attention-pattern.png")
 
 
+def use_ioi_prompts(page) -> None:
+    """Put this module's prompts in the page, denoising and ``normalized``, and wait until the
+    answers follow the model's predictions on them (" Sarah", " Lisa").
+
+    A test that compares the page with a computation of its own sets its inputs here: run
+    alone (``pytest ...::test_path_patching_view``), the page still holds the widget's default
+    prompts, and its heatmap, rightly the job it names, is a sweep of other prompts."""
+    for field, text in (("clean", CLEAN), ("corrupted", CORRUPTED)):
+        if page.input_value(f"input[data-field='{field}']") != text:
+            page.fill(f"input[data-field='{field}']", text)
+    page.click("button[data-direction='denoising']")
+    page.select_option("select[data-control='metric']", "normalized")
+    page.wait_for_function(
+        """() => document.querySelector("input[data-field='correct']").value === ' Sarah'
+                 && document.querySelector("input[data-field='incorrect']").value === ' Lisa'""")
+
+
 def path_reference(receivers, receiver_input: str = "q"):
     """``path_patch`` on the prompts of this test, computed here, for comparing with the page."""
     import patchwidgets
@@ -446,7 +463,9 @@ def cpu_load():
 
 def test_path_patching_view(page, cpu_load):
     """Senders to the logits, then Shift+click a head to make it the receiver; a receiver
-    that does not exist is reported in place."""
+    that does not exist is reported in place. Each heatmap is checked against path_patch on
+    the inputs this test typed (see use_ioi_prompts), under CPU load."""
+    use_ioi_prompts(page)
     assert page.locator("[data-panel='path']").is_hidden()
     page.select_option("select[data-control='site']", "path")
     assert page.locator("[data-panel='path']").is_visible()
@@ -460,6 +479,7 @@ def test_path_patching_view(page, cpu_load):
     assert page.get_attribute("svg.pw-heatmap", "data-cols") == "8"
     assert "path: senders -> logits" in page.inner_text(".pw-caption")
     assert root_data(page, "approx") == "0"
+    assert page.is_hidden(".pw-stale"), "the heatmap is of the inputs on the page"
     assert_heatmap_is(page, path_reference(None))
     shot(page, "09-path-to-logits.png")
 

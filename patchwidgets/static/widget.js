@@ -16,6 +16,12 @@
 // every cell in the same layout. A cell without its exact value yet is painted from the
 // estimate and marked approximate (class pw-approx, data-approx, a hatched overlay); it
 // loses the mark as soon as its exact value arrives.
+//
+// Layout of this file: pure helpers (numbers, colours, grid views; shared with Python through
+// tests/shared/widget_cases.json), then the view's parts, one factory each (makeInputs,
+// makeTokens, makeControls, makePathPanel, makeDataset, makeKernelLink, makeStatus,
+// makeHeatmap, makeExplainPanel) built on one shared context (makeContext), then `render`,
+// which wires them together and subscribes them to the model.
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 
@@ -237,93 +243,200 @@ const REMINDER = {
   noising: "Noising: run the clean prompt, paste in corrupted activations. High = this activation is necessary.",
 };
 
-/** @param {{ model: any, el: HTMLElement }} ctx */
-function render({ model, el }) {
-  /** @type {Array<() => void>} */
-  const cleanups = [];
-  /** Subscribe to a model event and remember to unsubscribe. */
-  const on = (/** @type {string} */ name, /** @type {Function} */ fn) => {
-    model.on(name, fn);
-    cleanups.push(() => model.off(name, fn));
+// ============================================================ the view, in parts
+//
+// `render` wires small parts together. Each part is a factory `makeX(ctx, callbacks)` that
+// builds its DOM once and returns it with the functions that redraw it from the model
+// (`update`, ...). Parts never subscribe to the model themselves: `render` does, in one table,
+// and unsubscribes when the view goes. So each part can be built and tested alone against a
+// fake model (js/parts.test.js).
+
+/**
+ * The page-side state the parts share.
+ * @typedef {Object} ViewState
+ * @property {Set<string>} edited inputs edited on this page since the last Run (sent with it: see sendRun)
+ * @property {Array<() => void>} flushers push text still being typed (debounced) to the model now
+ */
+/**
+ * One tooltip for the whole widget (heatmap cells and attention patterns).
+ * @typedef {Object} Tooltip
+ * @property {HTMLElement} el
+ * @property {(e: MouseEvent, lines: string[]) => void} show lines[0] in bold, near the pointer
+ * @property {() => void} hide
+ */
+/**
+ * The error boxes of every field, wherever the parts put them.
+ * @typedef {Object} Errors
+ * @property {(field: string) => HTMLElement} box a new box for `field`'s messages: empty until one comes,
+ *           of fixed height (CSS), so nothing around it moves when it fills
+ * @property {() => void} update show `errors` ({field: message}) in the boxes and mark the inputs at fault
+ */
+/**
+ * What every part is built with.
+ * @typedef {Object} Ctx
+ * @property {any} model the anywidget model: get / set / save_changes / send / on / off
+ * @property {HTMLElement} root the widget's root; parts publish what they show on root.dataset
+ *           (the browser tests and benchmarks/bench_widget_latency.py read it)
+ * @property {ViewState} state
+ * @property {(name: string, value: any) => void} save set a traitlet from the page (and remember the edit)
+ * @property {Errors} errors
+ * @property {Tooltip} tooltip
+ */
+
+/**
+ * The shared context of one view.
+ * @param {any} model @param {HTMLElement} [root]
+ * @returns {Ctx}
+ */
+export function makeContext(model, root = h("div", { class: "pw-root" })) {
+  /** @type {ViewState} */
+  const state = { edited: new Set(), flushers: [] };
+  /** @type {Ctx} */
+  const ctx = {
+    model, root, state,
+    save(name, value) {
+      model.set(name, value);
+      model.save_changes();
+      state.edited.add(name);
+    },
+    errors: /** @type {any} */ (null),
+    tooltip: makeTooltip(root),
   };
-  /** Inputs edited on this page since the last Run (see requestRun). @type {Set<string>} */
-  const edited = new Set();
-  const save = (/** @type {string} */ name, /** @type {any} */ value) => {
-    model.set(name, value);
-    model.save_changes();
-    edited.add(name);
+  ctx.errors = makeErrors(ctx);
+  return ctx;
+}
+
+/**
+ * @param {HTMLElement} root the tooltip is placed relative to it
+ * @returns {Tooltip}
+ */
+export function makeTooltip(root) {
+  const el = h("div", { class: "pw-tooltip pw-hidden", role: "tooltip" });
+  return {
+    el,
+    show(e, lines) {
+      el.replaceChildren(...lines.map((l, i) => h(i ? "div" : "b", {}, l)));
+      el.classList.remove("pw-hidden");
+      const box = root.getBoundingClientRect();
+      let x = e.clientX - box.left + 14;
+      const y = e.clientY - box.top + 14;
+      if (x + 380 > box.width) x = Math.max(0, x - 400);
+      el.style.left = `${x}px`;
+      el.style.top = `${y}px`;
+    },
+    hide() { el.classList.add("pw-hidden"); },
   };
+}
 
-  const root = h("div", { class: "pw-root" });
-  el.replaceChildren(root);
-  // Keys pressed in our inputs, selects and buttons are ours: keep the notebook's
-  // single-key shortcuts (Shift+Enter runs the cell, "a" inserts a cell, ...) out of them,
-  // but let Ctrl/Cmd combinations such as Ctrl+S (save) through.
-  root.addEventListener("keydown", (e) => {
-    const t = /** @type {Element} */ (e.target);
-    if (!e.ctrlKey && !e.metaKey && t.matches("input, select, button, .pw-cell")) e.stopPropagation();
-  });
-
-  // ------------------------------------------------------------ header
-  const statusText = h("span", { class: "pw-status", "aria-live": "polite" });
-  root.append(h("div", { class: "pw-header" },
-    h("span", { class: "pw-title" }, "Activation patching"),
-    h("span", { class: "pw-model" }, String(model.get("model_name") || "")),
-    statusText));
-
-  // ------------------------------------------------------------ prompt and answer inputs
+/**
+ * @param {{model: any, root: HTMLElement}} ctx
+ * @returns {Errors}
+ */
+export function makeErrors({ model, root }) {
   /** @type {Object<string, HTMLElement>} */
-  const errorBoxes = {};
-  /** @type {Array<() => void>} */
-  const flushers = [];
-  const errorBox = (/** @type {string} */ field) => {
-    const box = h("div", { class: "pw-error", "data-error-for": field, role: "alert" });
-    errorBoxes[field] = box;
-    return box;
+  const boxes = {};
+  return {
+    box(field) {
+      const box = h("div", { class: "pw-error", "data-error-for": field, role: "alert" });
+      boxes[field] = box;
+      return box;
+    },
+    update() {
+      const errors = model.get("errors") || {};
+      for (const [field, box] of Object.entries(boxes)) {
+        const msg = errors[field] || "";
+        box.textContent = msg;
+        box.title = msg; // the box keeps a fixed height (controls never move): the full text on hover
+        box.classList.toggle("pw-has-error", !!msg);
+        const input = root.querySelector(`[data-field="${field}"]`);
+        if (input) input.classList.toggle("pw-invalid", !!msg);
+      }
+      root.dataset.errors = Object.keys(errors).join(" ");
+    },
   };
+}
 
-  /** A text input bound to traitlet `name`, synced while typing (debounced). */
-  const textField = (/** @type {string} */ name, /** @type {string} */ label, /** @type {string} */ cls, inlineError = true) => {
-    const input = /** @type {HTMLInputElement} */ (h("input", {
-      type: "text", class: "pw-input", "data-field": name, spellcheck: "false", "aria-label": label,
-    }));
-    input.value = model.get(name);
-    /** @type {any} */ let timer = null;
-    const flush = () => {
-      clearTimeout(timer);
-      timer = null;
-      if (model.get(name) !== input.value) save(name, input.value);
-    };
-    input.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(flush, 250); });
-    input.addEventListener("change", flush);
-    input.addEventListener("keydown", (e) => {
-      if (e.key === "Enter" && !e.ctrlKey && !e.metaKey) { e.preventDefault(); flush(); requestRun(); }
-    });
-    on(`change:${name}`, () => {
-      if (timer === null && input.value !== model.get(name)) input.value = model.get(name);
-      markStale();
-    });
-    flushers.push(flush);
-    const field = h("label", { class: `pw-field ${cls}` }, h("span", { class: "pw-label" }, label), input);
-    if (inlineError) field.append(errorBox(name));
-    return field;
+// ------------------------------------------------------------ prompt and answer inputs
+/**
+ * @typedef {Object} TextField
+ * @property {HTMLElement} el the label with its input (and, unless told otherwise, its error box)
+ * @property {HTMLInputElement} input
+ * @property {() => void} update show the model's value, unless the user is still typing
+ * @property {() => void} flush send what was typed now
+ */
+
+/**
+ * A text input bound to traitlet `name`: synced while typing (debounced), at once on change,
+ * and on Enter, which also asks for a Run.
+ * @param {Ctx} ctx @param {string} name @param {string} label @param {string} cls
+ * @param {{inlineError?: boolean, onEnter?: () => void}} [opts]
+ * @returns {TextField}
+ */
+export function makeTextField(ctx, name, label, cls, { inlineError = true, onEnter = () => {} } = {}) {
+  const { model } = ctx;
+  const input = /** @type {HTMLInputElement} */ (h("input", {
+    type: "text", class: "pw-input", "data-field": name, spellcheck: "false", "aria-label": label,
+  }));
+  input.value = model.get(name);
+  /** @type {any} */ let timer = null;
+  const flush = () => {
+    clearTimeout(timer);
+    timer = null;
+    if (model.get(name) !== input.value) ctx.save(name, input.value);
   };
+  input.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(flush, 250); });
+  input.addEventListener("change", flush);
+  input.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.ctrlKey && !e.metaKey) { e.preventDefault(); flush(); onEnter(); }
+  });
+  ctx.state.flushers.push(flush);
+  const el = h("label", { class: `pw-field ${cls}` }, h("span", { class: "pw-label" }, label), input);
+  if (inlineError) el.append(ctx.errors.box(name));
+  return {
+    el, input, flush,
+    update() { if (timer === null && input.value !== model.get(name)) input.value = model.get(name); },
+  };
+}
 
-  root.append(h("div", { class: "pw-inputs" },
-    textField("clean", "Clean prompt", "pw-prompt"),
-    textField("correct", "Correct answer", "pw-answer", false),
-    textField("corrupted", "Corrupted prompt", "pw-prompt"),
-    textField("incorrect", "Incorrect answer", "pw-answer", false)));
-  // The answer fields are narrow: their messages share one full-width line below, whose
-  // height is reserved like every error box's, so nothing below moves when one appears.
-  root.append(h("div", { class: "pw-answer-errors" }, errorBox("correct"), errorBox("incorrect"), errorBox("answers")));
+/**
+ * @typedef {Object} InputsPart
+ * @property {HTMLElement[]} els the grid of prompts and answers, then the line of the answers' errors
+ * @property {Object<string, TextField>} fields by traitlet name (clean, corrupted, correct, incorrect)
+ */
 
-  // ------------------------------------------------------------ tokenisations + baselines
+/**
+ * The two prompts and two answers. Each prompt's errors sit under it; the answer fields are
+ * narrow, so their messages share one full-width line below, whose height is reserved like
+ * every error box's, so nothing below moves when one appears.
+ * @param {Ctx} ctx @param {{onRun: () => void}} callbacks
+ * @returns {InputsPart}
+ */
+export function makeInputs(ctx, { onRun }) {
+  const field = (/** @type {string} */ name, /** @type {string} */ label, /** @type {string} */ cls, inlineError = true) =>
+    makeTextField(ctx, name, label, cls, { inlineError, onEnter: onRun });
+  const fields = {
+    clean: field("clean", "Clean prompt", "pw-prompt"),
+    correct: field("correct", "Correct answer", "pw-answer", false),
+    corrupted: field("corrupted", "Corrupted prompt", "pw-prompt"),
+    incorrect: field("incorrect", "Incorrect answer", "pw-answer", false),
+  };
+  const grid = h("div", { class: "pw-inputs" }, fields.clean.el, fields.correct.el, fields.corrupted.el, fields.incorrect.el);
+  const answerErrors = h("div", { class: "pw-answer-errors" },
+    ctx.errors.box("correct"), ctx.errors.box("incorrect"), ctx.errors.box("answers"));
+  return { els: [grid, answerErrors], fields };
+}
+
+// ------------------------------------------------------------ tokenisations + baselines
+/**
+ * Both tokenisations (differing positions highlighted) and the baseline logit differences.
+ * @param {Ctx} ctx
+ * @returns {{els: HTMLElement[], update: () => void}}
+ */
+export function makeTokens({ model }) {
   const tokenRows = h("div", { class: "pw-tokens" });
   const baselineLine = h("div", { class: "pw-baseline" });
-  root.append(tokenRows, baselineLine);
-
-  function drawTokens() {
+  baselineLine.addEventListener("mouseenter", () => { baselineLine.title = baselineLine.textContent || ""; });
+  function update() {
     const toks = model.get("tokens") || {};
     const clean = toks.clean || null, corrupted = toks.corrupted || null;
     const n = Math.max(clean ? clean.length : 0, corrupted ? corrupted.length : 0);
@@ -334,9 +447,8 @@ function render({ model, el }) {
     for (const [name, list] of [["clean", clean], ["corrupted", corrupted]]) {
       const row = h("div", { class: "pw-token-row", "data-prompt": name }, h("span", { class: "pw-token-name" }, name));
       if (!list) row.append(h("span", { class: "pw-muted" }, typed.includes(name) ? "(not tokenised: see the message at the prompt)" : "(empty)"));
-      else list.forEach((tok, i) => {
-        const chip = h("span", { class: "pw-tok" + (differs(i) ? " pw-tok-diff" : ""), title: `position ${i}: ${quote(tok)}`, "data-pos": String(i) }, tok);
-        row.append(chip);
+      else list.forEach((/** @type {string} */ tok, /** @type {number} */ i) => {
+        row.append(h("span", { class: "pw-tok" + (differs(i) ? " pw-tok-diff" : ""), title: `position ${i}: ${quote(tok)}`, "data-pos": String(i) }, tok));
       });
       if (list) row.append(h("span", { class: "pw-muted" }, ` ${list.length} tokens`));
       tokenRows.append(row);
@@ -352,10 +464,24 @@ function render({ model, el }) {
       h("b", { "data-baseline": "corrupted" }, fmt(base.corrupted)),
       `. Top predictions: clean ${base.clean_top ? quote(base.clean_top) : "n/a"}, corrupted ${base.corrupted_top ? quote(base.corrupted_top) : "n/a"}.`);
   }
-  for (const name of ["tokens", "baseline", "correct", "incorrect", "clean", "corrupted"]) on(`change:${name}`, drawTokens);
-  baselineLine.addEventListener("mouseenter", () => { baselineLine.title = baselineLine.textContent || ""; });
+  return { els: [tokenRows, baselineLine], update };
+}
 
-  // ------------------------------------------------------------ controls
+// ------------------------------------------------------------ controls
+/**
+ * @typedef {Object} ControlsPart
+ * @property {HTMLElement} el direction, metric, component, Run / Cancel, auto-run, fast preview
+ * @property {HTMLElement} reminder what the chosen direction does (placed by render, below the panels)
+ * @property {() => void} update show the model's settings
+ * @property {(running: boolean) => void} setRunning Cancel is enabled only while a sweep runs
+ */
+
+/**
+ * @param {Ctx} ctx @param {{onRun: () => void}} callbacks
+ * @returns {ControlsPart}
+ */
+export function makeControls(ctx, { onRun }) {
+  const { model, save } = ctx;
   const dirGroup = h("div", { class: "pw-toggle", role: "radiogroup", "aria-label": "direction" });
   /** @type {Object<string, HTMLButtonElement>} */
   const dirButtons = {};
@@ -378,200 +504,436 @@ function render({ model, el }) {
   siteSelect.addEventListener("change", () => save("site", siteSelect.value));
   const runButton = h("button", { type: "button", class: "pw-run", "data-action": "run" }, "Run");
   const cancelButton = /** @type {HTMLButtonElement} */ (h("button", { type: "button", class: "pw-cancel", "data-action": "cancel" }, "Cancel"));
+  runButton.addEventListener("click", () => onRun());
+  cancelButton.addEventListener("click", () => model.send({ type: "cancel" }));
   const autoBox = /** @type {HTMLInputElement} */ (h("input", { type: "checkbox", "data-control": "auto_run" }));
   autoBox.addEventListener("change", () => save("auto_run", autoBox.checked));
   const previewBox = /** @type {HTMLInputElement} */ (h("input", { type: "checkbox", "data-control": "fast_preview" }));
   previewBox.addEventListener("change", () => save("fast_preview", previewBox.checked));
   const previewLabel = h("label", { class: "pw-auto", title: "Paint a first-order estimate of every cell at once (one backward pass), then replace it with the exact values as the sweep runs. Not for rank, accuracy or path patching." },
     previewBox, " fast preview (attribution patching)");
-  const progress = /** @type {HTMLProgressElement} */ (h("progress", { class: "pw-progress", max: "1", value: "0" }));
-  const progressText = h("span", { class: "pw-progress-text" });
-
-  runButton.addEventListener("click", () => requestRun());
-  cancelButton.addEventListener("click", () => model.send({ type: "cancel" }));
-
-  root.append(h("div", { class: "pw-controls" },
-    h("div", { class: "pw-control" }, h("span", { class: "pw-label" }, "Direction"), dirGroup, errorBox("direction")),
-    h("label", { class: "pw-control" }, h("span", { class: "pw-label" }, "Metric"), metricSelect, errorBox("metric")),
-    h("label", { class: "pw-control" }, h("span", { class: "pw-label" }, "Component"), siteSelect, errorBox("site")),
+  const el = h("div", { class: "pw-controls" },
+    h("div", { class: "pw-control" }, h("span", { class: "pw-label" }, "Direction"), dirGroup, ctx.errors.box("direction")),
+    h("label", { class: "pw-control" }, h("span", { class: "pw-label" }, "Metric"), metricSelect, ctx.errors.box("metric")),
+    h("label", { class: "pw-control" }, h("span", { class: "pw-label" }, "Component"), siteSelect, ctx.errors.box("site")),
     h("div", { class: "pw-control pw-actions" }, runButton, cancelButton,
-      h("label", { class: "pw-auto" }, autoBox, " auto-run"), previewLabel)));
+      h("label", { class: "pw-auto" }, autoBox, " auto-run"), previewLabel));
+  return {
+    el, reminder,
+    update() {
+      const d = model.get("direction");
+      for (const [name, b] of Object.entries(dirButtons)) {
+        b.classList.toggle("pw-on", name === d);
+        b.setAttribute("aria-checked", String(name === d));
+      }
+      reminder.textContent = REMINDER[d] || "";
+      metricSelect.value = model.get("metric");
+      siteSelect.value = model.get("site");
+      autoBox.checked = !!model.get("auto_run");
+      const path = model.get("site") === "path";
+      previewBox.checked = !!model.get("fast_preview");
+      previewBox.disabled = path; // AtP has no estimate for path patching
+      previewLabel.classList.toggle("pw-disabled", path);
+    },
+    setRunning(running) { cancelButton.disabled = !running; },
+  };
+}
 
-  // ------------------------------------------------------------ path patching: receivers
-  const receiversField = textField("receivers", "Receivers: logits, or heads (layer.head)", "pw-receivers");
-  const receiversInput = /** @type {HTMLInputElement} */ (receiversField.querySelector("input"));
-  receiversInput.setAttribute("placeholder", "logits   (or heads: 3.1, 3.5)");
-  const receiverInputSelect = /** @type {HTMLSelectElement} */ (h("select", { class: "pw-select", "data-control": "receiver_input", "aria-label": "receiver input" }));
-  for (const [value, label] of RECEIVER_INPUTS) receiverInputSelect.append(h("option", { value }, label));
-  receiverInputSelect.addEventListener("change", () => save("receiver_input", receiverInputSelect.value));
-  const pathRow = h("div", { class: "pw-path pw-hidden", "data-panel": "path" },
-    receiversField,
-    h("label", { class: "pw-control" }, h("span", { class: "pw-label" }, "Receiver input"), receiverInputSelect, errorBox("receiver_input")),
+// ------------------------------------------------------------ path patching: receivers
+/**
+ * @typedef {Object} PathPart
+ * @property {HTMLElement} el the receivers field, the receiver input and a word of help (shown for site "path")
+ * @property {TextField} field the receivers field
+ * @property {() => void} update
+ * @property {(head: string) => void} toggleReceiver add head "layer.head" to the receivers, or remove it
+ */
+
+/**
+ * @param {Ctx} ctx @param {{onRun: () => void}} callbacks
+ * @returns {PathPart}
+ */
+export function makePathPanel(ctx, { onRun }) {
+  const { model, save } = ctx;
+  const field = makeTextField(ctx, "receivers", "Receivers: logits, or heads (layer.head)", "pw-receivers", { onEnter: onRun });
+  field.input.setAttribute("placeholder", "logits   (or heads: 3.1, 3.5)");
+  const inputSelect = /** @type {HTMLSelectElement} */ (h("select", { class: "pw-select", "data-control": "receiver_input", "aria-label": "receiver input" }));
+  for (const [value, label] of RECEIVER_INPUTS) inputSelect.append(h("option", { value }, label));
+  inputSelect.addEventListener("change", () => save("receiver_input", inputSelect.value));
+  const el = h("div", { class: "pw-path pw-hidden", "data-panel": "path" },
+    field.el,
+    h("label", { class: "pw-control" }, h("span", { class: "pw-label" }, "Receiver input"), inputSelect, ctx.errors.box("receiver_input")),
     h("div", { class: "pw-path-help" },
       "Each cell is a sender head: its output is patched only along the path into the receivers ",
       "(the logits: its direct effect; heads: the chosen input of those heads), every other head frozen. ",
       "Shift+click a head cell to add or remove it as a receiver."));
-  root.append(pathRow);
+  return {
+    el, field,
+    update() {
+      el.classList.toggle("pw-hidden", model.get("site") !== "path");
+      inputSelect.value = model.get("receiver_input");
+      inputSelect.disabled = receiverHeads(model.get("receivers")).length === 0;
+    },
+    toggleReceiver(head) {
+      const heads = receiverHeads(model.get("receivers"));
+      const next = heads.includes(head) ? heads.filter((x) => x !== head) : [...heads, head];
+      field.input.value = next.join(", ");
+      save("receivers", field.input.value);
+    },
+  };
+}
 
-  // ------------------------------------------------------------ dataset (several prompt pairs)
-  // An editable list of (clean, corrupted, correct, incorrect) rows; a Run sweeps them all and
-  // the heatmap shows their mean (the explanation adds its standard error) or one pair alone.
-  const datasetBody = h("div", { class: "pw-dataset-rows" });
-  const datasetSummary = h("summary", {}, "Dataset");
-  const datasetPanel = h("details", { class: "pw-dataset", "data-panel": "dataset" }, datasetSummary, datasetBody);
-  root.append(datasetPanel);
+// ------------------------------------------------------------ dataset (several prompt pairs)
+/**
+ * An editable list of (clean, corrupted, correct, incorrect) rows; a Run sweeps them all and
+ * the heatmap shows their mean (the explanation adds its standard error) or one pair alone.
+ * @param {Ctx} ctx
+ * @returns {{el: HTMLElement, update: () => void}}
+ */
+export function makeDataset({ model, save }) {
+  const body = h("div", { class: "pw-dataset-rows" });
+  const summary = h("summary", {}, "Dataset");
+  const el = h("details", { class: "pw-dataset", "data-panel": "dataset" }, summary, body);
   /** @param {string[][]} rows */
-  const saveDataset = (rows) => save("dataset", rows.map((r) => [...r]));
-  function drawDataset() {
+  const saveRows = (rows) => save("dataset", rows.map((r) => [...r]));
+  const copy = () => (model.get("dataset") || []).map((/** @type {string[]} */ r) => [...r]);
+  const labels = ["clean prompt", "corrupted prompt", "correct", "incorrect"];
+  /** @param {string[]} row @param {number} i */
+  function line(row, i) {
+    const div = h("div", { class: "pw-dataset-row", "data-pair": String(i) });
+    row.forEach((text, j) => {
+      const input = /** @type {HTMLInputElement} */ (h("input", { type: "text", class: `pw-input ${j < 2 ? "pw-dataset-prompt" : "pw-dataset-answer"}`,
+        "data-dataset-row": String(i), "data-dataset-col": String(j), "aria-label": `pair ${i} ${labels[j]}`, spellcheck: "false" }));
+      input.value = text;
+      input.addEventListener("change", () => {
+        const next = copy();
+        next[i][j] = input.value;
+        saveRows(next);
+      });
+      div.append(input);
+    });
+    const remove = h("button", { type: "button", class: "pw-cancel", "data-action": "remove-pair", "aria-label": `remove pair ${i}` }, "\u2212");
+    remove.addEventListener("click", () => saveRows(copy().filter((/** @type {any} */ _, k) => k !== i)));
+    div.append(remove);
+    return div;
+  }
+  function update() {
     /** @type {string[][]} */
     const rows = model.get("dataset") || [];
-    datasetSummary.textContent = rows.length ? `Dataset: ${rows.length} prompt pairs (the heatmap shows their mean)` :
+    summary.textContent = rows.length ? `Dataset: ${rows.length} prompt pairs (the heatmap shows their mean)` :
       "Dataset: one prompt pair (add pairs to average over several)";
-    if (datasetPanel.contains(document.activeElement) && datasetBody.childElementCount === rows.length + 1) return; // typing here
-    const labels = ["clean prompt", "corrupted prompt", "correct", "incorrect"];
-    datasetBody.replaceChildren(...rows.map((row, i) => {
-      const line = h("div", { class: "pw-dataset-row", "data-pair": String(i) });
-      row.forEach((text, j) => {
-        const input = /** @type {HTMLInputElement} */ (h("input", { type: "text", class: `pw-input ${j < 2 ? "pw-dataset-prompt" : "pw-dataset-answer"}`,
-          "data-dataset-row": String(i), "data-dataset-col": String(j), "aria-label": `pair ${i} ${labels[j]}`, spellcheck: "false" }));
-        input.value = text;
-        input.addEventListener("change", () => {
-          const next = (model.get("dataset") || []).map((/** @type {string[]} */ r) => [...r]);
-          next[i][j] = input.value;
-          saveDataset(next);
-        });
-        line.append(input);
-      });
-      const remove = h("button", { type: "button", class: "pw-cancel", "data-action": "remove-pair", "aria-label": `remove pair ${i}` }, "\u2212");
-      remove.addEventListener("click", () => saveDataset((model.get("dataset") || []).filter((/** @type {any} */ _, k) => k !== i)));
-      line.append(remove);
-      return line;
-    }), (() => {
-      const add = h("button", { type: "button", class: "pw-cancel", "data-action": "add-pair" }, "+ add the prompts above as a pair");
-      add.addEventListener("click", () => saveDataset([...(model.get("dataset") || []),
-        ["clean", "corrupted", "correct", "incorrect"].map((k) => String(model.get(k) || ""))]));
-      return add;
-    })());
+    if (el.contains(document.activeElement) && body.childElementCount === rows.length + 1) return; // typing here
+    const add = h("button", { type: "button", class: "pw-cancel", "data-action": "add-pair" }, "+ add the prompts above as a pair");
+    add.addEventListener("click", () => saveRows([...copy(), ["clean", "corrupted", "correct", "incorrect"].map((k) => String(model.get(k) || ""))]));
+    body.replaceChildren(...rows.map(line), add);
   }
-  on("change:dataset", drawDataset);
-  root.append(reminder, h("div", { class: "pw-progress-row" }, progress, progressText));
+  return { el, update };
+}
 
-  function drawControls() {
-    const d = model.get("direction");
-    for (const [name, b] of Object.entries(dirButtons)) {
-      b.classList.toggle("pw-on", name === d);
-      b.setAttribute("aria-checked", String(name === d));
-    }
-    reminder.textContent = REMINDER[d] || "";
-    metricSelect.value = model.get("metric");
-    siteSelect.value = model.get("site");
-    autoBox.checked = !!model.get("auto_run");
-    const path = model.get("site") === "path";
-    previewBox.checked = !!model.get("fast_preview");
-    previewBox.disabled = path; // AtP has no estimate for path patching
-    previewLabel.classList.toggle("pw-disabled", path);
-    pathRow.classList.toggle("pw-hidden", !path);
-    receiverInputSelect.value = model.get("receiver_input");
-    receiverInputSelect.disabled = receiverHeads(model.get("receivers")).length === 0;
-    markStale();
-    markReceivers();
-  }
-  for (const name of ["direction", "metric", "site", "auto_run", "fast_preview", "receivers", "receiver_input"]) on(`change:${name}`, drawControls);
+// ------------------------------------------------------------ is Python there? + Run
+/**
+ * @typedef {Object} KernelLink
+ * @property {HTMLElement} note says so when no Python widget answers this view
+ * @property {() => boolean} seen whether Python has answered yet
+ * @property {(msg?: any) => void} heard a message or state change from Python (a Run's "ack" names its job)
+ * @property {(what: string) => void} expect expect an answer; without one in 3 s, say what `what` cannot do
+ */
 
-  // ------------------------------------------------------------ run / latency bookkeeping
-  let clickedAt = 0, runIdAtClick = -1;
-  root.dataset.latencyMs = "";
-  // Is a Python object behind this view? A view restored from a saved notebook (no kernel, or
-  // a new kernel that never made this widget) draws the saved state, but nothing answers it.
-  // The view says "hello" at once; any message from Python proves the link. A Run (or a cell
-  // click) that gets no answer within a few seconds says so instead of spinning forever.
-  const kernelNote = h("div", { class: "pw-kernel-note pw-hidden", role: "status", "data-note": "kernel" });
-  let kernelSeen = false;
-  /** @type {any} */ let kernelTimer = null;
+/**
+ * Is a Python object behind this view? A view restored from a saved notebook (no kernel, or a
+ * new kernel that never made this widget) draws the saved state, but nothing answers it. The
+ * view says "hello" at once (render); any message from Python proves the link. A Run (or a
+ * cell click) that gets no answer within a few seconds says so instead of spinning forever.
+ * @param {Ctx} ctx @param {{onMissing: () => void}} callbacks
+ * @returns {KernelLink}
+ */
+export function makeKernelLink({ root }, { onMissing }) {
+  const note = h("div", { class: "pw-kernel-note pw-hidden", role: "status", "data-note": "kernel" });
+  let seen = false;
+  /** @type {any} */ let timer = null;
   root.dataset.kernel = "unknown";
-  const heardFromKernel = () => {
-    kernelSeen = true;
-    clearTimeout(kernelTimer);
-    root.dataset.kernel = "connected";
-    kernelNote.classList.add("pw-hidden");
+  return {
+    note,
+    seen: () => seen,
+    heard(msg) {
+      seen = true;
+      clearTimeout(timer);
+      root.dataset.kernel = "connected";
+      note.classList.add("pw-hidden");
+      if (msg && msg.type === "ack" && Number.isInteger(msg.run_id)) root.dataset.requestedRun = String(msg.run_id);
+    },
+    expect(what) {
+      if (seen) return;
+      clearTimeout(timer);
+      timer = setTimeout(() => {
+        if (seen) return;
+        root.dataset.kernel = "missing";
+        note.textContent = `No Python widget answers this view, so ${what} cannot happen. This is probably ` +
+          "a saved copy (the notebook was reopened or the kernel restarted): the heatmap is the last one saved. " +
+          "Run the cell that creates the widget again to use it.";
+        note.classList.remove("pw-hidden");
+        onMissing();
+      }, 3000);
+    },
   };
-  on("msg:custom", (/** @type {any} */ msg) => {
-    heardFromKernel();
-    if (msg && msg.type === "ack" && Number.isInteger(msg.run_id)) root.dataset.requestedRun = String(msg.run_id);
-  });
-  for (const name of ["status", "progress", "heatmap", "tokens", "errors", "explanation"]) on(`change:${name}`, heardFromKernel);
-  /** Expect an answer from Python; without one, tell the user what the page is. @param {string} what */
-  function expectKernel(what) {
-    if (kernelSeen) return;
-    clearTimeout(kernelTimer);
-    kernelTimer = setTimeout(() => {
-      if (kernelSeen) return;
-      root.dataset.kernel = "missing";
-      kernelNote.textContent = `No Python widget answers this view, so ${what} cannot happen. This is probably ` +
-        "a saved copy (the notebook was reopened or the kernel restarted): the heatmap is the last one saved. " +
-        "Run the cell that creates the widget again to use it.";
-      kernelNote.classList.remove("pw-hidden");
-      drawStatus();
-    }, 3000);
-  }
-  try { model.send({ type: "hello" }); } catch (e) { /* no comm at all: expectKernel reports it */ }
-  function requestRun() {
-    flushers.forEach((f) => f());
-    clickedAt = performance.now();
-    runIdAtClick = (model.get("heatmap") || {}).run_id ?? -1;
-    root.dataset.status = "running";
-    // Send the inputs edited here with the request: ipywidgets may hold back state updates
-    // while the kernel is busy, and a custom message could overtake them. Only edited ones:
-    // the others may have been changed by Python (pre-filled answers) after we last heard.
-    const state = {};
-    for (const k of edited) state[k] = model.get(k);
-    edited.clear();
-    delete root.dataset.requestedRun;
-    model.send({ type: "run", state });
-    expectKernel("a Run");
-  }
+}
 
-  /** What a cancel left: counted from the picture itself (one snapshot), or nothing started. */
+/**
+ * Ask Python for a Run. The inputs edited here go with the request: ipywidgets may hold back
+ * state updates while the kernel is busy, and a custom message could overtake them. Only
+ * edited ones: the others may have been changed by Python (pre-filled answers) since. Python
+ * answers {type: "ack", run_id}, the id of the job this click started (root.dataset.requestedRun).
+ * @param {Ctx} ctx
+ */
+export function sendRun({ model, root, state }) {
+  state.flushers.forEach((f) => f());
+  root.dataset.status = "running";
+  /** @type {Object<string, any>} */
+  const edited = {};
+  for (const k of state.edited) edited[k] = model.get(k);
+  state.edited.clear();
+  delete root.dataset.requestedRun;
+  model.send({ type: "run", state: edited });
+}
+
+// ------------------------------------------------------------ status line
+/**
+ * @typedef {Object} StatusPart
+ * @property {HTMLElement} header title, model name and the status word
+ * @property {HTMLElement} progressRow progress bar and what it counts
+ * @property {() => string} update redraw; returns the status shown ("no kernel" when nobody answers)
+ */
+
+/**
+ * The status word and the progress line. A cancelled sweep's counts come from the heatmap
+ * payload itself (one snapshot), never from a status that arrived in another message.
+ * @param {Ctx} ctx
+ * @returns {StatusPart}
+ */
+export function makeStatus({ model, root }) {
+  const statusText = h("span", { class: "pw-status", "aria-live": "polite" });
+  const header = h("div", { class: "pw-header" },
+    h("span", { class: "pw-title" }, "Activation patching"),
+    h("span", { class: "pw-model" }, String(model.get("model_name") || "")),
+    statusText);
+  const progress = /** @type {HTMLProgressElement} */ (h("progress", { class: "pw-progress", max: "1", value: "0" }));
+  const progressText = h("span", { class: "pw-progress-text" });
+  const progressRow = h("div", { class: "pw-progress-row" }, progress, progressText);
+  /** What a cancel left: counted from the picture itself, or nothing started. */
   function cancelledText() {
     const p = model.get("heatmap") || {};
     return p.state === "cancelled" ? `cancelled after ${p.done}/${p.total} patches`
       : "cancelled before the sweep started: the heatmap is the previous one";
   }
+  return {
+    header, progressRow,
+    update() {
+      const status = root.dataset.kernel === "missing" ? "no kernel" : String(model.get("status") || "idle");
+      const [done, total] = model.get("progress") || [0, 0];
+      const running = status === "running";
+      root.dataset.status = status;
+      progress.value = total ? done / total : status === "done" ? 1 : 0;
+      progress.classList.toggle("pw-hidden", !running && status !== "cancelled");
+      progressText.textContent = running ? `${done}/${total} patches`
+        : status === "done" ? `${total} patches in ${fmt(model.get("elapsed"), 2)} s`
+        : status === "cancelled" ? cancelledText() : "";
+      statusText.textContent = status;
+      statusText.className = `pw-status pw-status-${status.replace(" ", "-")}`;
+      return status;
+    },
+  };
+}
 
-  function drawStatus() {
-    const status = root.dataset.kernel === "missing" ? "no kernel" : model.get("status");
-    const [done, total] = model.get("progress") || [0, 0];
-    const running = status === "running";
-    root.dataset.status = status;
-    cancelButton.disabled = !running;
-    progress.value = total ? done / total : status === "done" ? 1 : 0;
-    progress.classList.toggle("pw-hidden", !running && status !== "cancelled");
-    const secs = model.get("elapsed");
-    progressText.textContent = running ? `${done}/${total} patches`
-      : status === "done" ? `${total} patches in ${fmt(secs, 2)} s` + (root.dataset.latencyMs ? ` (${root.dataset.latencyMs} ms from click to heatmap)` : "")
-      : status === "cancelled" ? cancelledText() : "";
-    statusText.textContent = status;
-    statusText.className = `pw-status pw-status-${status.replace(" ", "-")}`;
+// ------------------------------------------------------------ heatmap
+/**
+ * The legend's parts that follow the values: gradient, five tick labels, title.
+ * @typedef {{grad: SVGElement, texts: SVGElement[], title: SVGElement}} Legend
+ */
+/**
+ * The SVG of one heatmap layout (see buildGrid); its cells are painted by makeHeatmap.
+ * @typedef {Object} Grid
+ * @property {SVGSVGElement} svg
+ * @property {SVGRectElement[]} rects the cells, row-major over the grid shown
+ * @property {number[]} flat each cell's index into the payload's values (row * cols + col)
+ * @property {number} gridCols cells per grid row
+ * @property {SVGRectElement} outline marks the selected cell
+ * @property {SVGPathElement} hatch stripes over the approximate cells
+ * @property {SVGPathElement} receivers outlines of the receiver heads (path view)
+ * @property {number} cw cell width
+ * @property {number} ch cell height
+ * @property {Legend} legend
+ */
+
+/**
+ * A vertical legend bar at x = lx from the high end (top) to the low end, five ticks; its
+ * gradient stops and labels are set by paintLegend (the range follows the values).
+ * @param {SVGElement} svg @param {number} lx @param {number} top @param {number} lh
+ * @returns {{legend: Legend, hatchId: string}}
+ */
+function buildLegend(svg, lx, top, lh) {
+  const gid = `pw-grad-${Math.random().toString(36).slice(2)}`;
+  const defs = s("defs");
+  const grad = s("linearGradient", { id: gid, x1: 0, y1: 1, x2: 0, y2: 0 });
+  // Hatching for approximate cells: one <path> covering all of them, filled with stripes.
+  const hatchPattern = s("pattern", { id: `${gid}-hatch`, patternUnits: "userSpaceOnUse", width: 5, height: 5, patternTransform: "rotate(45)" });
+  hatchPattern.append(s("rect", { width: 2, height: 5, class: "pw-hatch-stripe" }));
+  defs.append(grad, hatchPattern);
+  const texts = [0, 1, 2, 3, 4].map((k) => {
+    const y = top + lh - (k * lh) / 4;
+    svg.append(s("line", { x1: lx + 12, x2: lx + 16, y1: y, y2: y, class: "pw-legend-tick" }));
+    const t = s("text", { x: lx + 18, y, "dominant-baseline": "middle", class: "pw-legend-label", "data-tick": k });
+    svg.append(t);
+    return t;
+  });
+  const title = s("text", { x: lx, y: top - 8, class: "pw-legend-label pw-legend-title" });
+  svg.append(defs, s("rect", { x: lx, y: top, width: 12, height: lh, class: "pw-legend-back" }),
+    s("rect", { x: lx, y: top, width: 12, height: lh, fill: `url(#${gid})`, class: "pw-legend-bar" }), title);
+  return { legend: { grad, texts, title }, hatchId: `${gid}-hatch` };
+}
+
+/**
+ * Set the legend to lo..hi of `kind`: gradient stops, five tick labels, the metric on top.
+ * Returns the tick labels. @param {Legend} legend @param {string} metric @param {number} lo
+ * @param {number} hi @param {string} kind @returns {string[]}
+ */
+export function paintLegend(legend, metric, lo, hi, kind) {
+  const stops = kind === "diverging" ? [lo, 0, hi] : [lo, hi];
+  legend.grad.replaceChildren(...stops.map((v) => {
+    const c = /** @type {RGBA} */ (colour(v, lo, hi, kind));
+    return s("stop", { offset: (v - lo) / (hi - lo), "stop-color": `rgb(${c[0]},${c[1]},${c[2]})`, "stop-opacity": c[3] });
+  }));
+  const labels = ticks(lo, hi).map((v) => fmt(v, 2));
+  labels.forEach((text, k) => { legend.texts[k].textContent = text; });
+  legend.title.textContent = metric;
+  return labels;
+}
+
+/**
+ * Build the SVG skeleton (labels, empty cells, legend) of a payload's layout, sized for a
+ * widget `width` px wide: the heatmap takes what it needs, and the side panel (explanation,
+ * attention patterns) wraps below it when there is no room left.
+ * @param {Heatmap} p @param {ReturnType<typeof gridView>} view @param {number} width
+ * @returns {Grid}
+ */
+export function buildGrid(p, view, width) {
+  const nR = view.rows.length, nC = view.cols.length;
+  const rowLabelLen = Math.max(...view.rows.map((r) => r.label.length), view.row_title.length);
+  const left = Math.min(90, 14 + 7 * rowLabelLen);
+  const colLabelLen = Math.max(...view.cols.map((c) => c.label.length + 2));
+  const legendW = 96;
+  // The heatmap is the main picture: it gets about two thirds of a wide widget (the side
+  // panel takes the rest), and its cells grow up to 40 px.
+  const share = width >= 900 ? 0.64 : 1;
+  const cw = Math.max(6, Math.min(40, Math.floor((width * share - left - legendW - 8) / nC)));
+  const ch = Math.max(4, Math.min(40, Math.floor(720 / nR), Math.max(cw, 16)));
+  const colFont = Math.min(11, Math.max(7, cw - 1));
+  // Tilt column labels just enough that neighbours do not overlap (steeper when narrow).
+  const angle = Math.max(45, Math.min(90, (Math.asin(Math.min(1, (colFont + 1) / cw)) * 180) / Math.PI));
+  const top = Math.min(120, 16 + colFont * 0.62 * colLabelLen * Math.sin((angle * Math.PI) / 180));
+  const gridW = cw * nC, gridH = ch * nR;
+  const svg = /** @type {SVGSVGElement} */ (s("svg", {
+    width: left + gridW + legendW, height: top + gridH + 24, class: "pw-heatmap",
+    role: "grid", "aria-label": `${p.direction} ${p.site} heatmap of ${p.metric}: arrow keys move, Enter explains a cell`,
+    "data-rows": nR, "data-cols": nC, "data-view": view.byPosition ? "position" : "all",
+  }));
+  // Column labels: tokens (diff positions bold) or head numbers; thin out when crowded.
+  const colStride = Math.ceil(9 / cw);
+  view.cols.forEach((c, j) => {
+    if (j % colStride && !c.diff) return;
+    const x = left + j * cw + cw / 2, y = top - 5;
+    const t = s("text", { x: 0, y: 0, transform: `translate(${x},${y}) rotate(${-angle.toFixed(1)})`, class: "pw-col-label" + (c.diff ? " pw-diff" : ""), "font-size": colFont, "dominant-baseline": "middle" });
+    t.textContent = c.token !== undefined ? quote(clip(c.token, 14)) : c.label;
+    svg.append(t);
+  });
+  // Row labels: layers, or "L3 H5"; with many rows, label each layer once.
+  const byHead = view.rows.length > 0 && view.rows[0].head !== undefined;
+  const rowFont = Math.min(11, Math.max(7, ch - 2));
+  const rowStride = Math.ceil(10 / ch);
+  view.rows.forEach((r, i) => {
+    let text = r.label;
+    if (byHead && ch < 10) { if (r.head !== 0) return; text = `L${r.layer}`; }
+    else if (i % rowStride) return;
+    const t = s("text", { x: left - 4, y: top + i * ch + ch / 2, class: "pw-row-label", "font-size": rowFont, "dominant-baseline": "middle", "text-anchor": "end" });
+    t.textContent = text;
+    svg.append(t);
+  });
+  const axisX = s("text", { x: left + gridW / 2, y: top + gridH + 16, class: "pw-axis-title", "text-anchor": "middle" });
+  axisX.textContent = view.col_title;
+  const axisY = s("text", { x: 2, y: top - 5, class: "pw-axis-title" });
+  axisY.textContent = view.row_title;
+  svg.append(axisX, axisY);
+  // Cells.
+  const gap = cw > 8 && ch > 6 ? 1 : 0;
+  const cells = s("g", { class: "pw-cells" });
+  /** @type {SVGRectElement[]} */
+  const rects = [];
+  /** @type {number[]} */
+  const flat = [];
+  view.cells.forEach(([i, j], n) => {
+    if (i < 0) return;
+    const gi = Math.floor(n / nC), gj = n % nC;
+    const r = /** @type {SVGRectElement} */ (s("rect", { x: left + gj * cw, y: top + gi * ch, width: cw - gap, height: ch - gap, class: "pw-cell", "data-row": i, "data-col": j, role: "gridcell" }));
+    /** @type {Object<string, any>} */
+    const d = { ...p.rows[i], ...p.cols[j] };
+    for (const k of ["layer", "head", "pos"]) if (d[k] !== undefined) r.setAttribute(`data-${k}`, String(d[k]));
+    rects.push(r);
+    flat.push(i * p.cols.length + j);
+    cells.append(r);
+  });
+  svg.append(cells);
+  if (byHead) { // separators between layers
+    const nHeads = view.rows.filter((r) => r.layer === 0).length;
+    for (let l = 1; l * nHeads < nR; l++) svg.append(s("line", { x1: left, x2: left + gridW, y1: top + l * nHeads * ch, y2: top + l * nHeads * ch, class: "pw-sep" }));
   }
-  for (const name of ["status", "progress", "elapsed", "heatmap"]) on(`change:${name}`, drawStatus);
+  const { legend, hatchId } = buildLegend(svg, left + gridW + 16, top, Math.max(100, Math.min(gridH, 200)));
+  const hatch = /** @type {SVGPathElement} */ (s("path", { class: "pw-hatch", fill: `url(#${hatchId})`, d: "" }));
+  const receivers = /** @type {SVGPathElement} */ (s("path", { class: "pw-receiver-marks", d: "" }));
+  const outline = /** @type {SVGRectElement} */ (s("rect", { class: "pw-outline pw-hidden", width: cw, height: ch }));
+  svg.append(hatch, receivers, outline);
+  return { svg, rects, flat, gridCols: nC, outline, hatch, receivers, cw, ch, legend };
+}
 
-  // ------------------------------------------------------------ errors
-  const generalError = errorBox("general");
-  function drawErrors() {
-    const errors = model.get("errors") || {};
-    for (const [field, box] of Object.entries(errorBoxes)) {
-      const msg = errors[field] || "";
-      box.textContent = msg;
-      box.title = msg; // the box keeps a fixed height (controls never move): the full text on hover
-      box.classList.toggle("pw-has-error", !!msg);
-      const input = root.querySelector(`[data-field="${field}"]`);
-      if (input) input.classList.toggle("pw-invalid", !!msg);
-    }
-    root.dataset.errors = Object.keys(errors).join(" ");
-  }
-  on("change:errors", drawErrors);
+/**
+ * Keyboard moves on a grid of `count` cells, `nCols` to a row: arrows, Home/End (the row's
+ * ends), PageUp/PageDown (the column's ends), never leaving the grid. Returns the index of the
+ * cell to move to from cell `n` (itself at an edge), or null for a key that is not a move.
+ * @param {number} n @param {number} count @param {number} nCols @param {string} key
+ * @returns {number|null}
+ */
+export function gridMove(n, count, nCols, key) {
+  const nRows = Math.ceil(count / nCols);
+  const gi = Math.floor(n / nCols), gj = n % nCols;
+  /** @type {Object<string, number[]>} */
+  const moves = { ArrowLeft: [gi, gj - 1], ArrowRight: [gi, gj + 1], ArrowUp: [gi - 1, gj], ArrowDown: [gi + 1, gj],
+    Home: [gi, 0], End: [gi, nCols - 1], PageUp: [0, gj], PageDown: [nRows - 1, gj] };
+  if (!(key in moves)) return null;
+  const [i, j] = moves[key];
+  const next = Math.max(0, Math.min(nRows - 1, i)) * nCols + Math.max(0, Math.min(nCols - 1, j));
+  return next < count ? next : n; // (a short last row: stay)
+}
 
-  // ------------------------------------------------------------ heatmap
+/**
+ * @typedef {Object} HeatmapPart
+ * @property {HTMLElement} el the heatmap panel: caption, legend note, pair and position choice, notes, the SVG
+ * @property {() => void} update paint the `heatmap` payload (rebuilding the SVG for a new layout)
+ * @property {() => void} relayout rebuild the SVG for a new width
+ * @property {() => void} markStale say so when the inputs no longer match the heatmap's
+ * @property {() => void} markReceivers outline the receiver heads (path view)
+ * @property {() => void} drawOutline outline the selected cell
+ * @property {() => void} drawApproxNote the words on approximate cells (they depend on the status)
+ */
+
+/**
+ * The heatmap with its legend and notes. Keyboard: the grid is one tab stop (roving tabindex:
+ * the active cell has tabindex 0, the others -1); arrows move, Home/End go to the row's ends,
+ * Enter (or a click) calls `onSelect(row, col)`; with Shift, on a head cell of the path view,
+ * `onToggleReceiver("layer.head")` instead. Each cell's accessible name carries its place and
+ * value. Everything painted comes from one payload, whose run id goes to root.dataset.runId.
+ * @param {Ctx} ctx
+ * @param {{onSelect: (row: number, col: number) => void, onToggleReceiver: (head: string) => void}} callbacks
+ * @returns {HeatmapPart}
+ */
+export function makeHeatmap(ctx, { onSelect, onToggleReceiver }) {
+  const { model, root, save, tooltip } = ctx;
   const caption = h("div", { class: "pw-caption" });
   const legendNote = h("div", { class: "pw-legend-note" });
   // One position at a time for (layer.head x position) sweeps: a layer x head grid.
@@ -579,7 +941,21 @@ function render({ model, el }) {
   const posRow = h("label", { class: "pw-position pw-hidden" }, h("span", { class: "pw-label" }, "Show "), posSelect);
   const pairSelect = /** @type {HTMLSelectElement} */ (h("select", { class: "pw-select", "data-control": "pair", "aria-label": "prompt pair shown" }));
   const pairRow = h("label", { class: "pw-position pw-hidden" }, h("span", { class: "pw-label" }, "Pairs "), pairSelect);
+  const approxNote = h("div", { class: "pw-approx-note pw-hidden", "data-note": "approximate" },
+    h("span", { class: "pw-approx-swatch" }),
+    h("b", {}, "approximate (attribution patching)"),
+    h("span", { class: "pw-approx-count" }));
+  const staleNote = h("div", { class: "pw-stale pw-hidden" }, "Inputs changed since this heatmap was computed: press Run.");
+  const plot = h("div", { class: "pw-plot" });
+  const el = h("div", { class: "pw-heatmap-panel" }, caption, legendNote, pairRow, posRow, approxNote, staleNote, ctx.errors.box("general"), plot);
+
+  /** @type {Grid|null} */ let grid = null;
+  let key = "", active = 0;
+  /** @type {string|null} */ let posChoice = null; // null: automatic (one position when there are many rows)
+  let posOptionsKey = "";
   pairSelect.addEventListener("change", () => save("pair", Number(pairSelect.value)));
+  posSelect.addEventListener("change", () => { posChoice = posSelect.value; relayout(); });
+
   /** @param {Heatmap} p */
   function drawPairChoice(p) {
     const n = Number(/** @type {any} */ (p).n_pairs || 1);
@@ -593,13 +969,8 @@ function render({ model, el }) {
     pairSelect.value = String(/** @type {any} */ (p).pair ?? -1);
     root.dataset.pair = pairSelect.value;
   }
-  /** @type {string|null} */ let posChoice = null; // null: automatic (one position when there are many rows)
-  let posOptionsKey = "";
-  posSelect.addEventListener("change", () => { posChoice = posSelect.value; hm.key = ""; paintHeatmap(); });
-  /**
-   * Fill the position selector for this payload and return the position to show (null: all).
-   * @param {Heatmap} p
-   */
+
+  /** Fill the position selector for this payload and return the position to show (null: all). @param {Heatmap} p */
   function drawPositionChoice(p) {
     const applies = p.rows[0].head !== undefined && p.cols[0].pos !== undefined;
     posRow.classList.toggle("pw-hidden", !applies);
@@ -616,143 +987,23 @@ function render({ model, el }) {
     root.dataset.position = choice;
     return choice === "all" ? null : Number(choice);
   }
-  const approxNote = h("div", { class: "pw-approx-note pw-hidden", "data-note": "approximate" },
-    h("span", { class: "pw-approx-swatch" }),
-    h("b", {}, "approximate (attribution patching)"),
-    h("span", { class: "pw-approx-count" }));
-  const staleNote = h("div", { class: "pw-stale pw-hidden" }, "Inputs changed since this heatmap was computed: press Run.");
-  const plot = h("div", { class: "pw-plot" });
-  const tooltip = h("div", { class: "pw-tooltip pw-hidden", role: "tooltip" });
-  const explanation = h("p", { class: "pw-explanation" });
-  const patternPanel = h("div", { class: "pw-patterns" });
-  const layerSelect = /** @type {HTMLSelectElement} */ (h("select", { class: "pw-select", "data-control": "pattern_layer", "aria-label": "layer" }));
-  const headSelect = /** @type {HTMLSelectElement} */ (h("select", { class: "pw-select", "data-control": "pattern_head", "aria-label": "head" }));
-  const info = model.get("model_info") || { n_layers: 0, n_heads: 0 };
-  for (let l = 0; l < info.n_layers; l++) layerSelect.append(h("option", { value: String(l) }, `layer ${l}`));
-  for (let hh = 0; hh < info.n_heads; hh++) headSelect.append(h("option", { value: String(hh) }, `head ${hh}`));
-  layerSelect.addEventListener("change", () => save("pattern_layer", Number(layerSelect.value)));
-  headSelect.addEventListener("change", () => save("pattern_head", Number(headSelect.value)));
 
-  root.append(h("div", { class: "pw-main" },
-    h("div", { class: "pw-heatmap-panel" }, caption, legendNote, pairRow, posRow, approxNote, staleNote, generalError, plot),
-    h("div", { class: "pw-side" },
-      h("div", { class: "pw-side-title" }, "Selected cell"), explanation,
-      h("div", { class: "pw-side-title" }, "Attention pattern of ", layerSelect, headSelect),
-      patternPanel)));
-  root.append(tooltip);
-  caption.before(kernelNote);
-
-  /** @type {{key: string, rects: SVGRectElement[], flat: number[], gridCols: number, active: number, svg: SVGSVGElement|null, outline: SVGRectElement|null, hatch: SVGPathElement|null, receivers: SVGPathElement|null, cw: number, ch: number, left: number, top: number, legend: any}} */
-  const hm = { key: "", rects: [], flat: [], gridCols: 1, active: 0, svg: null, outline: null, hatch: null, receivers: null, cw: 0, ch: 0, left: 0, top: 0, legend: null };
-
-  /** Build the SVG skeleton (labels, empty cells, legend) for a heatmap's shape. @param {Heatmap} p */
-  function buildHeatmap(p, view) {
-    const nR = view.rows.length, nC = view.cols.length;
-    // Size cells from the widget's width: the heatmap takes what it needs, and the side
-    // panel (explanation, attention patterns) wraps below it when there is no room left.
-    const width = Math.max(320, root.clientWidth || 800);
-    const rowLabelLen = Math.max(...view.rows.map((r) => r.label.length), view.row_title.length);
-    const left = Math.min(90, 14 + 7 * rowLabelLen);
-    const colLabelLen = Math.max(...view.cols.map((c) => c.label.length + 2));
-    const legendW = 96;
-    // The heatmap is the main picture: it gets about two thirds of a wide widget (the side
-    // panel takes the rest), and its cells grow up to 40 px.
-    const share = width >= 900 ? 0.64 : 1;
-    const cw = Math.max(6, Math.min(40, Math.floor((width * share - left - legendW - 8) / nC)));
-    const ch = Math.max(4, Math.min(40, Math.floor(720 / nR), Math.max(cw, 16)));
-    const colFont = Math.min(11, Math.max(7, cw - 1));
-    // Tilt column labels just enough that neighbours do not overlap (steeper when narrow).
-    const angle = Math.max(45, Math.min(90, (Math.asin(Math.min(1, (colFont + 1) / cw)) * 180) / Math.PI));
-    const top = Math.min(120, 16 + colFont * 0.62 * colLabelLen * Math.sin((angle * Math.PI) / 180));
-    const gridW = cw * nC, gridH = ch * nR;
-    const svg = /** @type {SVGSVGElement} */ (s("svg", {
-      width: left + gridW + legendW, height: top + gridH + 24, class: "pw-heatmap",
-      role: "grid", "aria-label": `${p.direction} ${p.site} heatmap of ${p.metric}: arrow keys move, Enter explains a cell`,
-      "data-rows": nR, "data-cols": nC, "data-view": view.byPosition ? "position" : "all",
-    }));
-    // Column labels: tokens (diff positions bold) or head numbers; thin out when crowded.
-    const colStride = Math.ceil(9 / cw);
-    view.cols.forEach((c, j) => {
-      if (j % colStride && !c.diff) return;
-      const x = left + j * cw + cw / 2, y = top - 5;
-      const t = s("text", { x: 0, y: 0, transform: `translate(${x},${y}) rotate(${-angle.toFixed(1)})`, class: "pw-col-label" + (c.diff ? " pw-diff" : ""), "font-size": colFont, "dominant-baseline": "middle" });
-      t.textContent = c.token !== undefined ? quote(clip(c.token, 14)) : c.label;
-      svg.append(t);
-    });
-    // Row labels: layers, or "L3 H5"; with many rows, label each layer once.
-    const byHead = view.rows.length > 0 && view.rows[0].head !== undefined;
-    const rowFont = Math.min(11, Math.max(7, ch - 2));
-    const rowStride = Math.ceil(10 / ch);
-    view.rows.forEach((r, i) => {
-      let text = r.label;
-      if (byHead && ch < 10) { if (r.head !== 0) return; text = `L${r.layer}`; }
-      else if (i % rowStride) return;
-      const t = s("text", { x: left - 4, y: top + i * ch + ch / 2, class: "pw-row-label", "font-size": rowFont, "dominant-baseline": "middle", "text-anchor": "end" });
-      t.textContent = text;
-      svg.append(t);
-    });
-    const axisX = s("text", { x: left + gridW / 2, y: top + gridH + 16, class: "pw-axis-title", "text-anchor": "middle" });
-    axisX.textContent = view.col_title;
-    const axisY = s("text", { x: 2, y: top - 5, class: "pw-axis-title" });
-    axisY.textContent = view.row_title;
-    svg.append(axisX, axisY);
-    // Cells.
-    const gap = cw > 8 && ch > 6 ? 1 : 0;
-    const cells = s("g", { class: "pw-cells" });
-    const rects = [], flat = [];
-    view.cells.forEach(([i, j], n) => {
-      if (i < 0) return;
-      const gi = Math.floor(n / nC), gj = n % nC;
-      const r = /** @type {SVGRectElement} */ (s("rect", { x: left + gj * cw, y: top + gi * ch, width: cw - gap, height: ch - gap, class: "pw-cell", "data-row": i, "data-col": j, role: "gridcell" }));
-      const d = { ...p.rows[i], ...p.cols[j] };
-      for (const k of ["layer", "head", "pos"]) if (d[k] !== undefined) r.setAttribute(`data-${k}`, String(d[k]));
-      rects.push(r);
-      flat.push(i * p.cols.length + j);
-      cells.append(r);
-    });
-    svg.append(cells);
-    if (byHead) { // separators between layers
-      const nHeads = view.rows.filter((r) => r.layer === 0).length;
-      for (let l = 1; l * nHeads < nR; l++) svg.append(s("line", { x1: left, x2: left + gridW, y1: top + l * nHeads * ch, y2: top + l * nHeads * ch, class: "pw-sep" }));
-    }
-    // Legend: a vertical bar from the high end (top) to the low end, five labelled ticks;
-    // its gradient stops are set by paintHeatmap (the range follows the values).
-    const lx = left + gridW + 16, lh = Math.max(100, Math.min(gridH, 200));
-    const gid = `pw-grad-${Math.random().toString(36).slice(2)}`;
-    const defs = s("defs");
-    const grad = s("linearGradient", { id: gid, x1: 0, y1: 1, x2: 0, y2: 0 });
-    // Hatching for approximate cells: one <path> covering all of them, filled with stripes.
-    const hatchPattern = s("pattern", { id: `${gid}-hatch`, patternUnits: "userSpaceOnUse", width: 5, height: 5, patternTransform: "rotate(45)" });
-    hatchPattern.append(s("rect", { width: 2, height: 5, class: "pw-hatch-stripe" }));
-    defs.append(grad, hatchPattern);
-    const legendTexts = [0, 1, 2, 3, 4].map((k) => {
-      const y = top + lh - (k * lh) / 4;
-      svg.append(s("line", { x1: lx + 12, x2: lx + 16, y1: y, y2: y, class: "pw-legend-tick" }));
-      const t = s("text", { x: lx + 18, y, "dominant-baseline": "middle", class: "pw-legend-label", "data-tick": k });
-      svg.append(t);
-      return t;
-    });
-    const legendTitle = s("text", { x: lx, y: top - 8, class: "pw-legend-label pw-legend-title" });
-    svg.append(defs, s("rect", { x: lx, y: top, width: 12, height: lh, class: "pw-legend-back" }),
-      s("rect", { x: lx, y: top, width: 12, height: lh, fill: `url(#${gid})`, class: "pw-legend-bar" }), legendTitle);
-    const hatch = /** @type {SVGPathElement} */ (s("path", { class: "pw-hatch", fill: `url(#${gid}-hatch)`, d: "" }));
-    const receivers = /** @type {SVGPathElement} */ (s("path", { class: "pw-receiver-marks", d: "" }));
-    const outline = /** @type {SVGRectElement} */ (s("rect", { class: "pw-outline pw-hidden", width: cw, height: ch }));
-    svg.append(hatch, receivers, outline);
-    plot.replaceChildren(svg);
-    const hadFocus = !!hm.svg && hm.svg.contains(document.activeElement);
-    const active = Math.min(Math.max(0, hm.active), rects.length - 1);
-    rects.forEach((r, n) => r.setAttribute("tabindex", n === active ? "0" : "-1"));
-    Object.assign(hm, { svg, rects, flat, gridCols: nC, active, outline, hatch, receivers, cw, ch, left, top, legend: { legendTexts, legendTitle, grad } });
-    if (hadFocus && rects[active]) rects[active].focus();
+  /** Show a new grid, keeping the active cell (and the focus, if the grid had it). @param {Grid} next */
+  function mount(next) {
+    const hadFocus = !!grid && grid.svg.contains(document.activeElement);
+    plot.replaceChildren(next.svg);
+    active = Math.min(Math.max(0, active), next.rects.length - 1);
+    next.rects.forEach((r, n) => r.setAttribute("tabindex", n === active ? "0" : "-1"));
+    grid = next;
+    if (hadFocus && next.rects[active]) next.rects[active].focus();
   }
 
   /** Colour the cells from the current values (cheap: runs on every streamed update). */
-  function paintHeatmap() {
+  function update() {
     /** @type {Heatmap} */
     const p = model.get("heatmap") || {};
     if (!p.rows || !p.rows.length) {
-      hm.key = "";
+      key = "";
       plot.replaceChildren(h("div", { class: "pw-empty" }, "No heatmap yet: press Run."));
       caption.textContent = "";
       approxNote.classList.add("pw-hidden");
@@ -761,8 +1012,10 @@ function render({ model, el }) {
     }
     drawPairChoice(p);
     const view = gridView(p, drawPositionChoice(p));
-    const key = `${p.run_id}|${p.site}|${p.rows.length}x${p.cols.length}|${Math.round((root.clientWidth || 800) / 40)}|${view.byPosition ? view.cells[0][1] : "all"}`;
-    if (key !== hm.key) { buildHeatmap(p, view); hm.key = key; }
+    const width = root.clientWidth || 800;
+    const layout = `${p.run_id}|${p.site}|${p.rows.length}x${p.cols.length}|${Math.round(width / 40)}|${view.byPosition ? view.cells[0][1] : "all"}`;
+    if (layout !== key || !grid) { mount(buildGrid(p, view, Math.max(320, width))); key = layout; }
+    const g = /** @type {Grid} */ (grid);
     const values = floats(p.values);
     const estimate = p.estimate ? floats(p.estimate) : null;
     // What each cell shows: its exact value, else its estimate (approximate), else nothing.
@@ -776,8 +1029,8 @@ function render({ model, el }) {
     const kind = info && info.scale === "sequential" ? "sequential" : "diverging";
     const [lo, hi] = domain(p.metric, shown, info);
     let hatchPath = "";
-    hm.rects.forEach((r, n) => {
-      const i = hm.flat[n];
+    g.rects.forEach((r, n) => {
+      const i = g.flat[n];
       const v = shown[i], exact = Number.isFinite(values[i]);
       if (estimate && Number.isFinite(estimate[i])) r.setAttribute("data-estimate", String(estimate[i]));
       else r.removeAttribute("data-estimate");
@@ -802,8 +1055,9 @@ function render({ model, el }) {
         hatchPath += `M${r.getAttribute("x")} ${r.getAttribute("y")}h${r.getAttribute("width")}v${r.getAttribute("height")}h-${r.getAttribute("width")}z`;
       } else r.removeAttribute("data-approx");
     });
-    hm.hatch.setAttribute("d", hatchPath);
-    drawLegend(p.metric, lo, hi, kind, info);
+    g.hatch.setAttribute("d", hatchPath);
+    const labels = paintLegend(g.legend, p.metric, lo, hi, kind);
+    legendNote.textContent = info ? `▲ high ${p.metric}: ${info.high_means}` : "";
     const what = p.path ? p.path.label : p.site;
     caption.textContent = `${p.direction} \u00b7 ${what} \u00b7 ${METRIC_LABELS[p.metric] || p.metric}` +
       (p.complete ? "" : ` \u00b7 ${p.done}/${p.total} patches`);
@@ -812,39 +1066,16 @@ function render({ model, el }) {
     drawApproxNote();
     Object.assign(root.dataset, {
       runId: String(p.run_id), complete: String(!!p.complete), runState: String(p.state || ""), filled: String(filled), approx: String(approx),
-      metric: p.metric, direction: p.direction, site: p.site,
+      metric: p.metric, direction: p.direction, site: p.site, scale: kind, legend: labels.join(" "),
     });
     drawOutline();
     markStale();
     markReceivers();
-    if (p.complete && clickedAt && p.run_id > runIdAtClick) {
-      const t = clickedAt;
-      clickedAt = 0;
-      requestAnimationFrame(() => {
-        root.dataset.latencyMs = String(Math.round(performance.now() - t));
-        drawStatus();
-      });
-    }
   }
-  on("change:heatmap", paintHeatmap);
 
-  /**
-   * The legend: gradient stops for lo..hi, five tick labels, the metric's name on top and,
-   * below the caption, what its high end means (from the metric registry).
-   * @param {string} metric @param {number} lo @param {number} hi @param {string} kind @param {MetricInfo|undefined} info
-   */
-  function drawLegend(metric, lo, hi, kind, info) {
-    const { grad, legendTexts, legendTitle } = hm.legend;
-    const stops = kind === "diverging" ? [lo, 0, hi] : [lo, hi];
-    grad.replaceChildren(...stops.map((v) => {
-      const c = /** @type {RGBA} */ (colour(v, lo, hi, kind));
-      return s("stop", { offset: (v - lo) / (hi - lo), "stop-color": `rgb(${c[0]},${c[1]},${c[2]})`, "stop-opacity": c[3] });
-    }));
-    ticks(lo, hi).forEach((v, k) => { legendTexts[k].textContent = fmt(v, 2); });
-    legendTitle.textContent = metric;
-    legendNote.textContent = info ? `▲ high ${metric}: ${info.high_means}` : "";
-    root.dataset.scale = kind;
-    root.dataset.legend = ticks(lo, hi).map((v) => fmt(v, 2)).join(" ");
+  function relayout() {
+    key = "";
+    update();
   }
 
   /** The words after "approximate (attribution patching)": how many cells, and what happens next. */
@@ -857,8 +1088,6 @@ function render({ model, el }) {
     /** @type {HTMLElement} */ (approxNote.querySelector(".pw-approx-count")).textContent =
       `: ${n} hatched cell${n === 1 ? "" : "s"} show${n === 1 ? "s" : ""} a first-order estimate` + (n ? next : "");
   }
-  on("change:status", drawApproxNote);
-  on("change:heatmap", drawApproxNote);
 
   function markStale() {
     const p = model.get("heatmap") || {};
@@ -870,51 +1099,37 @@ function render({ model, el }) {
     staleNote.classList.toggle("pw-hidden", !stale);
   }
 
-  /** Outline the receiver heads on a layer x head heatmap while the path view is chosen. */
   function markReceivers() {
-    if (!hm.receivers) return;
+    if (!grid) return;
     const p = model.get("heatmap") || {};
     const heads = model.get("site") === "path" ? receiverHeads(model.get("receivers")) : [];
     let d = "";
-    for (const r of hm.rects) {
+    for (const r of grid.rects) {
       if (r.dataset.layer === undefined || r.dataset.head === undefined || r.dataset.pos !== undefined) continue;
       if (!heads.includes(`${r.dataset.layer}.${r.dataset.head}`)) continue;
       const x = Number(r.getAttribute("x")) + 1.5, y = Number(r.getAttribute("y")) + 1.5;
-      d += `M${x} ${y}h${hm.cw - 4}v${hm.ch - 4}h-${hm.cw - 4}z`;
+      d += `M${x} ${y}h${grid.cw - 4}v${grid.ch - 4}h-${grid.cw - 4}z`;
     }
-    hm.receivers.setAttribute("d", d);
+    grid.receivers.setAttribute("d", d);
     root.dataset.receivers = p.rows ? heads.join(" ") : "";
   }
 
   function drawOutline() {
+    if (!grid) return;
     const sel = model.get("selected") || {};
-    if (!hm.outline) return;
     const cell = Number.isInteger(sel.row) && Number.isInteger(sel.col)
-      ? hm.rects.find((r) => r.dataset.row === String(sel.row) && r.dataset.col === String(sel.col)) : undefined;
-    hm.outline.classList.toggle("pw-hidden", !cell);
+      ? grid.rects.find((r) => r.dataset.row === String(sel.row) && r.dataset.col === String(sel.col)) : undefined;
+    grid.outline.classList.toggle("pw-hidden", !cell);
     if (cell) {
-      hm.outline.setAttribute("x", String(cell.getAttribute("x")));
-      hm.outline.setAttribute("y", String(cell.getAttribute("y")));
+      grid.outline.setAttribute("x", String(cell.getAttribute("x")));
+      grid.outline.setAttribute("y", String(cell.getAttribute("y")));
     }
   }
-  on("change:selected", drawOutline);
 
   // Tooltip and clicks, delegated from the cells.
-  /** @param {MouseEvent} e @param {string[]} lines */
-  function showTooltip(e, lines) {
-    tooltip.replaceChildren(...lines.map((l, i) => h(i ? "div" : "b", {}, l)));
-    tooltip.classList.remove("pw-hidden");
-    const box = root.getBoundingClientRect();
-    let x = e.clientX - box.left + 14, y = e.clientY - box.top + 14;
-    if (x + 380 > box.width) x = Math.max(0, x - 400);
-    tooltip.style.left = `${x}px`;
-    tooltip.style.top = `${y}px`;
-  }
-  const hideTooltip = () => tooltip.classList.add("pw-hidden");
-
   plot.addEventListener("mousemove", (e) => {
     const r = /** @type {Element} */ (e.target);
-    if (!isCell(r)) return hideTooltip();
+    if (!isCell(r)) return tooltip.hide();
     /** @type {Heatmap} */
     const p = model.get("heatmap");
     const row = p.rows[Number(r.dataset.row)], col = p.cols[Number(r.dataset.col)];
@@ -934,74 +1149,77 @@ function render({ model, el }) {
     }
     if (exact && guess !== undefined) lines.push(`attribution estimate was ${fmt(Number(guess), 4)}`);
     if (model.get("site") === "path" && col.pos === undefined) lines.push("Shift+click: add/remove as a receiver");
-    showTooltip(e, lines);
+    tooltip.show(e, lines);
   });
-  plot.addEventListener("mouseleave", hideTooltip);
-  /**
-   * A click (or Enter) on a cell selects it; with Shift in the path view, it adds or removes
-   * the head as a receiver. @param {SVGRectElement} r @param {boolean} shift
-   */
+  plot.addEventListener("mouseleave", () => tooltip.hide());
+
+  /** Make `r` the grid's one tab stop. @param {SVGRectElement} r @param {boolean} focus */
+  function setActive(r, focus) {
+    if (!grid) return;
+    for (const other of grid.rects) if (other !== r && other.getAttribute("tabindex") === "0") other.setAttribute("tabindex", "-1");
+    r.setAttribute("tabindex", "0");
+    active = grid.rects.indexOf(r);
+    if (focus) r.focus();
+  }
+  /** A click (or Enter) on a cell; with Shift in the path view, a receiver toggle. @param {SVGRectElement} r @param {boolean} shift */
   function activate(r, shift) {
     const { layer, head, pos } = r.dataset;
     setActive(r, false);
     if (shift && model.get("site") === "path" && layer !== undefined && head !== undefined && pos === undefined) {
-      toggleReceiver(`${layer}.${head}`);
+      onToggleReceiver(`${layer}.${head}`);
       return;
     }
-    save("selected", { row: Number(r.dataset.row), col: Number(r.dataset.col) });
-    if (!kernelSeen) {
-      explanation.textContent = "Explanations come from Python, and no Python widget has answered this view yet: hover a cell for its value.";
-      expectKernel("an explanation");
-    }
+    onSelect(Number(r.dataset.row), Number(r.dataset.col));
   }
   plot.addEventListener("click", (e) => {
     const r = /** @type {Element} */ (e.target);
-    if (!isCell(r)) return;
-    activate(/** @type {SVGRectElement} */ (r), e.shiftKey);
+    if (isCell(r)) activate(r, e.shiftKey);
   });
-
-  // Keyboard: the grid is one tab stop (roving tabindex: the active cell has tabindex 0, the
-  // others -1); arrows move, Home/End go to the row's ends, Enter selects (as a click),
-  // Shift+Enter toggles a receiver in the path view. Each cell's accessible name carries its
-  // place and value (set when painted).
-  /** @param {SVGRectElement} r @param {boolean} focus */
-  function setActive(r, focus) {
-    for (const other of hm.rects) if (other !== r && other.getAttribute("tabindex") === "0") other.setAttribute("tabindex", "-1");
-    r.setAttribute("tabindex", "0");
-    hm.active = hm.rects.indexOf(r);
-    if (focus) r.focus();
-  }
   plot.addEventListener("keydown", (e) => {
     const r = /** @type {Element} */ (e.target);
-    if (!isCell(r)) return;
-    const n = hm.rects.indexOf(r), nC = hm.gridCols, nR = Math.ceil(hm.rects.length / nC);
-    const gi = Math.floor(n / nC), gj = n % nC;
-    /** @type {Object<string, number[]>} */
-    const moves = { ArrowLeft: [gi, gj - 1], ArrowRight: [gi, gj + 1], ArrowUp: [gi - 1, gj], ArrowDown: [gi + 1, gj],
-      Home: [gi, 0], End: [gi, nC - 1], PageUp: [0, gj], PageDown: [nR - 1, gj] };
-    if (e.key in moves) {
-      const [i, j] = moves[e.key];
-      const next = hm.rects[Math.max(0, Math.min(nR - 1, i)) * nC + Math.max(0, Math.min(nC - 1, j))];
-      if (next) setActive(next, true);
-    } else if (e.key === "Enter" || e.key === " ") {
-      activate(r, e.shiftKey);
-    } else return;
+    if (!isCell(r) || !grid) return;
+    const next = gridMove(grid.rects.indexOf(r), grid.rects.length, grid.gridCols, e.key);
+    if (next !== null) setActive(grid.rects[next], true);
+    else if (e.key === "Enter" || e.key === " ") activate(r, e.shiftKey);
+    else return;
     e.preventDefault();
     e.stopPropagation();
   });
 
-  /** Add a head to the receivers field, or remove it (an empty field means the logits). */
-  function toggleReceiver(/** @type {string} */ name) {
-    const heads = receiverHeads(model.get("receivers"));
-    const next = heads.includes(name) ? heads.filter((x) => x !== name) : [...heads, name];
-    receiversInput.value = next.join(", ");
-    save("receivers", receiversInput.value);
-  }
-  on("change:explanation", () => {
-    explanation.textContent = model.get("explanation") || "Click a cell of the heatmap to see what it means.";
-  });
+  return { el, update, relayout, markStale, markReceivers, drawOutline, drawApproxNote };
+}
 
-  // ------------------------------------------------------------ attention patterns
+// ------------------------------------------------------------ explanation + attention patterns
+/**
+ * @typedef {Object} ExplainPart
+ * @property {HTMLElement} el the side panel: the selected cell in words, one head's attention on both prompts
+ * @property {HTMLElement} patterns the attention grids' box (its width sets their size)
+ * @property {() => void} updateExplanation
+ * @property {() => void} updatePattern
+ * @property {() => void} noKernel say that explanations need Python, which has not answered
+ */
+
+/**
+ * The side panel. The explanation comes from Python (`explanation`); the pattern of the head
+ * chosen with the layer and head selects (or by clicking a head cell) from `pattern`.
+ * @param {Ctx} ctx
+ * @returns {ExplainPart}
+ */
+export function makeExplainPanel({ model, save, tooltip }) {
+  const explanation = h("p", { class: "pw-explanation" });
+  const patternPanel = h("div", { class: "pw-patterns" });
+  const layerSelect = /** @type {HTMLSelectElement} */ (h("select", { class: "pw-select", "data-control": "pattern_layer", "aria-label": "layer" }));
+  const headSelect = /** @type {HTMLSelectElement} */ (h("select", { class: "pw-select", "data-control": "pattern_head", "aria-label": "head" }));
+  const info = model.get("model_info") || { n_layers: 0, n_heads: 0 };
+  for (let l = 0; l < info.n_layers; l++) layerSelect.append(h("option", { value: String(l) }, `layer ${l}`));
+  for (let hh = 0; hh < info.n_heads; hh++) headSelect.append(h("option", { value: String(hh) }, `head ${hh}`));
+  layerSelect.addEventListener("change", () => save("pattern_layer", Number(layerSelect.value)));
+  headSelect.addEventListener("change", () => save("pattern_head", Number(headSelect.value)));
+  const el = h("div", { class: "pw-side" },
+    h("div", { class: "pw-side-title" }, "Selected cell"), explanation,
+    h("div", { class: "pw-side-title" }, "Attention pattern of ", layerSelect, headSelect),
+    patternPanel);
+
   /** One query x key grid. @param {string} name @param {PatternView} view */
   function patternGrid(name, view) {
     const n = view.n, w = floats(view.values), toks = view.tokens;
@@ -1032,40 +1250,115 @@ function render({ model, el }) {
     }
     svg.addEventListener("mousemove", (e) => {
       const r = /** @type {Element} */ (e.target);
-      if (!(r instanceof Element) || r.tagName !== "rect") return hideTooltip();
+      if (!(r instanceof Element) || r.tagName !== "rect") return tooltip.hide();
       const cellData = /** @type {SVGElement} */ (r).dataset;
       const qi = Number(cellData.q), ki = Number(cellData.k);
-      showTooltip(e, [`attention ${fmt(Number(cellData.weight), 3)}`, `${name} prompt`,
+      tooltip.show(e, [`attention ${fmt(Number(cellData.weight), 3)}`, `${name} prompt`,
         `query ${qi}: ${quote(toks[qi])}`, `key ${ki}: ${quote(toks[ki])}`]);
     });
-    svg.addEventListener("mouseleave", hideTooltip);
+    svg.addEventListener("mouseleave", () => tooltip.hide());
     return h("div", { class: "pw-pattern-box" }, h("div", { class: "pw-pattern-title" }, `${name} prompt (rows: queries, columns: keys)`), svg);
   }
 
-  function drawPattern() {
-    const p = model.get("pattern") || {};
-    layerSelect.value = String(model.get("pattern_layer"));
-    headSelect.value = String(model.get("pattern_head"));
-    patternPanel.replaceChildren();
-    patternPanel.dataset.layer = String(p.layer ?? "");
-    patternPanel.dataset.head = String(p.head ?? "");
-    for (const name of ["clean", "corrupted"]) {
-      if (p[name]) patternPanel.append(patternGrid(name, p[name]));
-      else patternPanel.append(h("div", { class: "pw-muted" }, `${name}: no pattern (fix the prompt first)`));
-    }
-  }
-  for (const name of ["pattern", "pattern_layer", "pattern_head"]) on(`change:${name}`, drawPattern);
+  return {
+    el, patterns: patternPanel,
+    updateExplanation() {
+      explanation.textContent = model.get("explanation") || "Click a cell of the heatmap to see what it means.";
+    },
+    updatePattern() {
+      const p = model.get("pattern") || {};
+      layerSelect.value = String(model.get("pattern_layer"));
+      headSelect.value = String(model.get("pattern_head"));
+      patternPanel.replaceChildren();
+      patternPanel.dataset.layer = String(p.layer ?? "");
+      patternPanel.dataset.head = String(p.head ?? "");
+      for (const name of ["clean", "corrupted"]) {
+        if (p[name]) patternPanel.append(patternGrid(name, p[name]));
+        else patternPanel.append(h("div", { class: "pw-muted" }, `${name}: no pattern (fix the prompt first)`));
+      }
+    },
+    noKernel() {
+      explanation.textContent = "Explanations come from Python, and no Python widget has answered this view yet: hover a cell for its value.";
+    },
+  };
+}
 
-  // ------------------------------------------------------------ first draw + resizing
-  drawTokens(); drawControls(); drawStatus(); drawErrors(); paintHeatmap(); drawPattern(); drawDataset();
-  explanation.textContent = model.get("explanation") || "Click a cell of the heatmap to see what it means.";
+// ------------------------------------------------------------ render: the parts, wired
+/**
+ * anywidget's entry point: build the parts, subscribe them to the model, draw once.
+ * Returns the cleanup anywidget calls when the view goes.
+ * @param {{ model: any, el: HTMLElement }} args
+ */
+function render({ model, el }) {
+  const ctx = makeContext(model);
+  const root = ctx.root;
+  el.replaceChildren(root);
+  // Keys pressed in our inputs, selects and buttons are ours: keep the notebook's
+  // single-key shortcuts (Shift+Enter runs the cell, "a" inserts a cell, ...) out of them,
+  // but let Ctrl/Cmd combinations such as Ctrl+S (save) through.
+  root.addEventListener("keydown", (e) => {
+    const t = /** @type {Element} */ (e.target);
+    if (!e.ctrlKey && !e.metaKey && t.matches("input, select, button, .pw-cell")) e.stopPropagation();
+  });
+
+  const run = () => { sendRun(ctx); kernel.expect("a Run"); };
+  const kernel = makeKernelLink(ctx, { onMissing: () => drawStatus() });
+  const status = makeStatus(ctx);
+  const inputs = makeInputs(ctx, { onRun: run });
+  const tokens = makeTokens(ctx);
+  const controls = makeControls(ctx, { onRun: run });
+  const path = makePathPanel(ctx, { onRun: run });
+  const dataset = makeDataset(ctx);
+  const side = makeExplainPanel(ctx);
+  const heatmap = makeHeatmap(ctx, {
+    onSelect(row, col) {
+      ctx.save("selected", { row, col });
+      if (!kernel.seen()) { side.noKernel(); kernel.expect("an explanation"); }
+    },
+    onToggleReceiver: path.toggleReceiver,
+  });
+  heatmap.el.prepend(kernel.note);
+  root.append(status.header, ...inputs.els, ...tokens.els, controls.el, path.el, dataset.el, controls.reminder,
+    status.progressRow, h("div", { class: "pw-main" }, heatmap.el, side.el), ctx.tooltip.el);
+
+  const drawStatus = () => controls.setRunning(status.update() === "running");
+  const drawControls = () => { controls.update(); path.update(); heatmap.markStale(); heatmap.markReceivers(); };
+  const fields = { ...inputs.fields, receivers: path.field };
+  /** Who redraws on which change, in this order. @type {Array<[string[], Function]>} */
+  const table = [
+    ...Object.entries(fields).map(([name, f]) => /** @type {[string[], Function]} */ (
+      [[name], () => { f.update(); heatmap.markStale(); }])),
+    [["tokens", "baseline", "correct", "incorrect", "clean", "corrupted"], tokens.update],
+    [["direction", "metric", "site", "auto_run", "fast_preview", "receivers", "receiver_input"], drawControls],
+    [["dataset"], dataset.update],
+    [["status", "progress", "heatmap", "tokens", "errors", "explanation"], () => kernel.heard()],
+    [["status", "progress", "elapsed", "heatmap"], drawStatus],
+    [["errors"], ctx.errors.update],
+    [["heatmap"], heatmap.update],
+    [["status", "heatmap"], heatmap.drawApproxNote],
+    [["selected"], heatmap.drawOutline],
+    [["explanation"], side.updateExplanation],
+    [["pattern", "pattern_layer", "pattern_head"], side.updatePattern],
+  ];
+  /** @type {Array<() => void>} */
+  const cleanups = [];
+  const on = (/** @type {string} */ event, /** @type {Function} */ fn) => {
+    model.on(event, fn);
+    cleanups.push(() => model.off(event, fn));
+  };
+  for (const [names, fn] of table) for (const name of names) on(`change:${name}`, fn);
+  on("msg:custom", kernel.heard);
+  try { model.send({ type: "hello" }); } catch (e) { /* no comm at all: kernel.expect reports it */ }
+
+  tokens.update(); drawControls(); drawStatus(); ctx.errors.update(); heatmap.update(); side.updatePattern(); dataset.update();
+  side.updateExplanation();
   let rootWidth = 0, patternWidth = 0;
   const resize = new ResizeObserver(() => {
-    if (Math.abs(root.clientWidth - rootWidth) > 40) { rootWidth = root.clientWidth; hm.key = ""; paintHeatmap(); }
-    if (Math.abs(patternPanel.clientWidth - patternWidth) > 40) { patternWidth = patternPanel.clientWidth; drawPattern(); }
+    if (Math.abs(root.clientWidth - rootWidth) > 40) { rootWidth = root.clientWidth; heatmap.relayout(); }
+    if (Math.abs(side.patterns.clientWidth - patternWidth) > 40) { patternWidth = side.patterns.clientWidth; side.updatePattern(); }
   });
   resize.observe(root);
-  resize.observe(patternPanel);
+  resize.observe(side.patterns);
   cleanups.push(() => resize.disconnect());
   return () => cleanups.forEach((f) => f());
 }
