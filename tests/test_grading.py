@@ -247,6 +247,50 @@ def test_classify_component(capsys):
     fails(grading.check_classify_component, swapped, "sufficiency")
 
 
+def kl_patch(model, components, direction="denoising", reverse=False, absolute=False, first_only=False):
+    """A hand-written patch_with_kl; the keywords make the usual mistakes."""
+    clean, corrupted = grading.GATE_CLEAN, grading.GATE_CORRUPTED
+    target, source = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
+    source_logits, cache = model.run_with_cache(source)
+    hooks = [(f"hook_{c.lower()}", lambda a, hook: cache[hook.name]) for c in components[:1 if first_only else None]]
+    patched = model.run_with_hooks(target, fwd_hooks=hooks)
+    ld = lambda logits: float(logits[0, -1, 1] - logits[0, -1, 0])  # noqa: E731
+    normalized = (ld(patched) - ld(model(target))) / (ld(source_logits) - ld(model(target)))
+    p, q = source_logits[0, -1].log_softmax(-1), patched[0, -1].log_softmax(-1)
+    if reverse:
+        p, q = q, p
+    return {"normalized": abs(normalized) if absolute else normalized, "kl": float((p.exp() * (p - q)).sum())}
+
+
+def test_patch_with_kl(capsys):
+    passes(grading.check_patch_with_kl, kl_patch, capsys)
+    fails(grading.check_patch_with_kl, functools.partial(kl_patch, reverse=True), r"KL\(patched \|\| source\)")
+    fails(grading.check_patch_with_kl, functools.partial(kl_patch, absolute=True), "patching B", "absolute value")
+    fails(grading.check_patch_with_kl, functools.partial(kl_patch, first_only=True), "only A")
+    fails(grading.check_patch_with_kl, lambda m, c, d="denoising": 0.5, "return a dict")
+    with pytest.raises(NotImplementedError):
+        grading.check_patch_with_kl(stub)
+
+
+def ablate(model, tokens, head, ablation, metric, over=(0,), whole_layer=False):
+    """A hand-written ablate_head; the keywords make the usual mistakes."""
+    layer, h = head
+    heads = slice(None) if whole_layer else h
+
+    def replace(z, hook):
+        z[:, :, heads] = 0.0 if ablation == "zero" else z[:, :, heads].mean(over, keepdim=True)
+        return z
+
+    return float(metric(model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", replace)])))
+
+
+def test_ablate_head(capsys):
+    passes(grading.check_ablate_head, ablate, capsys)
+    fails(grading.check_ablate_head, functools.partial(ablate, over=(0, 1)), "mean ablation of L0H0", "positions")
+    fails(grading.check_ablate_head, functools.partial(ablate, whole_layer=True), "every head of layer 0")
+    fails(grading.check_ablate_head, lambda *a: torch.zeros(3), "one number")
+
+
 # ------------------------------------------------------------------------------- 06 prompts
 
 def test_swap_names(capsys):
@@ -323,6 +367,18 @@ def test_attribution_checks(setup, capsys):
     fails(grading.check_attribution_resid_pre, lambda *a: resid_est.T, "transposed")
     with pytest.raises(NotImplementedError):
         grading.check_attribution_resid_pre(stub)
+
+
+def test_circuit_edges(capsys):
+    edges = grading.reference_circuit_edges
+    passes(grading.check_circuit_edges, edges, capsys)
+    fails(grading.check_circuit_edges, functools.partial(edges, signed=True), "missing", "negative value")
+    fails(grading.check_circuit_edges, functools.partial(edges, receiver_input="v"), "keys or values instead of their queries")
+    fails(grading.check_circuit_edges, lambda *a: edges(*a)[1:], "missing L0H0 -> logits")
+    fails(grading.check_circuit_edges, functools.partial(edges, freeze_mlps=True), "freeze the MLPs")
+    fails(grading.check_circuit_edges, lambda *a: {"L0H0": 1.0}, "list of")
+    with pytest.raises(NotImplementedError):
+        grading.check_circuit_edges(stub)
 
 
 # ------------------------------------------------------------------------------- no poisoning

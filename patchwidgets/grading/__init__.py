@@ -66,6 +66,9 @@ from .check_gates import (  # noqa: F401
     check_patch_gate_components,
     check_gate_predictions,
     check_classify_component,
+    check_patch_with_kl,
+    check_ablate_head,
+    library_ablation,
 )
 from .check_corruptions import (  # noqa: F401
     check_swap_names,
@@ -76,6 +79,8 @@ from .check_corruptions import (  # noqa: F401
 from .check_advanced import (  # noqa: F401  (the private ones are used by tests/test_grading.py)
     check_path_patch_to_logits,
     check_path_patch_to_queries,
+    check_circuit_edges,
+    reference_circuit_edges,
     check_attribution_head_out,
     check_attribution_resid_pre,
     _library_path,
@@ -99,10 +104,11 @@ __all__ = [
     "check_get_act_patch_head_every", "check_mean_attention",
     # 05_noising_denoising
     "check_or_gate", "check_patch_gate_components", "check_gate_predictions", "check_classify_component",
+    "check_patch_with_kl", "check_ablate_head", "library_ablation",
     # 06_corrupted_prompts
     "check_swap_names", "check_abc_corruption", "reference_swap_names", "reference_abc_corruption",
     # 07_path_patching
-    "check_path_patch_to_logits", "check_path_patch_to_queries",
+    "check_path_patch_to_logits", "check_path_patch_to_queries", "check_circuit_edges", "reference_circuit_edges",
     # 08_attribution_patching
     "check_attribution_head_out", "check_attribution_resid_pre",
 ]

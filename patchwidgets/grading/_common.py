@@ -24,9 +24,10 @@ EXERCISES: dict[str, list[str]] = {
     "03_residual_stream": ["patch_position", "get_act_patch_resid_pre", "get_act_patch_block_every"],
     "04_attention_heads": ["patch_head_vector", "get_act_patch_head_out", "get_act_patch_head_out_by_pos",
                            "get_act_patch_head_every", "mean_attention"],
-    "05_noising_denoising": ["or_gate", "gate_predictions", "patch_gate_components", "classify_component"],
+    "05_noising_denoising": ["or_gate", "gate_predictions", "patch_gate_components", "classify_component",
+                             "patch_with_kl", "ablate_head"],
     "06_corrupted_prompts": ["swap_names", "abc_corruption"],
-    "07_path_patching": ["path_patch_to_logits", "path_patch_to_queries"],
+    "07_path_patching": ["path_patch_to_logits", "path_patch_to_queries", "circuit_edges"],
     "08_attribution_patching": ["attribution_head_out", "attribution_resid_pre"],
 }
 

@@ -137,3 +137,135 @@ def _check_attribution(name: str, fn: Callable, model: Any, site: str, axes: tup
         ("use (corrupted - clean) instead of (clean - corrupted) as the change", lambda _, expected: -expected),
     ], run=_run_attribution_exercise, library=_library_attribution,
         library_name="patchwidgets.attribution_patch", atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# 07_path_patching: the circuit's edges, from the evidence
+# ---------------------------------------------------------------------------------------------
+
+Edge = tuple[tuple[int, int], Any, float]
+
+
+def reference_circuit_edges(model: Any, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tensor,
+                            answers: torch.Tensor, heads: list[tuple[int, int]], threshold: float,
+                            receiver_input: str = "q", freeze_mlps: bool = False, signed: bool = False) -> list[Edge]:
+    """The edges of a candidate circuit, from path patching (denoising, normalised metric).
+
+    ``(head, "logits", value)`` for each head's path to the logits, and ``(sender, receiver,
+    value)`` for the path from a head into the ``receiver_input`` of a head of ``heads`` in a later
+    layer; kept when ``|value| >= threshold`` (``value >= threshold`` with ``signed=True``, the
+    mistake the check names), strongest first. The keyword arguments other than ``threshold`` give
+    the wrong answers the check recognises.
+    """
+    from ..path_patching import path_patch
+
+    def paths(senders: list, **kwargs) -> list[float]:
+        result = path_patch(model, clean_tokens, corrupted_tokens, answers=answers, senders=senders,
+                            metrics="normalized", progress=False, **kwargs)
+        return [float(v) for v in result.grid("normalized").reshape(-1)]
+
+    heads = [tuple(h) for h in heads]
+    edges = list(zip(heads, ["logits"] * len(heads), paths(heads, freeze_mlps=freeze_mlps)))
+    for receiver in heads:
+        senders = [h for h in heads if h[0] < receiver[0]]
+        if senders:
+            values = paths(senders, receivers=[receiver], receiver_input=receiver_input, freeze_mlps=freeze_mlps)
+            edges += [(s, receiver, v) for s, v in zip(senders, values)]
+    kept = [e for e in edges if (e[2] if signed else abs(e[2])) >= threshold]
+    return sorted(kept, key=lambda e: -abs(e[2]))
+
+
+#: The candidate circuit the check passes: toy-ioi's main head, its layer-1 name movers, and L0H2,
+#: whose path to the logits is negative (about -0.01 on the check's batch), so that a signed
+#: threshold shows. The threshold keeps a margin of 0.002 from every path of these heads.
+CIRCUIT_HEADS = [(0, 0), (0, 2), (1, 0), (1, 1), (1, 3), (1, 5), (1, 7)]
+CIRCUIT_THRESHOLD = 0.008
+
+
+def _edge_name(edge: tuple) -> str:
+    sender, receiver = edge[0], edge[1]
+    to = "logits" if receiver == "logits" else f"L{receiver[0]}H{receiver[1]} (queries)"
+    return f"L{sender[0]}H{sender[1]} -> {to}"
+
+
+def _as_edges(name: str, got: Any) -> dict[tuple, float]:
+    if not isinstance(got, (list, tuple, set)):
+        raise GradingError(f"{name}: return a list of (sender, receiver, value) tuples, got {type(got).__name__}")
+    edges = {}
+    for item in got:
+        try:
+            sender, receiver, value = item
+            sender = (int(sender[0]), int(sender[1]))
+            receiver = "logits" if isinstance(receiver, str) and receiver.strip().lower() == "logits" else \
+                (int(receiver[0]), int(receiver[1]))
+            value = float(to_tensor(name, value).reshape(-1)[0])
+        except (TypeError, ValueError, IndexError, GradingError):
+            raise GradingError(f"{name}: each edge is a tuple (sender, receiver, value) with sender = (layer, head) "
+                               f"and receiver = (layer, head) or 'logits'; got {item!r}") from None
+        edges[(sender, receiver)] = value
+    return edges
+
+
+def _same_edges(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(math.isclose(a[e], b[e], abs_tol=ATOL) for e in a)
+
+
+def check_circuit_edges(circuit_edges: Callable, model: Any = None) -> None:
+    """``circuit_edges(model, clean_tokens, corrupted_tokens, answers, heads, threshold) -> list of
+    (sender, receiver, value)``: see :func:`reference_circuit_edges`."""
+    name = "circuit_edges"
+    setup = sweep_setup(model)
+    b = setup.batch
+    args = (b.clean_tokens, b.corrupted_tokens, _answers(setup), list(CIRCUIT_HEADS), CIRCUIT_THRESHOLD)
+    with torch.no_grad(), setup.guard(name):
+        got = _as_edges(name, call_learner(name, circuit_edges, setup.model, *(a.clone() if isinstance(a, torch.Tensor)
+                                                                             else a for a in args)))
+
+    def edges(threshold: float = CIRCUIT_THRESHOLD, **kwargs) -> dict:
+        return {(s, r): v for s, r, v in reference_circuit_edges(setup.model, *args[:-1], threshold, **kwargs)}
+
+    expected = edges()
+    if _same_edges(got, expected):
+        report_pass(name, f"{len(expected)} edges match path_patch to the logits and to the queries")
+        return
+
+    def total_effect() -> dict:
+        grid = library_grid(setup, "head_out")
+        return {e: (float(grid[e[0]]) if e[1] == "logits" else v) for e, v in edges(threshold=-1.0).items()
+                if abs(float(grid[e[0]]) if e[1] == "logits" else v) >= CIRCUIT_THRESHOLD}
+
+    known = [
+        ("compare the signed value with the threshold: every edge with a negative value is missing. A path that "
+         "pushes against the answer is part of the circuit too (a negative component): keep |value| >= threshold",
+         lambda: edges(signed=True)),
+        ("take each head's total effect (activation patching) for its edge to the logits; the edge is its path "
+         "to the logits, path_patch(..., senders=heads) with receivers=None", total_effect),
+        ("freeze the MLPs; this exercise recomputes them (the default, freeze_mlps=False)",
+         lambda: edges(freeze_mlps=True)),
+        ("patch the receivers' keys or values instead of their queries (receiver_input='q')",
+         lambda: edges(receiver_input="k")),
+        ("patch the receivers' values instead of their queries (receiver_input='q')", lambda: edges(receiver_input="v")),
+    ]
+    where = f"heads {', '.join(f'L{l}H{h}' for l, h in CIRCUIT_HEADS)}, threshold {CIRCUIT_THRESHOLD}"
+    missing = [e for e in expected if e not in got]
+    extra = [e for e in got if e not in expected]
+    wrong = [e for e in expected if e in got and not math.isclose(got[e], expected[e], abs_tol=ATOL)]
+    parts = []
+    if missing:
+        parts.append("missing " + ", ".join(f"{_edge_name(e)} ({expected[e]:.3f})" for e in missing))
+    if extra:
+        parts.append("unexpected " + ", ".join(f"{_edge_name(e)} ({got[e]:.3f})" for e in extra))
+    if wrong:
+        parts.append(f"{len(wrong)} value(s) differ, first {_edge_name(wrong[0])}: expected {expected[wrong[0]]:.4f}, "
+                     f"got {got[wrong[0]]:.4f}")
+    lines = [f"{name} ({where}): " + "; ".join(parts) + "."]
+    for why, make in known:
+        if _same_edges(got, make()):
+            lines.append(f"Your edges match what you get when you {why}.")
+            break
+    else:
+        if any(r != "logits" and s[0] >= r[0] for s, r in extra):
+            lines.append("A head can send only to heads in later layers: take the senders from earlier layers.")
+        elif any(s not in CIRCUIT_HEADS or (r != "logits" and r not in CIRCUIT_HEADS) for s, r in extra):
+            lines.append("Only the candidate heads (`heads`) are senders and receivers.")
+    raise GradingError("\n".join(lines))
