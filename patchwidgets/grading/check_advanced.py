@@ -244,7 +244,8 @@ def check_circuit_edges(circuit_edges: Callable, model: Any = None) -> None:
          lambda: edges(freeze_mlps=True)),
         ("patch the receivers' keys or values instead of their queries (receiver_input='q')",
          lambda: edges(receiver_input="k")),
-        ("patch the receivers' values instead of their queries (receiver_input='q')", lambda: edges(receiver_input="v")),
+        ("patch the receivers' values instead of their queries (receiver_input='q')",
+         lambda: edges(receiver_input="v")),
     ]
     where = f"heads {', '.join(f'L{l}H{h}' for l, h in CIRCUIT_HEADS)}, threshold {CIRCUIT_THRESHOLD}"
     missing = [e for e in expected if e not in got]

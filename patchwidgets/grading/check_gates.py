@@ -281,8 +281,10 @@ def check_patch_with_kl(patch_with_kl: Callable) -> None:
                 hint = (" That is its absolute value. Keep the sign: a negative effect is what says that a "
                         "component works against the answer; the KL is the number that ignores the sign.")
             elif math.isclose(got_norm, 1 - ref["normalized"], abs_tol=ATOL):
-                hint = " That is 1 minus the expected value: 0 is the run being patched, 1 the run the values come from."
-            raise GradingError(f"{name}: {where}: expected normalized = {ref['normalized']:.4f}, got {got_norm:.4f}.{hint}")
+                hint = (" That is 1 minus the expected value: 0 is the run being patched, 1 the run the values "
+                        "come from.")
+            raise GradingError(f"{name}: {where}: expected normalized = {ref['normalized']:.4f}, "
+                               f"got {got_norm:.4f}.{hint}")
         if not math.isclose(got_kl, ref["kl"], abs_tol=ATOL):
             hint = next((f" Your value matches {why}." for wrong, why in ref["wrong kl"]
                          if math.isclose(got_kl, wrong, abs_tol=ATOL)), "")
@@ -314,7 +316,8 @@ def _ablated_by_hand(setup: Any, head: tuple[int, int], values: Callable, whole_
         return z
 
     with torch.no_grad():
-        logits = setup.model.run_with_hooks(setup.batch.clean_tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", replace)])
+        logits = setup.model.run_with_hooks(setup.batch.clean_tokens,
+                                            fwd_hooks=[(f"blocks.{layer}.attn.hook_z", replace)])
     return float(_noising_metric(setup)(logits))
 
 
@@ -359,7 +362,8 @@ def check_ablate_head(ablate_head: Callable, model: Any = None) -> None:
                                    _noising_metric(setup))
             t = to_tensor(name, got)
             if t.numel() != 1:
-                raise GradingError(f"{name}: return one number (the metric of the ablated run), got shape {tuple(t.shape)}")
+                raise GradingError(f"{name}: return one number (the metric of the ablated run), "
+                                   f"got shape {tuple(t.shape)}")
             value, expected = float(t), float(grid[head])
             if math.isclose(value, expected, abs_tol=ATOL):
                 continue
