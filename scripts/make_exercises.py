@@ -234,6 +234,10 @@ def out_of_date() -> list[str]:
     return problems
 
 
+#: Cell tag of outputs that depend on the machine or on dependency versions (not stored).
+MACHINE_DEPENDENT = "machine-dependent"
+
+
 def execute_in_place(path: Path, timeout: int = 600) -> None:
     """Run a notebook top to bottom and store its outputs (stops at the first error)."""
     from nbclient import NotebookClient
@@ -245,6 +249,10 @@ def execute_in_place(path: Path, timeout: int = 600) -> None:
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.metadata.pop("execution", None)
+            # Engine counters and the like: shown when the notebook runs, never stored, since
+            # they depend on the machine and the installed versions.
+            if MACHINE_DEPENDENT in cell.metadata.get("tags", []):
+                cell.outputs = []
     nbformat.write(nb, path)
 
 

@@ -226,3 +226,20 @@ def test_solutions_and_exercises_share_text():
              and not c.source.startswith(make_exercises.SOLUTION_SUMMARY)]
         assert len(s) == len(e)
         assert sum(a.source != b.source for a, b in zip(s, e)) <= 1
+
+
+MACHINE_TEXT = re.compile(r"'(prefix_skipped|resumed|forward_passes|skipped_noop|logits_shortcut)'|(?<![\d.])-0\.0+(?![\d.]*[1-9])")
+
+
+@pytest.mark.parametrize("path", sorted([*ROOT.glob("solutions/*.ipynb"), *ROOT.glob("tutorials/*.ipynb")]),
+                         ids=lambda p: p.name)
+def test_stored_outputs_hold_no_machine_dependent_text(path):
+    """Engine counters (which depend on the CPU and installed versions) and negative zeros are
+    never stored, not even in cells nbval ignores: a reader of the saved notebook sees them."""
+    nb = nbformat.read(path, as_version=4)
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            text = "".join(out.get("text", "")) + "".join("".join(v) for k, v in out.get("data", {}).items()
+                                                          if k.startswith("text/"))
+            found = MACHINE_TEXT.search(text)
+            assert found is None, f"{path.name} cell {i}: {found.group(0)!r} in a stored output"
