@@ -28,6 +28,7 @@ from .errors import (
 from .metrics import BUILTIN_METRICS
 from .patching import PatchUpdate, patch
 from .results import PatchResult
+from .sharing import exclusive
 from .sites import site_names
 
 __version__ = "0.1.0"
@@ -56,7 +57,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "patch", "PatchResult", "PatchUpdate", "site_names", "BUILTIN_METRICS", "rounded", *_LAZY,
+    "patch", "PatchResult", "PatchUpdate", "site_names", "exclusive", "BUILTIN_METRICS", "rounded", *_LAZY,
     "PatchingInputError", "EmptyPromptError", "TokenLengthMismatchError", "PromptTooLongError",
     "IdenticalPromptsError", "AnswerTokenError", "UnknownSiteError", "UnknownMetricError",
     "DegenerateNormalizationError", "PatchingCancelled",

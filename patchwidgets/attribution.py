@@ -68,6 +68,7 @@ from . import metrics as metrics_mod
 from .errors import PatchingInputError
 from .inputs import Prompts
 from .results import PatchResult
+from .sharing import exclusive
 from .sites import Site
 from .sources import ablation_values
 from .sweep import prepare_request, sweep_cells
@@ -219,13 +220,14 @@ def _run(model: Any, tokens: torch.Tensor, hooks: list, names: Sequence[str], an
 
     final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     logits = None
-    try:
-        logits = model.run_with_hooks(tokens, fwd_hooks=[*hooks, *[(n, keep(n)) for n in names], (final, grab)])
-    except _Stop:
-        pass
-    rows = torch.arange(tokens.shape[0], device=captured["resid"].device)
-    pos = answer_pos.to(rows.device)
-    short = model.unembed(model.ln_final(captured["resid"][rows, pos][:, None]))[:, 0]
+    with exclusive(model):  # (the model's hooks are ours alone for this pass: patchwidgets.sharing)
+        try:
+            logits = model.run_with_hooks(tokens, fwd_hooks=[*hooks, *[(n, keep(n)) for n in names], (final, grab)])
+        except _Stop:
+            pass
+        rows = torch.arange(tokens.shape[0], device=captured["resid"].device)
+        pos = answer_pos.to(rows.device)
+        short = model.unembed(model.ln_final(captured["resid"][rows, pos][:, None]))[:, 0]
     return short, (None if logits is None else logits[rows, pos]), acts
 
 

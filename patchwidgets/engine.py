@@ -47,6 +47,14 @@ every position. :meth:`Engine.shortcut_report` says which shortcut is off and wh
 Hand-built ``HookedRootModule`` models (no ``blocks`` to resume at) use the plain path by
 design, without a warning.
 
+One caller at a time, one pass at a time
+---------------------------------------
+Every method that makes forward passes (:meth:`Engine.run_target`, :meth:`Engine.run_source`,
+:meth:`Engine.run_pass`, :meth:`Engine.run_chunk`) holds the model's lock
+(:func:`patchwidgets.sharing.exclusive`) for its length, hooks included. Between them the
+engine keeps what it recorded in its own attributes, never on the model, so other callers of
+the same model (a widget, a notebook cell) can run their passes in between.
+
 Models split over devices or offloaded to disk
 ----------------------------------------------
 A model loaded with a ``device_map`` (:func:`patchwidgets.load_model`) has its blocks on
@@ -70,6 +78,7 @@ the keys/values a block recorded stay on that block's device. Three details:
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import warnings
 import weakref
@@ -78,6 +87,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from .sharing import exclusive
 from .sites import Site
 
 Hook = tuple[str, Callable]
@@ -114,6 +124,17 @@ class _StopPass(Exception):
 
 class _Redo(Exception):
     """The target run that recorded through taps cannot be trusted: run it again, plainly."""
+
+
+def _one_caller(method: Callable) -> Callable:
+    """Run an :class:`Engine` method that makes forward passes as the model's only user
+    (:func:`patchwidgets.sharing.exclusive`): its hooks are attached and removed while no other
+    caller of the model runs, and other callers get their turn between such calls."""
+    @functools.wraps(method)
+    def run(self: "Engine", *args: Any, **kwargs: Any) -> Any:
+        with exclusive(self.model):
+            return method(self, *args, **kwargs)
+    return run
 
 
 class ShortcutWarning(UserWarning):
@@ -366,6 +387,7 @@ class Engine:
                           "Results stay exact; the sweep only runs slower.", ShortcutWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ target run
+    @_one_caller
     def run_target(
         self, names: Iterable[str], record: bool = True
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -422,6 +444,7 @@ class Engine:
                                     "plain run_with_hooks by design")
         return final, acts
 
+    @_one_caller
     def run_source(self, tokens: torch.Tensor, hooks: Sequence[Hook], names: Iterable[str],
                    changed: torch.Tensor, target_acts: dict[str, torch.Tensor],
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
@@ -811,6 +834,7 @@ class Engine:
         the target run's keys and values for positions ``0..offset-1``."""
         return self._run_blocks({layer: k}, offset, hooks)
 
+    @_one_caller
     def run_pass(self, layer: int | None, offset: int, k: int, hooks: Sequence[Hook]) -> torch.Tensor:
         """Answer logits ``[k * batch, vocab]`` of ``k`` copies of the target run with ``hooks``.
 
@@ -917,6 +941,7 @@ class Engine:
         d_model = getattr(getattr(self.model, "cfg", None), "d_model", None) or 768
         return 10.0 + 50e6 / (24 * d_model ** 2)
 
+    @_one_caller
     def run_chunk(self, chunk: Chunk, sources: dict[str, torch.Tensor]) -> torch.Tensor:
         """Answer logits ``[n_patches, batch, vocab]`` for one chunk of patches, in the order
         of ``chunk.patches``."""

@@ -98,6 +98,7 @@ from .attribution import (QK_SITES, AttributionResult, attribution_result, diffe
 from .errors import PatchingInputError, UnknownSiteError
 from .inputs import Prompts
 from .results import PatchResult
+from .sharing import exclusive
 from .sites import Site, resolve_sites
 from .sources import ablation_values, noised_positions
 from .streaming import run_streaming
@@ -333,7 +334,7 @@ class _Run:
         embed: Any = _envoy(model, noise[0]) if noise is not None else None
         rows = torch.arange(self.batch)
         column = self.column
-        with torch.no_grad():
+        with torch.no_grad(), exclusive(model):  # (one caller of the model at a time: .sharing)
             with self._trace() as tracer:
                 # One saved list (what a trace returns are its saved values, by variable name,
                 # also from NDIF), filled by the invokes in the model's order, not the list's.
@@ -374,7 +375,7 @@ class _Run:
         k = len(writes)
         rows = torch.arange(k * self.batch)
         column = self.column.repeat(k)
-        with torch.no_grad():
+        with torch.no_grad(), exclusive(model):  # (one caller of the model at a time: .sharing)
             with self._trace() as tracer:
                 for env, port, heads, sl, values in plan:
                     with tracer.invoke(encoding):
@@ -422,7 +423,7 @@ class _Run:
             embed, scale = _envoy(model, noise[0]), self.noise_scale
         rows, column = torch.arange(self.batch), self.column
         weights = weights.detach()
-        with torch.enable_grad():
+        with torch.enable_grad(), exclusive(model):
             with self._trace() as tracer:
                 grads = nnsight.save([None] * len(envoys))
                 with tracer.invoke(encoding):

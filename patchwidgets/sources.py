@@ -67,8 +67,9 @@ def embedding_std(model: Any) -> float:
     block by block (two passes), instead of being copied whole to float32.
     """
     from .engine import materialized
+    from .sharing import exclusive
 
-    with materialized(getattr(model, "embed", None)):
+    with exclusive(model), materialized(getattr(model, "embed", None)):  # (loads offloaded weights: one caller)
         weight = model.W_E.detach()
         if weight.device.type == "meta":
             raise RuntimeError(

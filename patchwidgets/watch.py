@@ -10,7 +10,9 @@ pre-hook on each of the model's blocks raises :class:`~patchwidgets.errors.Patch
 as soon as the cancel event is set (one block of one pass is the longest wait: well under a
 second on a laptop for GPT-2 small), and moves a progress bar whose unit is one block run
 over one token, so the bar covers the unpatched runs as well as the patches and its
-estimate of the time left means something. The patched passes are counted from the plan
+estimate of the time left means something. The hooks are attached to this thread's passes
+only (:func:`patchwidgets.sharing.watched`): a sweep's cancel never stops another caller's.
+The patched passes are counted from the plan
 (:meth:`~patchwidgets.engine.Engine.plan`), the rest from the model's shape.
 """
 
@@ -23,6 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .errors import PatchingCancelled
+from .sharing import watched
 
 
 def _hidden_tokens(args: tuple, kwargs: dict) -> int:
@@ -84,22 +87,24 @@ class SweepWatch:
 
     @contextlib.contextmanager
     def watching(self, model: Any) -> Iterator[SweepWatch]:
-        """Inside this context every block call of ``model`` checks for a cancel and counts
-        its work. Models without ``blocks`` are checked before and after instead."""
+        """Inside this context every block call of ``model`` made by this thread checks for a
+        cancel and counts its work. The hooks are attached at each pass (inside
+        :func:`patchwidgets.sharing.exclusive`) and removed at its end, so other callers of the
+        same model never run them. Models without ``blocks`` are checked before and after."""
         self.check()
+        with watched(model, self):
+            yield self
+
+    def attach(self, model: Any) -> list:
+        """Attach this watch's block hooks to ``model`` for one pass; returns their handles."""
         blocks = getattr(model, "blocks", None)
-        handles = []
+        if not isinstance(blocks, torch.nn.ModuleList):
+            return []
 
         def pre_hook(module, args, kwargs):
             self.check()
             self._tick(_hidden_tokens(args, kwargs))
-        try:
-            if isinstance(blocks, torch.nn.ModuleList):
-                handles = [b.register_forward_pre_hook(pre_hook, with_kwargs=True) for b in blocks]
-            yield self
-        finally:  # (never leave a hook behind: it would cancel the model's next sweep)
-            for h in handles:
-                h.remove()
+        return [b.register_forward_pre_hook(pre_hook, with_kwargs=True) for b in blocks]
 
     def reporting(self, callback: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
         """``callback`` for :func:`~patchwidgets.streaming.run_streaming`, also showing the

@@ -160,6 +160,9 @@ class PatchingWidget(anywidget.AnyWidget):
     errors = t.Dict().tag(sync=True)            # {field: message}
     status = t.Unicode("idle").tag(sync=True)   # idle | running | done | cancelled | error
     progress = t.List([0, 0]).tag(sync=True)    # [patches done, total]
+    # Non-empty while a job waits for the model because another caller (a notebook cell,
+    # another widget) is running a pass on it: who holds it (patchwidgets.sharing).
+    waiting_for = t.Unicode("").tag(sync=True)
     elapsed = t.Float(0.0).tag(sync=True)       # seconds the last sweep took in Python
     heatmap = t.Dict().tag(sync=True)           # see widget_state.heatmap_payload
     explanation = t.Unicode("").tag(sync=True)
@@ -187,7 +190,7 @@ class PatchingWidget(anywidget.AnyWidget):
         self._edited_prompt = "corrupted"
         self._patterns: dict[str, Any] = {}
         self._inputs_used: dict[str, str] = {}
-        self._jobs = JobRunner(("preview", "pattern", "sweep"), self._job_failed)
+        self._jobs = JobRunner(("preview", "pattern", "sweep"), self._job_failed, on_wait=self._waiting_for)
         self.sweeps = Sweeper(self, self._sync_lock, lambda: self._jobs.waiting("sweep"))
         cfg = model.cfg
         name = str(getattr(cfg, "model_name", "") or type(model).__name__)
@@ -205,7 +208,7 @@ class PatchingWidget(anywidget.AnyWidget):
         self.observe(lambda change: self.sweeps.push(), names="pair")
         self.observe(self._on_dataset, names="dataset")
         self.on_msg(self._on_frontend_msg)
-        self._preview()  # nothing else uses the model yet, so this may run right here
+        self._preview()  # (on this thread: its one pass waits its turn if the model is busy)
 
     # ------------------------------------------------------------------ public API
     def run(self, wait: bool = False, timeout: float | None = None):
@@ -531,6 +534,16 @@ class PatchingWidget(anywidget.AnyWidget):
                 self.progress = [payload["done"], payload["total"]]
         if payload and self.selected:
             self._on_selected({"new": self.selected})
+
+    def _waiting_for(self, holder: str) -> None:
+        """The job thread waits for the model (``holder``: the thread using it), or no longer."""
+        words = ""
+        if holder:
+            who = ("a notebook cell" if holder == "MainThread" else "another widget"
+                   if holder.startswith("patchwidgets-jobs") else f"thread {holder!r}")
+            words = f"waiting for {who} to finish with this model"
+        with self._sync_lock:
+            self.waiting_for = words
 
     def set_progress(self, done: int, total: int) -> None:
         self.progress = [done, total]

@@ -1,8 +1,9 @@
 """The widget's background work: one job thread, and the sweep job that runs on it.
 
-:class:`JobRunner` is the single daemon thread that owns the model, so the notebook never
-blocks and two forward passes never overlap (patching hooks the model; a second pass at
-the same time would see the hooks).
+:class:`JobRunner` is the widget's single daemon thread, so the notebook never blocks and
+the widget's own jobs run one at a time. Other callers of the same model (notebook cells,
+other widgets) are kept apart pass by pass by :mod:`patchwidgets.sharing`; the runner tells
+the widget when a job waits for them (``on_wait``).
 
 :class:`Sweeper` (composed into :class:`~patchwidgets.widget.PatchingWidget`, behind the small
 :class:`SweepHost` interface) runs a sweep on that thread. One sweep has up to two stages:
@@ -43,6 +44,7 @@ from .errors import DegenerateNormalizationError, PatchingCancelled
 from .metrics import BUILTIN_METRICS, METRICS
 from .patching import patch
 from .path_patching import path_patch
+from .sharing import waiting_notice
 from .widget_state import INPUT_FIELDS, WIDGET_SITES, heatmap_payload
 
 #: What a sweep reads from the widget when it starts.
@@ -94,9 +96,11 @@ class JobRunner:
     jobs of the light kinds right away (the widget does so between chunks of a sweep).
     """
 
-    def __init__(self, priority: tuple[str, ...], on_error: Callable[[str, BaseException], Any]):
+    def __init__(self, priority: tuple[str, ...], on_error: Callable[[str, BaseException], Any],
+                 on_wait: Callable[[str], Any] | None = None):
         self.priority = priority
         self.on_error = on_error
+        self.on_wait = on_wait  # told when a job waits for the model (patchwidgets.sharing)
         self._cond = threading.Condition()
         self._pending: dict[str, Callable[[], Any]] = {}
         self._busy = 0
@@ -126,7 +130,11 @@ class JobRunner:
 
     def _run(self, kind: str, fn: Callable[[], Any]) -> None:
         try:
-            fn()
+            if self.on_wait is None:
+                fn()
+            else:
+                with waiting_notice(self.on_wait):
+                    fn()
         except BaseException as err:  # never let a job kill the thread
             try:
                 self.on_error(kind, err)

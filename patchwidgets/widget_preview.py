@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from . import inputs as inputs_mod
+from .sharing import exclusive
 
 
 def quiet_load(name: str):
@@ -123,8 +124,9 @@ def preview(model: Any, texts: dict[str, str], answers: dict[str, str],
         for name, toks in ids.items():
             if len(toks) > n_ctx:
                 continue
-            out, cache = model.run_with_cache(
-                toks[None].to(_device(model)), names_filter=lambda n: n.endswith("attn.hook_pattern"))
+            with exclusive(model):  # (another caller's hooks must not be in this run: patchwidgets.sharing)
+                out, cache = model.run_with_cache(
+                    toks[None].to(_device(model)), names_filter=lambda n: n.endswith("attn.hook_pattern"))
             logits[name] = out[0, -1].float().cpu()
             patterns[name] = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][0].float().cpu()
                                           for l in range(model.cfg.n_layers)])

@@ -733,7 +733,9 @@ export function makeStatus({ model, root }) {
       root.dataset.status = status;
       progress.value = total ? done / total : status === "done" ? 1 : 0;
       progress.classList.toggle("pw-hidden", !running && status !== "cancelled");
-      progressText.textContent = running ? `${done}/${total} patches`
+      const waiting = String(model.get("waiting_for") || "");
+      progressText.textContent = running && waiting ? `${done}/${total} patches, ${waiting}`
+        : running ? `${done}/${total} patches`
         : status === "done" ? `${total} patches in ${fmt(model.get("elapsed"), 2)} s`
         : status === "cancelled" ? cancelledText() : "";
       statusText.textContent = status;
@@ -1332,7 +1334,7 @@ function render({ model, el }) {
     [["direction", "metric", "site", "auto_run", "fast_preview", "receivers", "receiver_input"], drawControls],
     [["dataset"], dataset.update],
     [["status", "progress", "heatmap", "tokens", "errors", "explanation"], () => kernel.heard()],
-    [["status", "progress", "elapsed", "heatmap"], drawStatus],
+    [["status", "progress", "elapsed", "heatmap", "waiting_for"], drawStatus],
     [["errors"], ctx.errors.update],
     [["heatmap"], heatmap.update],
     [["status", "heatmap"], heatmap.drawApproxNote],
