@@ -38,6 +38,28 @@ device in memory; accelerate loads them for the duration of each module's forwar
 peak memory is then about one block's weights plus the activations; every forward pass reads
 the offloaded blocks from disk again. ``cfg.device`` is set to the embedding's execution
 device (TransformerLens would record ``meta`` for an offloaded embedding).
+
+The nnsight backend
+-------------------
+``load_model(name, backend="nnsight")`` builds an ``nnsight.TransformersModel`` (of which
+``nnsight.LanguageModel`` is now a deprecated alias) for :func:`patchwidgets.patch` and
+:func:`patchwidgets.attribution_patch`, locally or on NDIF with ``remote=True``. It is
+built **lazily**: the module tree on PyTorch's ``meta`` device from the checkpoint's
+``config.json``, no weights. A local sweep loads the weights before its first trace (nnsight
+calls this dispatching); a ``remote=True`` sweep never does, so an NDIF model's weights are
+never downloaded. Only the config and the tokenizer files come from the Hub.
+
+Why not simply ``LanguageModel(name)``? With nnsight 0.8.1 and transformers 5.25 that lazy
+build fails for every checkpoint, local folder or Hub name, with ``Impossible to guess which
+tokenizer to use``: nnsight decides which preprocessors to load by reading flags such as
+``_load_tokenizer`` off the task's pipeline class, but transformers 5.25 registers pipeline
+classes by their dotted name (a string, imported on use), so nnsight finds no flag, loads
+no tokenizer, and hands ``transformers.pipeline`` a pre-built meta model with nothing it
+could guess a tokenizer from. ``LanguageModel(name, dispatch=True)`` works because the
+pipeline then gets the name, but it loads every weight at once, which a remote model must
+not. So the tokenizer is loaded here (``AutoTokenizer.from_pretrained``, or the bundled
+word-level tokenizer, made strict as for the bridge) and handed to nnsight, which then
+needs no guess.
 """
 from __future__ import annotations
 
@@ -46,15 +68,19 @@ import os
 import socket
 import urllib.parse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 if TYPE_CHECKING:  # importing transformer_lens takes seconds; only do it when loading
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["ModelNotAvailableError", "list_models", "model_path", "load_model"]
+__all__ = ["ModelNotAvailableError", "list_models", "model_path", "load_model", "BACKENDS"]
 
 #: Where bundled checkpoints live: one directory per model name.
 MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+#: What :func:`load_model` can build: a TransformerLens ``TransformerBridge`` (the default) or
+#: an ``nnsight.TransformersModel``.
+BACKENDS = ("bridge", "nnsight")
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -282,18 +308,75 @@ def _load_bundled(name: str, boot_kwargs: dict) -> "TransformerBridge":
     return bridge
 
 
+#: Options of the Hub download that the tokenizer needs as much as the model does.
+_HUB_OPTIONS = ("revision", "token", "trust_remote_code", "cache_dir", "local_files_only")
+
+
+def _import_nnsight() -> Any:
+    try:
+        import nnsight
+    except ImportError as exc:
+        raise ImportError("load_model(..., backend='nnsight') needs nnsight, which patchwidgets "
+                          "does not install by default: pip install 'patchwidgets[nnsight]'") from exc
+    return nnsight
+
+
+def _load_nnsight(name: str, options: dict, kwargs: dict) -> Any:
+    """An ``nnsight.TransformersModel`` of ``name``, built lazily, its tokenizer given
+    explicitly (the module docstring says why)."""
+    nnsight = _import_nnsight()
+    from transformers import AutoTokenizer
+
+    bundled = name in list_models()
+    path = str(model_path(name)) if bundled else name
+    local = bundled or Path(name).exists()
+    offline = bundled or (not local and _hub_unreachable())
+    hub = {k: kwargs[k] for k in _HUB_OPTIONS if k in kwargs}
+    tokenizer = kwargs.pop("tokenizer", None)
+    try:
+        with _hub_offline_mode() if offline else contextlib.nullcontext():
+            if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+                source = path if tokenizer is None else str(tokenizer)
+                tokenizer = AutoTokenizer.from_pretrained(source, **hub)
+                if bundled:  # (a tokenizer the caller built is left as it is)
+                    from .tokenizer import make_strict
+
+                    make_strict(tokenizer, vocabulary_name=name)
+            # No dispatch=True (unless the caller asks): the module tree is built on `meta`
+            # from the config; the weights load before the first local trace, never for NDIF.
+            return nnsight.TransformersModel(path, task="text-generation", tokenizer=tokenizer,
+                                             **options, **kwargs)
+    except OSError as exc:  # missing files / no network, as for the bridge
+        if bundled:
+            raise
+        raise _not_available(name, exc, offline) from exc
+    except Exception as exc:
+        if not bundled and (offline or (not local and _looks_offline(exc))):
+            raise _not_available(name, exc, offline) from exc
+        raise
+
+
+@overload
+def load_model(name: str = ..., device: str | None = ..., *, backend: Literal["bridge"] = ...,
+               **options: Any) -> "TransformerBridge": ...
+@overload
+def load_model(name: str = ..., device: str | None = ..., *, backend: Literal["nnsight"],
+               **options: Any) -> Any: ...  # nnsight.TransformersModel (nnsight has no type stubs)
+
+
 def load_model(
     name: str = "toy-ioi",
     device: str | None = None,
     *,
+    backend: str = "bridge",
     dtype: Any = None,
     device_map: str | dict | None = None,
     n_devices: int | None = None,
     max_memory: dict | None = None,
     offload_folder: str | os.PathLike | None = None,
     **boot_kwargs: Any,
-) -> "TransformerBridge":
-    """Load ``name`` as a ``TransformerBridge`` in eval mode.
+) -> Any:
+    """Load ``name`` as a ``TransformerBridge`` in eval mode, or as an nnsight model.
 
     Args:
         name: a bundled model (see :func:`list_models`; default
@@ -303,6 +386,21 @@ def load_model(
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...: the whole model on one device.
             ``None`` picks ``"cuda"`` when available, else ``"cpu"`` (unless the model is split
             with ``device_map``/``n_devices``). May be given positionally.
+        backend: ``"bridge"`` (default): a TransformerLens 4 ``TransformerBridge``, which every
+            part of patchwidgets takes. ``"nnsight"``: an ``nnsight.TransformersModel``
+            (``pip install 'patchwidgets[nnsight]'``) for :func:`patchwidgets.patch` and
+            :func:`patchwidgets.attribution_patch`, locally or on NDIF (``remote=True``). It
+            is built lazily, without weights: a local sweep loads them before its first
+            trace, a remote one never does. Its tokenizer is loaded here and given to nnsight,
+            because nnsight 0.8.1's own lazy build cannot find one under transformers 5.25
+            (``LanguageModel(name)`` fails with "Impossible to guess which tokenizer to use";
+            the module docstring has the details). ``tokenizer=`` (an object or a name)
+            replaces it; ``dispatch=True`` loads the weights at once. Bundled models get
+            their strict word-level tokenizer here too. ``device``, ``dtype``, ``device_map``,
+            ``max_memory`` and ``offload_folder`` are passed to nnsight (Hugging Face's
+            ``from_pretrained`` applies them when the weights load); ``dtype=None`` keeps the
+            checkpoint's own dtype (transformers' ``"auto"``) rather than float32.
+            ``n_devices`` is TransformerLens' and is refused (use ``device_map="auto"``).
         dtype: ``torch.float32`` (default), ``torch.bfloat16`` or ``torch.float16`` (or their
             names, ``"bfloat16"``...): the dtype of the weights and of every activation. Sweeps
             run in this dtype; metrics are always computed in float32 (see
@@ -318,7 +416,9 @@ def load_model(
             ``{0: "20GiB", 1: "20GiB", "cpu": "60GiB"}``.
         offload_folder: where ``"disk"`` modules of a ``device_map`` are stored.
         **boot_kwargs: passed on to ``TransformerBridge.boot_transformers`` (``n_ctx``,
-            ``revision``, ``trust_remote_code``, ...).
+            ``revision``, ``trust_remote_code``, ...), or, with ``backend="nnsight"``, to
+            ``nnsight.TransformersModel`` (``revision``, ``token`` and ``trust_remote_code``
+            reach the tokenizer too).
 
     Every sweep (:func:`patchwidgets.patch`, :func:`patchwidgets.path_patch`,
     :func:`patchwidgets.attribution_patch`) works on a split or offloaded model and gives the
@@ -326,19 +426,27 @@ def load_model(
     device, metrics are computed where the logits are, results come back on the CPU.
 
     Returns:
-        A fresh bridge on every call (nothing is cached: patching experiments
+        A fresh model on every call (nothing is cached: patching experiments
         sometimes edit weights, and a bundled model boots in well under a
         second). Bundled word-level models get a strict tokenizer, which
         raises :class:`patchwidgets.tokenizer.UnknownWordError` for unknown
         words instead of silently using ``[UNK]``.
 
     Raises:
-        ValueError: contradictory or malformed options (``device`` with ``device_map``,
-            ``offload_folder`` without ``device_map``, ``n_devices`` beyond the GPUs present,
-            an unknown ``dtype``, ...).
+        ValueError: an unknown ``backend``; contradictory or malformed options (``device``
+            with ``device_map``, ``offload_folder`` without ``device_map``, ``n_devices``
+            beyond the GPUs present, an unknown ``dtype``, ...).
+        ImportError: ``backend="nnsight"`` without nnsight installed.
         ModelNotAvailableError: the model is neither bundled nor loadable
             (typically: no internet). Its message lists the bundled names.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: load_model builds a TransformerLens "
+                         f"TransformerBridge (backend='bridge', the default) or an nnsight model "
+                         f"(backend='nnsight')")
+    if backend == "nnsight" and n_devices is not None:
+        raise ValueError("n_devices= is TransformerLens' way to split a model; with backend='nnsight' "
+                         "use device_map='auto' (and max_memory=) instead")
     _check_placement(device, device_map, n_devices, max_memory, offload_folder)
     if device is None and device_map is None and (n_devices or 1) <= 1:
         device = _default_device()
@@ -347,8 +455,12 @@ def load_model(
                "offload_folder": None if offload_folder is None else str(offload_folder)}
     if dtype is not None:
         options["dtype"] = _resolve_dtype(dtype)
-    boot_kwargs = {**boot_kwargs, **{k: v for k, v in options.items() if v is not None}}
+    options = {k: v for k, v in options.items() if v is not None}
 
+    if backend == "nnsight":
+        return _load_nnsight(name, options, boot_kwargs)
+
+    boot_kwargs = {**boot_kwargs, **options}
     if name in list_models():
         return _load_bundled(name, boot_kwargs)
 

@@ -5,8 +5,10 @@ Llama-shaped model with grouped-query attention saved to a temporary folder. Eve
 nnsight backend supports is compared in both directions with several metrics, plus ablations.
 """
 
+import os
 import subprocess
 import sys
+import textwrap
 import warnings
 
 import pytest
@@ -351,3 +353,142 @@ def test_attribution_remote_sends_every_trace_to_ndif(toy, monkeypatch):
     remote = pw.attribution_patch(lm, batch.clean, batch.corrupted, answers, site="head_out", remote=True)
     assert len(flags) == 3 and all(flag is True for flag in flags), flags  # target, source, gradient
     torch.testing.assert_close(remote.grid("normalized"), local.grid("normalized"), atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ pw.load_model(backend="nnsight")
+def _lazy(lm) -> bool:
+    """No weights loaded: nnsight's module tree is on the meta device."""
+    return not lm.dispatched and {p.device.type for p in lm._module.parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize("site", ["head_out", "resid_pre"])
+def test_load_model_nnsight_matches_bridge(toy, site):
+    """The bundled model built for nnsight (lazily: no weights until the sweep's first trace)
+    gives the bridge's grids."""
+    bridge, _, batch = toy
+    lm = pw.load_model("toy-ioi", backend="nnsight", device="cpu")
+    assert isinstance(lm, nnsight.TransformersModel) and _lazy(lm)
+    expected, got = _pair(bridge, lm, batch, METRICS, site=site)
+    _assert_same(expected, got)
+    assert lm.dispatched and {p.device.type for p in lm._module.parameters()} == {"cpu"}
+
+
+def test_load_model_nnsight_options():
+    lm = pw.load_model("toy-ioi", backend="nnsight", device="cpu", dtype="bfloat16")
+    assert _lazy(lm) and {p.dtype for p in lm._module.parameters()} == {torch.bfloat16}
+    lm.dispatch()  # the weights, loaded by Hugging Face with the options given
+    assert {(p.device.type, p.dtype) for p in lm._module.parameters()} == {("cpu", torch.bfloat16)}
+    with pytest.raises(pw.UnknownWordError, match="Zorblax"):  # the bundled strict tokenizer
+        lm.tokenizer("When Zorblax and John went")
+
+
+def test_load_model_bad_backend():
+    with pytest.raises(ValueError, match=r"unknown backend 'transformerlens'.*'bridge'.*'nnsight'"):
+        pw.load_model("toy-ioi", backend="transformerlens")
+    with pytest.raises(ValueError, match="device_map='auto'"):
+        pw.load_model("toy-ioi", backend="nnsight", n_devices=2)
+
+
+def test_load_model_nnsight_remote_loads_no_weights(toy, monkeypatch):
+    """``remote=True`` on the lazily built model: the first trace goes to NDIF (stopped here)
+    while the model still has no weights, so none were downloaded for it."""
+    _, _, batch = toy
+    lm = pw.load_model("toy-ioi", backend="nnsight")
+    seen = []
+
+    class Sent(Exception):
+        pass
+
+    def trace(self, *args, **kwargs):
+        seen.append((kwargs.get("remote"), _lazy(self)))
+        raise Sent
+
+    monkeypatch.setattr(type(lm), "trace", trace)
+    with pytest.raises(Sent):
+        pw.patch(lm, batch.clean, batch.corrupted, list(zip(batch.correct, batch.incorrect)),
+                 site="head_out", remote=True)
+    assert seen == [(True, True)]
+
+
+def test_load_model_nnsight_local_folder(llama):
+    """A local checkpoint folder (not bundled), built lazily, gives the bridge's grids."""
+    bridge, direct, batch, gap = llama
+    lm = pw.load_model(direct.repo_id, backend="nnsight", device="cpu")
+    assert _lazy(lm)
+    expected, got = _pair(bridge, lm, batch, LLAMA_METRICS, site="head_out")
+    _assert_same(expected, got, normalized_atol=ATOL / min(gap, 1.0))
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python that imports this checkout's patchwidgets."""
+    root = str(model_path("toy-ioi").parents[2])
+    env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_load_model_nnsight_hub_name_without_weights(tmp_path):
+    """A Hub name whose cache holds only ``config.json`` and the tokenizer (what the lazy build
+    downloads; no weights) builds, and a ``remote=True`` sweep reaches its first trace. An
+    uncached Hub name fails at once with the bundled names. (In a fresh process: the Hub cache
+    location is read when huggingface_hub is imported.)"""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    repo, commit = tmp_path / "hub" / "models--someorg--tiny-llama", "0" * 40
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+                intermediate_size=128, vocab_size=366, max_position_embeddings=64).save_pretrained(snapshot)
+    AutoTokenizer.from_pretrained(model_path("toy-ioi")).save_pretrained(snapshot)
+    code = """if True:
+        import patchwidgets as pw
+
+        lm = pw.load_model("someorg/tiny-llama", backend="nnsight", dtype="bfloat16")
+        params = list(lm._module.parameters())
+        assert not lm.dispatched and {(p.device.type, p.dtype) for p in params} == {("meta", torch.bfloat16)}
+        assert lm.tokenizer("When Mary and John went")["input_ids"][-1] != lm.tokenizer.unk_token_id
+
+        class Sent(Exception):
+            pass
+
+        def trace(self, *args, **kwargs):
+            assert kwargs.get("remote") is True and not self.dispatched
+            raise Sent
+
+        type(lm).trace = trace
+        try:
+            pw.patch(lm, "When Mary and John went to the store, John gave a drink to",
+                     "When Mary and John went to the store, Mary gave a drink to", (" Mary", " John"),
+                     site="head_out", remote=True)
+            raise AssertionError("no trace was sent")
+        except Sent:
+            pass
+        try:
+            pw.load_model("someorg/not-cached", backend="nnsight")
+            raise AssertionError("an uncached Hub name loaded offline")
+        except pw.ModelNotAvailableError as err:
+            assert "'toy-ioi'" in str(err) and err.offline, err
+        print("ok")
+    """
+    done = _python("import torch\n" + textwrap.dedent(code), HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_load_model_without_nnsight():
+    """Without nnsight the bridge still loads (nnsight is never imported), and asking for the
+    nnsight backend says how to install it."""
+    code = """if True:
+        import sys
+        sys.modules["nnsight"] = None  # as if not installed: `import nnsight` raises ImportError
+        import patchwidgets as pw
+        pw.load_model("toy-ioi", device="cpu")
+        try:
+            pw.load_model("toy-ioi", backend="nnsight")
+            raise AssertionError("no error without nnsight")
+        except ImportError as err:
+            assert "pip install 'patchwidgets[nnsight]'" in str(err), err
+        print("ok")
+    """
+    done = _python(textwrap.dedent(code))
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
