@@ -3,7 +3,7 @@
 // alone on a fake anywidget model (fake_model.js): the DOM it draws, the callbacks it calls.
 import { afterEach, beforeAll, describe, expect, it, vi } from "vitest";
 import {
-  gridMove, makeContext, makeControls, makeDataset, makeExplainPanel, makeHeatmap, makeInputs, makeKernelLink,
+  fmt, gridMove, makeContext, makeControls, makeDataset, makeExplainPanel, makeHeatmap, makeInputs, makeKernelLink,
   makePathPanel, makeStatus, makeTextField, sendRun,
 } from "../patchwidgets/static/widget.js";
 import { f32, fakeModel, heatmap } from "./fake_model.js";
@@ -62,6 +62,76 @@ describe("makeHeatmap", () => {
     expect(cells()[4].classList.contains("pw-pending")).toBe(true);
     expect(root.dataset.filled).toBe("5");
     expect(root.dataset.legend).toBe("-2 -1 0 1 2");
+  });
+
+  it("colours logit_diff by its change from the corrupted run: no change, no colour", () => {
+    // Python's payload names the centre: the unpatched corrupted run's -0.62 (clean run: 2.0).
+    // Centred on 0, every one of these cells was red (the issue's field of deep red).
+    const mid = Math.fround(-0.62);
+    const centre = { value: mid, run: "corrupted", source: 2.0, source_run: "clean" };
+    const values = [mid, mid, Math.fround(-0.5), mid, Math.fround(-1.93), 2.0];
+    const { cells, root, part } = heatmapPart({ metric: "logit_diff", heatmap: heatmap("logit_diff", values, { centre }) });
+    const paint = cells().map((r) => [r.getAttribute("fill"), Number(r.getAttribute("fill-opacity"))]);
+    for (const k of [0, 1, 3]) expect(paint[k][1], `cell ${k} changed nothing`).toBe(0);
+    expect(paint[2][0]).toBe("rgb(33,102,172)"); // above the corrupted run: blue, faint
+    expect(paint[2][1]).toBeCloseTo((-0.5 - mid) / (2 - mid), 3);
+    expect(paint[4]).toEqual(["rgb(178,24,43)", 0.5]); // below it by half the reach: half red
+    expect(paint[5]).toEqual(["rgb(33,102,172)", 1]); // the clean run's value: full blue
+    // Legend: the middle tick is the corrupted run's value, marked; the ends are mid -+ 2.62.
+    const labels = root.dataset.legend.split(" ");
+    expect(labels[2]).toBe("-0.62");
+    expect(labels[0]).toBe(fmt(mid - (2 - mid), 3));
+    expect(labels[4]).toBe("2");
+    const centreTick = part.el.querySelector("text.pw-legend-centre");
+    expect(centreTick.getAttribute("data-tick")).toBe("2");
+    expect(centreTick.textContent).toBe("-0.62 \u25c2");
+    expect(part.el.querySelectorAll("text.pw-legend-centre").length).toBe(1);
+    expect(root.dataset.centreRun).toBe("corrupted");
+    const note = part.el.querySelector(".pw-legend-note").textContent;
+    expect(note).toContain("change from the unpatched corrupted run");
+    expect(note).toContain("clean run's 2");
+    // The gradient's white (opacity 0) stop sits at the corrupted run's place on the bar.
+    const stops = [...part.el.querySelectorAll("linearGradient stop")].map((st) => [Number(st.getAttribute("offset")), Number(st.getAttribute("stop-opacity"))]);
+    expect(stops.length).toBe(3);
+    expect(stops[1][1]).toBe(0);
+    expect(stops[1][0]).toBeCloseTo(0.5, 12);
+  });
+
+  it("tells ticks apart around a baseline with a narrow spread (random GPT-2: all near -0.621)", () => {
+    const mid = Math.fround(-0.621);
+    const values = [mid, Math.fround(-0.623), Math.fround(-0.62), mid, Math.fround(-0.622), mid];
+    const { root, cells } = heatmapPart({ metric: "logit_diff", heatmap: heatmap("logit_diff", values,
+      { centre: { value: mid, run: "corrupted", source: Math.fround(-0.631), source_run: "clean" } }) });
+    const labels = root.dataset.legend.split(" ");
+    expect(new Set(labels).size).toBe(5);
+    expect(labels[2]).toBe("-0.621");
+    // The scale reaches the clean run (0.01 away), so a 0.002 change is pale, not deep red.
+    const opacity = cells().map((r) => Number(r.getAttribute("fill-opacity")));
+    expect(Math.max(...opacity)).toBeLessThan(0.25);
+  });
+
+  it("draws a payload without a centre (an older saved copy) around 0, as before", () => {
+    const { root } = heatmapPart({ metric: "logit_diff", heatmap: heatmap("logit_diff", [-1, -0.5, 0, 0.5, 1, 2]) });
+    expect(root.dataset.legend).toBe("-2 -1 0 1 2");
+    expect(root.dataset.centreRun).toBeUndefined();
+  });
+
+  it("starts a KL legend at exactly 0, whatever float noise a cell holds", () => {
+    const { root, cells } = heatmapPart({ metric: "kl", heatmap: heatmap("kl", [10.36, -5.14e-8, 10.4, 0.3, 5, 10.36]) });
+    expect(root.dataset.scale).toBe("sequential");
+    const labels = root.dataset.legend.split(" ");
+    expect(labels[0]).toBe("0");
+    expect(labels.some((t) => t.startsWith("-"))).toBe(false);
+    expect(cells()[1].getAttribute("fill-opacity")).toBe("0");
+  });
+
+  it("never puts a logprob tick above 0 (a log-probability is at most 0)", () => {
+    const { root } = heatmapPart({ metric: "logprob", heatmap: heatmap("logprob", [-10.4, -10.4, -0.01, -20.9, -9, -10.4],
+      { centre: { value: Math.fround(-10.4), run: "corrupted", source: Math.fround(-0.0075), source_run: "clean" } }) });
+    expect(root.dataset.scale).toBe("diverging");
+    const ticks = root.dataset.legend.split(" ").map(Number);
+    expect(Math.max(...ticks)).toBeLessThanOrEqual(0);
+    expect(ticks[2]).toBeCloseTo(-10.4, 5);
   });
 
   it("moves the one tab stop with the arrow keys, and Enter calls onSelect", () => {

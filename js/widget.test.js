@@ -6,7 +6,7 @@ import { readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { beforeAll, describe, expect, it, vi } from "vitest";
-import widget, { colour, domain, fmt, over, receiverHeads, ticks } from "../patchwidgets/static/widget.js";
+import widget, { colour, domain, fmt, over, receiverHeads, tickLabels, ticks } from "../patchwidgets/static/widget.js";
 import { METRIC_INFO, f32, fakeModel, heatmap } from "./fake_model.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -30,6 +30,16 @@ describe("shared cases (also checked by tests/test_widget.py)", () => {
     for (const c of cases.ticks) {
       ticks(c.domain[0], c.domain[1]).forEach((v, i) => expect(v).toBeCloseTo(c.ticks[i], 12));
     }
+  });
+  it("centres a raw metric's colours on its target run as Python does", () => {
+    for (const c of cases.centred_domain) {
+      expect(domain(c.metric, c.values, METRIC_INFO[c.metric], c.mid, c.source), JSON.stringify(c)).toEqual(c.domain);
+    }
+    for (const c of cases.centred_colour) {
+      expect(colour(c.value, c.domain[0], c.domain[1], c.kind, c.mid), JSON.stringify(c)).toEqual(c.rgba);
+    }
+    for (const c of cases.centred_ticks) expect(ticks(c.domain[0], c.domain[1], 5, c.mid)).toEqual(c.ticks);
+    for (const c of cases.tick_labels) expect(tickLabels(c.values, c.digits)).toEqual(c.labels);
   });
   it("reads the receivers field as Python does", () => {
     for (const c of cases.receivers) expect(receiverHeads(c.text)).toEqual(c.heads.map(([l, h]) => `${l}.${h}`));

@@ -1,9 +1,18 @@
-"""Plotly heatmaps of patching results: diverging colours centred on 0, tokens on the axis."""
+"""Plotly heatmaps of patching results, tokens on the axis, in the widget's colours.
+
+The colour rules are :mod:`patchwidgets.widget_colour`'s (the same as the widget's page and
+its exported copy): a raw metric (``logit_diff``, ``logit``, ``logprob``) is centred on the
+unpatched target run's value, ``normalized`` on 0, and a one-sign metric (``kl``, ``prob``,
+``rank``, ``accuracy``) runs in one hue from its natural bound. The colour scale is built from
+those colours (white = no effect), so the figure and the widget agree cell for cell.
+"""
 
 from __future__ import annotations
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from . import widget_colour as colours
 
 
 def _axes_labels(result) -> tuple[list[str], list[str], str, str]:
@@ -35,21 +44,41 @@ def _as_2d(grid, axes):
     return grid
 
 
+def colorscale(scale: colours.Scale) -> list[list]:
+    """A plotly colorscale from ``scale``'s own colours over white: the ends and, on a diverging
+    scale, the neutral middle at its place in ``lo..hi`` (the colours are linear in between)."""
+    mid = scale.mid
+    stops = [scale.lo, mid, scale.hi] if mid is not None and scale.lo < mid < scale.hi else [scale.lo, scale.hi]
+    span = scale.hi - scale.lo
+    return [[(v - scale.lo) / span, colours.over(scale.colour(v))] for v in stops]
+
+
 def heatmap_figure(result, metric: str, title: str | None = None) -> go.Figure:
+    """One panel per site, all on one colour scale (:func:`patchwidgets.widget_colour.scale`),
+    whose colour bar marks the target run's value for a raw metric."""
     grid = result.grid(metric)
     grids = [grid] if len(result.sites) == 1 else list(grid)
     rows, cols, ytitle, xtitle = _axes_labels(result)
     zs = [_as_2d(g, result.axes).float().numpy() for g in grids]
-    finite = [abs(v) for z in zs for v in z.flatten() if v == v]
-    zmax = max(finite) if finite else 1.0
+    centre = colours.centre(metric, result.direction, result.baselines)
+    scale = colours.scale(metric, [float(v) for z in zs for v in z.flatten()], centre)
+    labels = scale.labels()
+    marked = scale.centre_tick()
+    if marked is not None and centre is not None:
+        labels[marked] += f" ({centre.run} run)"
+    bar_title = metric if centre is None else f"{metric}<br>white: unpatched<br>{centre.run} run"
+    hover = f"{ytitle} %{{y}}<br>{xtitle} %{{x}}<br>{metric} %{{z:.4f}}"
+    if centre is not None:
+        hover += f"<br>change from the {centre.run} run %{{customdata:+.4f}}"
     fig = make_subplots(rows=1, cols=len(zs), subplot_titles=result.sites if len(zs) > 1 else None,
                         shared_yaxes=True, horizontal_spacing=0.04)
     for i, z in enumerate(zs):
         fig.add_trace(
             go.Heatmap(
-                z=z, x=cols, y=rows, zmid=0, zmin=-zmax, zmax=zmax, colorscale="RdBu",
-                showscale=i == 0, colorbar=dict(title=metric),
-                hovertemplate=f"{ytitle} %{{y}}<br>{xtitle} %{{x}}<br>{metric} %{{z:.4f}}<extra></extra>",
+                z=z, x=cols, y=rows, zmin=scale.lo, zmax=scale.hi, zmid=scale.mid, colorscale=colorscale(scale),
+                customdata=None if centre is None else z - centre.value,
+                showscale=i == 0, colorbar=dict(title=bar_title, tickvals=scale.ticks(), ticktext=labels),
+                hovertemplate=hover + "<extra></extra>",
             ),
             row=1, col=i + 1,
         )

@@ -105,7 +105,10 @@ class PatchResult:
         return [f"{p}: {toks[p]!r}" if toks and p < len(toks) else str(p) for p in range(n_pos)]
 
     def figure(self, metric: str | None = None, title: str | None = None):
-        """A plotly heatmap of ``grid(metric)`` (one panel per site), centred on 0."""
+        """A plotly heatmap of ``grid(metric)`` (one panel per site) in the widget's colours:
+        white where a patch changed nothing (for ``logit_diff``, ``logit`` and ``logprob``: the
+        unpatched target run's value, marked on the colour bar), one hue from 0 for ``kl``,
+        ``prob`` and ``accuracy`` (from 1 for ``rank``)."""
         from .plotting import heatmap_figure
 
         return heatmap_figure(self, self.metric_name(metric), title=title)

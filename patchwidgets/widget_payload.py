@@ -128,6 +128,11 @@ def heatmap_payload(result, metric: str, inputs: dict, run_id: int, estimate=Non
     number. ``result`` may be ``None`` before the first exact chunk: the layout then comes
     from the estimate and every exact value is NaN. A path-patching sweep adds ``path``
     (its receivers, for words and captions) and names its axes after the senders.
+
+    ``centre`` (``None`` except for a raw metric: ``logit_diff``, ``logit``, ``logprob``) is
+    the unpatched target run's value that the colours are centred on, and the source run's
+    value the range reaches (:func:`patchwidgets.widget_colour.centre`); the page reads it
+    rather than working it out, since for one pair of a dataset it is that pair's own.
     """
     done, total, mask = sweep_progress(result, estimate)
     has_estimate = estimate is not None and metric in estimate.metrics
@@ -139,6 +144,8 @@ def heatmap_payload(result, metric: str, inputs: dict, run_id: int, estimate=Non
         values = torch.full_like(values, float("nan"))
     baselines = {name: _finite(float(b[metric].float().mean())) if metric in b else None
                  for name, b in layout.baselines.items()}
+    # A raw metric's colours are centred on the target run's value (that pair's, for one pair).
+    centre = colours.centre(metric, layout.direction, layout.baselines, pair if one else None)
     payload = {
         "run_id": run_id,
         "site": layout.sites[0],
@@ -154,6 +161,7 @@ def heatmap_payload(result, metric: str, inputs: dict, run_id: int, estimate=Non
         "complete": bool(total > 0 and done >= total),
         "state": "done" if state == "running" and total > 0 and done >= total else state,
         "baselines": baselines,
+        "centre": None if centre is None else centre.as_json(),
         "inputs": dict(inputs),
     }
     if isinstance(layout, PathPatchResult):
@@ -189,16 +197,17 @@ def payload_estimate(payload: dict) -> torch.Tensor | None:
 def static_html(payload: dict | None, title: str) -> str:
     """A self-contained HTML table of the heatmap (no scripts), for exported notebooks: the
     same colours as the page (:mod:`patchwidgets.widget_colour`) over white, and a legend
-    with five ticks and what the high end means."""
+    with five ticks (a raw metric's middle one marked as the target run's value) and what
+    the colours and the high end mean."""
     esc = html.escape
     if not payload or not payload.get("rows"):
         return (f"<div><b>{esc(title)}</b><br><i>No heatmap yet: press Run in the widget, or "
                 f"call <code>w.run(wait=True)</code>.</i></div>")
     values = payload_values(payload)
     metric = payload["metric"]
-    kind = colours.scale_kind(metric)
-    lo, hi = colours.domain(metric, values.flatten().tolist())
-    paint = lambda v: colours.over(colours.colour(v, lo, hi, kind))  # noqa: E731
+    centre = payload.get("centre")
+    scale = colours.scale(metric, values.flatten().tolist(), None if not centre else colours.Centre(**centre))
+    paint = lambda v: colours.over(scale.colour(v))  # noqa: E731
     cell = "padding:0;width:28px;height:18px;font-size:9px;text-align:center;color:#222"
     head = "".join(
         f'<th style="font-size:10px;font-weight:{"bold" if c.get("diff") else "normal"};'
@@ -213,12 +222,16 @@ def static_html(payload: dict | None, title: str) -> str:
         body.append(f'<tr><th style="font-size:10px;text-align:right">{esc(row["label"])}</th>{cells}</tr>')
     status = "" if payload.get("complete") else f" (partial: {payload['done']}/{payload['total']} patches)"
     where = (payload.get("path") or {}).get("label") or payload["site"]
-    legend = "".join(f'<span style="display:inline-block;padding:0 6px;background:{paint(v)}">'
-                     f'{esc(colours.fmt(v, 2))}</span>' for v in colours.ticks(lo, hi))
+    marked = scale.centre_tick()
+    legend = "".join(
+        f'<span style="display:inline-block;padding:0 6px;background:{paint(v)}"'
+        f'{" data-centre" if k == marked else ""}>{esc(text)}'
+        f'{f" ({esc(scale.centre.run)} run)" if k == marked and scale.centre else ""}</span>'
+        for k, (v, text) in enumerate(zip(scale.ticks(), scale.labels())))
     caption = (f"{payload['direction']} {esc(where)}, {esc(metric)}{status}")
     return (f'<div class="pw-static"><b>{esc(title)}</b><div style="font-size:11px">{caption}</div>'
-            f'<div style="font-size:11px" data-legend="{kind}">{esc(metric)}: {legend} '
-            f'({esc(colours.legend_words(metric))})</div>'
+            f'<div style="font-size:11px" data-legend="{scale.kind}">{esc(metric)}: {legend} '
+            f'({esc(scale.words())})</div>'
             f'<table style="border-collapse:collapse"><tr><th>{esc(payload["row_title"])}</th>{head}</tr>'
             f'{"".join(body)}</table></div>')
 

@@ -387,6 +387,12 @@ def test_noising_and_metric_switch(page):
     assert run_id(page) == rid, "switching the metric redraws without rerunning"
     logit_diff = [c["value"] for c in cell_values(page)]
     assert len(logit_diff) == len(normalized) and logit_diff != normalized
+    # Coloured by the change from the unpatched clean run: cells before the changed name are
+    # no-ops (same activations in both prompts), so they show no colour at all.
+    assert root_data(page, "centre-run") == "clean"
+    untouched = page.eval_on_selector_all("rect.pw-cell", "els => els.filter(e => Number(e.dataset.pos) < 10)"
+                                          ".map(e => e.getAttribute('fill-opacity'))")
+    assert untouched and set(untouched) == {"0"}, untouched
     shot(page, "03-noising-logit-diff.png")
 
 
@@ -738,6 +744,12 @@ def test_gpt2_size_heads_by_position_readable(gpt2_page):
     page.wait_for_function("() => document.querySelector('.pw-explanation').textContent.includes('head 7.3')")
     assert "position 14" in page.inner_text(".pw-explanation")
     assert page.is_visible("rect.pw-outline:not(.pw-hidden)")
+    # Random weights: no head moves the answer much. Coloured by the change from the corrupted
+    # run (not centred on 0), most cells are pale, not a field of deep red.
+    assert root_data(page, "centre-run") == "corrupted"
+    opacity = sorted(float(a) for a in page.eval_on_selector_all(
+        "rect.pw-cell", "els => els.map(e => e.getAttribute('fill-opacity'))"))
+    assert opacity[len(opacity) // 2] < 0.5, opacity
     shot(page, "13-gpt2-size-one-position.png")
 
     page.select_option("select[data-control='position']", "10")

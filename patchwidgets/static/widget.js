@@ -32,6 +32,7 @@ const SVG_NS = "http://www.w3.org/2000/svg";
  *            rows: Cell[], cols: Cell[], row_title: string, col_title: string,
  *            values: DataView, done: number, total: number, complete: boolean, state?: string,
  *            baselines: Object<string, number|null>, inputs: Object<string, string>,
+ *            centre?: Centre|null,
  *            estimate?: DataView, estimate_method?: string,
  *            path?: {label: string, receivers: number[][]|null, receiver_input: string}}} Heatmap
  * @typedef {{tokens: string[], n: number, values: DataView}} PatternView
@@ -81,35 +82,52 @@ export function floats(buf) {
 }
 
 // Colours follow patchwidgets/widget_colour.py exactly (tests/shared/widget_cases.json checks
-// both): a diverging metric is blue above 0 and red below, symmetric around 0; a sequential
-// one is one hue from light (low end) to dark (high end). A colour is [r, g, b, alpha]: the
-// hue and how much of it covers the background, so "no effect" is the theme's background.
+// both; `scale` below is the one entry point, like widget_colour.scale): "no effect" is never
+// coloured. A raw metric (logit_diff, logit, logprob) is coloured by its change from the
+// unpatched target run: the payload's `centre` (Python works it out, per pair for one pair of
+// a dataset) is the neutral middle, blue above, red below, the range reaching at least the
+// source run's value. normalized is blue above 0 and red below; a one-sign metric (kl, prob,
+// rank, accuracy) is one hue from exactly its natural bound (info.lo / info.hi: a KL of -5e-8
+// is float noise, not a reason for a negative tick). A colour is [r, g, b, alpha]: the hue and
+// how much of it covers the background, so "no effect" is the theme's background.
 export const RED = [178, 24, 43], BLUE = [33, 102, 172], PURPLE = [84, 39, 143];
 
 /**
  * @typedef {{scale: string, label: string, high_means: string, lo: number|null, hi: number|null}} MetricInfo
  * @typedef {[number, number, number, number]} RGBA
+ * @typedef {{value: number, run: string, source?: number|null, source_run?: string|null}} Centre
+ * @typedef {{kind: string, lo: number, hi: number, mid: number|null, centre: Centre|null}} Scale
  */
 
 /**
- * The range the colours span: symmetric for a diverging metric (normalized: at least -1..1),
- * the data plus the metric's natural bounds (info.lo, info.hi) for a sequential one.
+ * The range the colours span. Centred on `mid` (a raw metric's target-run value) or 0 for a
+ * diverging metric, symmetric and reaching at least `source` (normalized: at least -1..1), cut
+ * at the metric's natural bounds; for a sequential one, from its bound exactly (info.lo,
+ * info.hi) to the data's other end.
  * @param {string} metric
  * @param {ArrayLike<number>} values
  * @param {MetricInfo|undefined} info
+ * @param {number|null} [mid]
+ * @param {number|null} [source]
  * @returns {[number, number]}
  */
-export function domain(metric, values, info) {
+export function domain(metric, values, info, mid = null, source = null) {
   const finite = Array.from(values).filter((v) => v !== null && Number.isFinite(v));
-  if (!info || info.scale !== "sequential") {
-    let top = finite.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+  const low = info && info.lo !== null && info.lo !== undefined ? info.lo : null;
+  const high = info && info.hi !== null && info.hi !== undefined ? info.hi : null;
+  if ((mid !== null && mid !== undefined) || !info || info.scale !== "sequential") {
+    const c = mid ?? 0;
+    const reach = source !== null && source !== undefined && Number.isFinite(source) ? [...finite, source] : finite;
+    let top = reach.reduce((m, v) => Math.max(m, Math.abs(v - c)), 0);
     if (metric === "normalized") top = Math.max(top, 1);
     top = top || 1;
-    return [-top, top];
+    let lo = c - top, hi = c + top;
+    if (low !== null) lo = Math.min(Math.max(lo, low), c);
+    if (high !== null) hi = Math.max(Math.min(hi, high), c);
+    return [lo, hi];
   }
-  let lo = finite.length ? Math.min(...finite) : 0, hi = finite.length ? Math.max(...finite) : 1;
-  if (info.lo !== null && info.lo !== undefined) lo = Math.min(lo, info.lo);
-  if (info.hi !== null && info.hi !== undefined) hi = Math.max(hi, info.hi);
+  const lo = low !== null ? low : finite.length ? Math.min(...finite) : 0;
+  const hi = high !== null ? high : finite.length ? Math.max(...finite) : 1;
   return hi > lo ? [lo, hi] : [lo, lo + 1];
 }
 
@@ -117,20 +135,33 @@ export function domain(metric, values, info) {
 const round3 = (x) => Math.round(x * 1000) / 1000;
 
 /**
- * The colour of `v` on the scale lo..hi of `kind`; null for a missing value.
- * @param {number|null} v @param {number} lo @param {number} hi @param {string} kind
+ * The colour of `v` on the scale lo..hi of `kind` (diverging: around `mid`); null for a missing value.
+ * @param {number|null} v @param {number} lo @param {number} hi @param {string} kind @param {number} [mid]
  * @returns {RGBA|null}
  */
-export function colour(v, lo, hi, kind) {
+export function colour(v, lo, hi, kind, mid = 0) {
   if (v === null || v === undefined || !Number.isFinite(v)) return null;
   if (kind === "diverging") {
-    const top = Math.max(Math.abs(lo), Math.abs(hi)) || 1;
-    const t = Math.max(-1, Math.min(1, v / top));
+    const top = Math.max(mid - lo, hi - mid) || 1;
+    const t = Math.max(-1, Math.min(1, (v - mid) / top));
     const end = t > 0 ? BLUE : RED;
     return [end[0], end[1], end[2], round3(Math.abs(t))];
   }
   const t = hi > lo ? Math.max(0, Math.min(1, (v - lo) / (hi - lo))) : 0;
   return [PURPLE[0], PURPLE[1], PURPLE[2], round3(t)];
+}
+
+/**
+ * The colour scale of `metric` for `values`, centred on `centre` (the payload's) when given.
+ * @param {string} metric @param {ArrayLike<number>} values @param {MetricInfo|undefined} info
+ * @param {Centre|null|undefined} centre
+ * @returns {Scale}
+ */
+export function scale(metric, values, info, centre) {
+  const c = centre && Number.isFinite(centre.value) ? centre : null;
+  const kind = c || !info || info.scale !== "sequential" ? "diverging" : "sequential";
+  const [lo, hi] = domain(metric, values, info, c ? c.value : null, c ? c.source : null);
+  return { kind, lo, hi, mid: kind === "diverging" ? (c ? c.value : 0) : null, centre: c };
 }
 
 /**
@@ -146,9 +177,27 @@ export function over(rgba, background = [255, 255, 255], missing = "#e0e0e0") {
   return `#${hex.join("")}`;
 }
 
-/** `n` evenly spaced legend ticks from lo to hi. @param {number} lo @param {number} hi @param {number} [n] */
-export function ticks(lo, hi, n = 5) {
-  return Array.from({ length: n }, (_, i) => lo + ((hi - lo) * i) / (n - 1));
+/**
+ * `n` evenly spaced legend ticks from lo to hi; with `mid` strictly inside (a centred scale),
+ * the ends, `mid` and the points halfway to it, so the neutral value is a tick of its own.
+ * @param {number} lo @param {number} hi @param {number} [n] @param {number|null} [mid]
+ */
+export function ticks(lo, hi, n = 5, mid = null) {
+  if (mid !== null && mid !== undefined && n === 5 && lo < mid && mid < hi) return [lo, (lo + mid) / 2, mid, (mid + hi) / 2, hi];
+  return Array.from({ length: n }, (_, i) => (i < n - 1 ? lo + ((hi - lo) * i) / (n - 1) : hi));
+}
+
+/**
+ * Tick labels with `digits` significant digits, or more until no two read the same.
+ * @param {number[]} values @param {number} [digits] @returns {string[]}
+ */
+export function tickLabels(values, digits = 2) {
+  let labels = values.map((v) => fmt(v, digits));
+  while (new Set(labels).size < labels.length && digits < 7) {
+    digits += 1;
+    labels = values.map((v) => fmt(v, digits));
+  }
+  return labels;
 }
 
 /** Attention weight 0..1 -> white .. deep purple. @param {number} w */
@@ -793,20 +842,43 @@ function buildLegend(svg, lx, top, lh) {
 }
 
 /**
- * Set the legend to lo..hi of `kind`: gradient stops, five tick labels, the metric on top.
- * Returns the tick labels. @param {Legend} legend @param {string} metric @param {number} lo
- * @param {number} hi @param {string} kind @returns {string[]}
+ * Set the legend to `sc` (see `scale`): gradient stops, five tick labels, the metric on top.
+ * On a scale centred on a run's value, that tick is marked "◂" (class pw-legend-centre) and
+ * `legendWords` says whose value it is. Returns the tick labels (numbers only).
+ * @param {Legend} legend @param {string} metric @param {Scale} sc @returns {string[]}
  */
-export function paintLegend(legend, metric, lo, hi, kind) {
-  const stops = kind === "diverging" ? [lo, 0, hi] : [lo, hi];
+export function paintLegend(legend, metric, sc) {
+  const { lo, hi, kind, mid } = sc;
+  const stops = mid !== null && lo < mid && mid < hi ? [lo, mid, hi] : [lo, hi];
   legend.grad.replaceChildren(...stops.map((v) => {
-    const c = /** @type {RGBA} */ (colour(v, lo, hi, kind));
+    const c = /** @type {RGBA} */ (colour(v, lo, hi, kind, mid ?? 0));
     return s("stop", { offset: (v - lo) / (hi - lo), "stop-color": `rgb(${c[0]},${c[1]},${c[2]})`, "stop-opacity": c[3] });
   }));
-  const labels = ticks(lo, hi).map((v) => fmt(v, 2));
-  labels.forEach((text, k) => { legend.texts[k].textContent = text; });
+  const values = ticks(lo, hi, 5, mid);
+  const labels = tickLabels(values, sc.centre ? 3 : 2);
+  const marked = sc.centre ? values.indexOf(sc.centre.value) : -1;
+  labels.forEach((text, k) => {
+    legend.texts[k].textContent = k === marked ? `${text} \u25c2` : text;
+    legend.texts[k].classList.toggle("pw-legend-centre", k === marked);
+  });
   legend.title.textContent = metric;
   return labels;
+}
+
+/**
+ * What the colours mean, in words (as widget_colour.Scale.words): for a centred scale, whose
+ * value is the neutral middle; then what a high value means.
+ * @param {string} metric @param {Scale} sc @param {MetricInfo|undefined} info
+ */
+export function legendWords(metric, sc, info) {
+  const parts = [];
+  const c = sc.centre;
+  if (c) {
+    const reach = c.source !== null && c.source !== undefined ? `; the scale spans at least the ${c.source_run} run's ${fmt(c.source)}` : "";
+    parts.push(`colour = change from the unpatched ${c.run} run (\u25c2 ${fmt(c.value)}): blue higher, red lower${reach}`);
+  }
+  if (info) parts.push(`\u25b2 high ${metric}: ${info.high_means}`);
+  return parts.join(" \u00b7 ");
 }
 
 /**
@@ -1028,15 +1100,14 @@ export function makeHeatmap(ctx, { onSelect, onToggleReceiver }) {
       if (Number.isFinite(values[i])) filled++; else approx++;
     });
     const info = (model.get("metric_info") || {})[p.metric];
-    const kind = info && info.scale === "sequential" ? "sequential" : "diverging";
-    const [lo, hi] = domain(p.metric, shown, info);
+    const sc = scale(p.metric, shown, info, p.centre);
     let hatchPath = "";
     g.rects.forEach((r, n) => {
       const i = g.flat[n];
       const v = shown[i], exact = Number.isFinite(values[i]);
       if (estimate && Number.isFinite(estimate[i])) r.setAttribute("data-estimate", String(estimate[i]));
       else r.removeAttribute("data-estimate");
-      const c = colour(v, lo, hi, kind);
+      const c = colour(v, sc.lo, sc.hi, sc.kind, sc.mid ?? 0);
       if (c) {
         r.setAttribute("fill", `rgb(${c[0]},${c[1]},${c[2]})`);
         r.setAttribute("fill-opacity", String(c[3]));
@@ -1058,8 +1129,8 @@ export function makeHeatmap(ctx, { onSelect, onToggleReceiver }) {
       } else r.removeAttribute("data-approx");
     });
     g.hatch.setAttribute("d", hatchPath);
-    const labels = paintLegend(g.legend, p.metric, lo, hi, kind);
-    legendNote.textContent = info ? `▲ high ${p.metric}: ${info.high_means}` : "";
+    const labels = paintLegend(g.legend, p.metric, sc);
+    legendNote.textContent = legendWords(p.metric, sc, info);
     const what = p.path ? p.path.label : p.site;
     caption.textContent = `${p.direction} \u00b7 ${what} \u00b7 ${METRIC_LABELS[p.metric] || p.metric}` +
       (p.complete ? "" : ` \u00b7 ${p.done}/${p.total} patches`);
@@ -1068,8 +1139,10 @@ export function makeHeatmap(ctx, { onSelect, onToggleReceiver }) {
     drawApproxNote();
     Object.assign(root.dataset, {
       runId: String(p.run_id), complete: String(!!p.complete), runState: String(p.state || ""), filled: String(filled), approx: String(approx),
-      metric: p.metric, direction: p.direction, site: p.site, scale: kind, legend: labels.join(" "),
+      metric: p.metric, direction: p.direction, site: p.site, scale: sc.kind, legend: labels.join(" "),
     });
+    if (sc.centre) Object.assign(root.dataset, { centre: String(sc.centre.value), centreRun: sc.centre.run });
+    else { delete root.dataset.centre; delete root.dataset.centreRun; }
     drawOutline();
     markStale();
     markReceivers();
