@@ -90,6 +90,27 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def write_notebook_root(root: Path, cells: list[str], notebook: str) -> None:
+    """Write ``root/nb/notebook`` (one code cell per string, Python 3 kernel) and the user
+    settings in ``root/settings``. Notebook 7 is built from the same JupyterLab plugins, so
+    ``tests/test_widget_hosts.py`` serves it the same root."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    (root / "nb").mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, root / "nb" / notebook)
+    # User settings: no news/update toasts (there is no internet) and save widget state.
+    settings = root / "settings"
+    for plugin, values in {
+        "@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
+        "@jupyter-widgets/jupyterlab-manager/plugin": {"saveState": True},
+    }.items():
+        path = settings / f"{plugin}.jupyterlab-settings"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
+
+
 class JupyterLab:
     """A throw-away JupyterLab server serving one notebook; use as a context manager."""
 
@@ -104,20 +125,7 @@ class JupyterLab:
         return f"http://127.0.0.1:{self.port}/lab/tree/{self.notebook}"
 
     def _write_files(self) -> None:
-        import nbformat
-
-        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in self.cells])
-        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-        nbformat.write(nb, self.root / "nb" / self.notebook)
-        # User settings: no news/update toasts (there is no internet) and save widget state.
-        settings = self.root / "settings"
-        for plugin, values in {
-            "@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
-            "@jupyter-widgets/jupyterlab-manager/plugin": {"saveState": True},
-        }.items():
-            path = settings / f"{plugin}.jupyterlab-settings"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(values))
+        write_notebook_root(self.root, self.cells, self.notebook)
 
     def __enter__(self) -> "JupyterLab":
         self.root = Path(tempfile.mkdtemp(prefix="pw-lab-"))
@@ -184,13 +192,24 @@ def launch_browser(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
 
+#: JupyterLab's kernel is ready once its status bar reads "... | Idle".
+LAB_KERNEL_IDLE = (".jp-StatusBar-TextItem:has-text('| Idle')",)
+
+
 def open_widget(page, lab: JupyterLab, timeout_ms: int = 120_000) -> None:
     """Open the notebook, run its first cell (click in the editor, Shift+Enter) and wait
     until the widget has drawn itself."""
     page.goto(lab.url)
+    run_first_cell(page, LAB_KERNEL_IDLE, timeout_ms)
+
+
+def run_first_cell(page, kernel_idle: tuple[str, ...], timeout_ms: int = 120_000) -> None:
+    """In an open notebook (JupyterLab or Notebook 7: the same cell components), wait for the
+    kernel (each selector of ``kernel_idle`` in turn), run the first cell and wait until the
+    widget has drawn itself."""
     page.wait_for_selector(".jp-Notebook .jp-Cell .cm-content", timeout=timeout_ms)
-    # The kernel is ready once the status bar reads "... | Idle".
-    page.wait_for_selector(".jp-StatusBar-TextItem:has-text('| Idle')", timeout=timeout_ms)
+    for selector in kernel_idle:
+        page.wait_for_selector(selector, timeout=timeout_ms)
     first_cell = ".jp-Notebook .jp-Cell >> nth=0"
     for _ in range(3):  # a Shift+Enter that races the kernel connection can get lost: retry
         page.click(f"{first_cell} >> .cm-content")

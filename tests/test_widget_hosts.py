@@ -1,7 +1,8 @@
-"""End-to-end tests of PatchingWidget in the other hosts anywidget serves: marimo and Voilà.
+"""End-to-end tests of PatchingWidget in the other hosts anywidget serves: marimo, Voilà and
+Jupyter Notebook 7.
 
-``test_widget_browser.py`` drives the widget in JupyterLab 4. Here the same widget is served as
-an app, the way a reader would open it, and driven in headless Chromium:
+``test_widget_browser.py`` drives the widget in JupyterLab 4. Here the same widget is served
+the way a reader would open it, and driven in headless Chromium:
 
 * **marimo**: ``marimo run examples/marimo_widget.py --headless`` (the widget wrapped in
   ``mo.ui.anywidget``; marimo draws it in a shadow root, which Playwright's CSS selectors
@@ -9,7 +10,12 @@ an app, the way a reader would open it, and driven in headless Chromium:
 * **Voilà**: ``voila examples/voila_widget.ipynb --template=offline`` (Voilà 0.5 renders
   outputs with JupyterLab's widget manager and anywidget's lab extension; the ``offline``
   template, in ``examples/jupyter``, is Voilà's ``lab`` template without its two Font Awesome
-  stylesheets from a CDN).
+  stylesheets from a CDN);
+* **Notebook 7**: ``python -m notebook`` (what ``jupyter notebook`` runs) on a temporary root
+  holding a one-cell notebook that displays the widget, written as the JupyterLab test writes
+  its own (:func:`test_widget_browser.write_notebook_root`: same cell, same user settings;
+  Notebook 7 is built from JupyterLab's plugins). The page is the notebook; the test runs its
+  cell as a reader would (click in the editor, Shift+Enter).
 
 Each host is started on 127.0.0.1 on a free port, waited for (bounded) and always stopped, with
 its whole process group. In each: Run fills the heatmap, every cell painted and equal to
@@ -19,8 +25,8 @@ too; clicking a head cell shows its attention pattern, equal to the model's own
 that does not go to the host's own server is aborted and recorded, and each test fails if
 there was one.
 
-Skipped, with the reason, when Chromium, playwright, marimo or Voilà is missing (a failure
-instead under ``PATCHWIDGETS_REQUIRE_BROWSER=1``, as in CI).
+Skipped, with the reason, when Chromium, playwright, marimo, Voilà or Notebook 7 is missing (a
+failure instead under ``PATCHWIDGETS_REQUIRE_BROWSER=1``, as in CI).
 """
 
 from __future__ import annotations
@@ -33,14 +39,15 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
-# The JupyterLab test's prompts, page helpers (their selectors pierce marimo's shadow root) and
-# its Playwright driver fixture.
+# The JupyterLab test's prompts, page helpers (their selectors pierce marimo's shadow root), its
+# notebook writer and cell runner (Notebook 7 has the same cells) and its Playwright driver fixture.
 from test_widget_browser import (  # noqa: F401  (playwright_session: a fixture, used by name)
-    ARTIFACTS, CHROMIUM, CLEAN, CORRUPTED, REPO, _free_port, cell_values, launch_browser, playwright_session,
-    run_id,
+    ARTIFACTS, CHROMIUM, CLEAN, CORRUPTED, REPO, WIDGET_CELL, _free_port, cell_values, launch_browser,
+    playwright_session, run_first_cell, run_id, write_notebook_root,
 )
 
 EXAMPLES = REPO / "examples"
@@ -48,6 +55,11 @@ MARIMO_APP = EXAMPLES / "marimo_widget.py"
 VOILA_NOTEBOOK = EXAMPLES / "voila_widget.ipynb"
 VOILA_TEMPLATES = EXAMPLES / "jupyter"  # holds voila/templates/offline
 ANSWERS = (" Sarah", " Lisa")            # the model's predictions on CLEAN and CORRUPTED
+NOTEBOOK = "widget.ipynb"                # Notebook 7's page: its first cell displays the widget
+#: Notebook 7 has no status bar: its kernel is ready once the toolbar names the kernel (it says
+#: "No Kernel" until the session starts) and the execution indicator reads idle.
+NOTEBOOK_KERNEL_IDLE = ("[data-jp-item-name='kernelName']:has-text('Python 3')",
+                        ".jp-Notebook-ExecutionIndicator[data-status='idle']")
 
 
 def _import_error(module: str) -> str | None:
@@ -65,7 +77,7 @@ def missing_requirement(host: str) -> str | None:
     return _import_error("playwright") or _import_error(host)
 
 
-HOSTS = ("marimo", "voila")
+HOSTS = ("marimo", "voila", "notebook")
 if os.environ.get("PATCHWIDGETS_REQUIRE_BROWSER") == "1":
     # CI installs everything and sets this: there a missing host is a failure, not a skip.
     for _host in HOSTS:
@@ -77,14 +89,17 @@ pytestmark = pytest.mark.browser
 
 # --------------------------------------------------------------------------- the servers
 class HostServer:
-    """A throw-away app server (marimo or Voilà) on 127.0.0.1; use as a context manager.
+    """A throw-away app server (marimo, Voilà, Notebook 7) on 127.0.0.1; use as a context manager.
 
     Started in a session of its own, so that stopping it stops its kernels too; ``ready`` is
-    a path that answers 200 once the server listens."""
+    a path that answers 200 once the server listens; ``page`` the path a reader opens. ``{port}``
+    and ``{tmp}`` in ``args`` become the port and the server's temporary directory (its working
+    directory too), into which ``prepare(tmp)`` writes what the server serves."""
 
     def __init__(self, name: str, args: list[str], ready: str, env: dict[str, str] | None = None,
-                 timeout: float = 60):
+                 timeout: float = 60, page: str = "", prepare: Callable[[Path], None] | None = None):
         self.name, self.args, self.ready, self.extra_env, self.timeout = name, args, ready, env or {}, timeout
+        self.page, self.prepare = page, prepare
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.tmp: tempfile.TemporaryDirectory | None = None
@@ -96,11 +111,13 @@ class HostServer:
     def __enter__(self) -> "HostServer":
         self.tmp = tempfile.TemporaryDirectory(prefix=f"pw-{self.name}-")
         tmp = Path(self.tmp.name)
+        if self.prepare is not None:
+            self.prepare(tmp)
         self.port = _free_port()
         env = dict(os.environ, HF_HUB_OFFLINE="1", JUPYTER_RUNTIME_DIR=str(tmp / "runtime"),
                    PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p),
                    **self.extra_env)
-        cmd = [sys.executable, "-m", *[a.format(port=self.port) for a in self.args]]
+        cmd = [sys.executable, "-m", *[a.format(port=self.port, tmp=tmp) for a in self.args]]
         self.log_path = tmp / "server.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=self.log, stderr=subprocess.STDOUT,
@@ -166,6 +183,26 @@ def voila_server() -> HostServer:
                       ready="voila/static/voila.js", env={"JUPYTER_PATH": jupyter_path})
 
 
+def notebook_server() -> HostServer:
+    # Jupyter Notebook 7 on a root of its own: no token or password (the page would ask for
+    # one), its own user settings (no news or update checks) and workspaces, and the read-only
+    # extension manager (the default one asks PyPI from the server). Root may run it in a
+    # container only when it says so. The settings go to both apps: the JupyterLab server
+    # extension, loaded first, answers /lab/api/settings for the Notebook page too.
+    root_ok = ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
+    dirs = [f"--{app}.{trait}={{tmp}}/{folder}" for app in ("JupyterNotebookApp", "LabApp")
+            for trait, folder in (("user_settings_dir", "settings"), ("workspaces_dir", "workspaces"))]
+    return HostServer("notebook", ["notebook", "--no-browser", "--ip=127.0.0.1", "--port={port}", *root_ok,
+                                   "--ServerApp.port_retries=0", "--IdentityProvider.token=",
+                                   "--ServerApp.password=", "--LabApp.extension_manager=readonly",
+                                   "--ServerApp.root_dir={tmp}/nb", *dirs],
+                      ready="api/status", page=f"notebooks/{NOTEBOOK}",
+                      prepare=lambda tmp: write_notebook_root(tmp, [WIDGET_CELL], NOTEBOOK))
+
+
+SERVERS = {"marimo": marimo_server, "voila": voila_server, "notebook": notebook_server}
+
+
 # --------------------------------------------------------------------------- the page
 #: The widget's root element, wherever the host put it: marimo renders anywidgets inside a
 #: shadow root, which ``document.querySelector`` does not enter.
@@ -207,7 +244,7 @@ def host_page(request, playwright_session):  # noqa: F811
     why = missing_requirement(host)
     if why is not None:
         pytest.skip(why)
-    with (marimo_server() if host == "marimo" else voila_server()) as server:
+    with SERVERS[host]() as server:
         browser = launch_browser(playwright_session)
         try:
             # Service workers off: a request a service worker answers would not reach the route.
@@ -225,8 +262,10 @@ def host_page(request, playwright_session):  # noqa: F811
             context.route("**/*", only_own_server)
             page = context.new_page()
             page.host, page.server, page.blocked = host, server, blocked
-            page.goto(server.url)
+            page.goto(server.url + server.page)
             try:
+                if host == "notebook":  # a notebook, not an app: run its cell
+                    run_first_cell(page, NOTEBOOK_KERNEL_IDLE, timeout_ms=120_000)
                 page.wait_for_selector(".pw-root[data-status]", timeout=120_000)
                 page.locator(".pw-token-row .pw-tok").first.wait_for(timeout=60_000)
             except Exception as err:
