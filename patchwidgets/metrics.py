@@ -103,12 +103,25 @@ class MetricContext:
     clean_logprobs: torch.Tensor          # [batch, vocab] at the answer position
     target_logit_diff: torch.Tensor | None = None  # LD of the unpatched run being patched
     source_logit_diff: torch.Tensor | None = None  # LD of the run the activations come from
+    dataset_gap: torch.Tensor | None = None  # the whole dataset's gap, when these are some of its pairs
 
     @property
     def gap(self) -> torch.Tensor:
-        """The mean ``LD_source - LD_target``, which ``normalized`` divides by."""
+        """The mean ``LD_source - LD_target`` over the dataset, which ``normalized`` divides by."""
+        if self.dataset_gap is not None:
+            return self.dataset_gap
         assert self.source_logit_diff is not None and self.target_logit_diff is not None
         return (self.source_logit_diff - self.target_logit_diff).mean()
+
+    def rows(self, rows: slice) -> "MetricContext":
+        """The context of pairs ``rows`` of this dataset (a group of a grouped sweep): their own
+        answers and baselines, the whole dataset's gap."""
+        def part(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows]
+        has_gap = self.source_logit_diff is not None and self.target_logit_diff is not None
+        return MetricContext(self.correct[rows], part(self.incorrect), self.clean_logprobs[rows],
+                             part(self.target_logit_diff), part(self.source_logit_diff),
+                             self.gap if has_gap else None)
 
 
 def resolve_metrics(metrics: MetricSpec) -> dict[str, Union[str, MetricFn]]:

@@ -85,11 +85,10 @@ import copy
 import functools
 import inspect
 import sys
-import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -100,9 +99,9 @@ from .inputs import Prompts
 from .results import PatchResult
 from .sharing import exclusive
 from .sites import Site, resolve_sites
-from .sources import ablation_values, noised_positions
-from .streaming import run_streaming
-from .sweep import new_result, prepare_request, sweep_cells, sweep_stats
+from .sources import ablation_values, activation_sums, noised_positions
+from .driver import SweepControl, run_sweep
+from .sweep import new_result, prepare_request, sweep_cells
 
 #: The sites the nnsight backend can patch (groups made only of these work too: ``block``).
 SUPPORTED_SITES = (
@@ -464,14 +463,18 @@ def _device(hf_model: Any) -> torch.device:
     return param.device
 
 
-def _noise(info: NNsightModelInfo, inputs, scale: float, noise_positions, seed: int) -> tuple:
+def _noise(info: NNsightModelInfo, inputs, scale: float, noise_positions, seed: int,
+           group: tuple[slice, int] | None = None) -> tuple:
     """The embedding noise of a noise ablation, drawn exactly as :func:`sources.noise_hooks`
-    draws it (same generator, same shape, same scale): unit noise here, times ``scale`` times
-    the embedding matrix's standard deviation, which the recording trace of the noised run
-    reads (so it works on a remote model, whose local copy has no weights, too)."""
+    draws it (same generator, same shape, same scale, a group's rows of the dataset's draw):
+    unit noise here, times ``scale`` times the embedding matrix's standard deviation, which the
+    recording trace of the noised run reads (so it works on a remote model, whose local copy
+    has no weights, too)."""
     positions = noised_positions(inputs, noise_positions)
     gen = torch.Generator().manual_seed(seed)
-    unit = torch.randn(inputs.batch, len(positions), info.cfg.d_model, generator=gen)
+    unit = torch.randn(inputs.batch if group is None else group[1], len(positions), info.cfg.d_model, generator=gen)
+    if group is not None:
+        unit = unit[group[0]]
     return (info.module_name("embed"), positions, unit, scale)
 
 
@@ -531,15 +534,20 @@ def _prepare(model: Any, clean: Prompts, corrupted: Prompts | None, answers: Any
     cells = sweep_cells(info, inputs, site, layers=layers, positions=positions, heads=heads, neurons=neurons)
     where = {(s.name, layer): info.point(s, layer) for s in cells.sites
              for layer in sorted({i[0] for i in cells.indices})}
-    # The target is patched into, the source gives the values (the target itself when ablated).
-    noise_spec = _noise(info, inputs, request.noise, request.noise_positions, request.noise_seed) \
+    return _Sweep(info, request, cells, where, *_runs(info, request, remote))
+
+
+def _runs(info: NNsightModelInfo, request: Any, remote: bool) -> tuple[_Run, _Run]:
+    """The target run (patched into) and the source run (the values; the target itself when
+    ablated) of ``request``, or of one group of it."""
+    inputs = request.inputs
+    noise_spec = _noise(info, inputs, request.noise, request.noise_positions, request.noise_seed, request.group) \
         if request.ablation == "noise" else None
     corrupted_tokens = inputs.clean_tokens if request.ablation else inputs.corrupted_tokens
     assert corrupted_tokens is not None  # (validation: a corrupted prompt unless ablating)
     clean_run = _Run(info, inputs.clean_tokens, inputs.answer_pos, remote=remote)
     corrupted_run = _Run(info, corrupted_tokens, inputs.answer_pos, noise_spec, remote)
-    target, source = (corrupted_run, clean_run) if request.direction == "denoising" else (clean_run, corrupted_run)
-    return _Sweep(info, request, cells, where, target, source)
+    return (corrupted_run, clean_run) if request.direction == "denoising" else (clean_run, corrupted_run)
 
 
 def _unpatched(sweep: _Sweep) -> tuple[Any, torch.Tensor, dict[Point, torch.Tensor], dict[Point, torch.Tensor]]:
@@ -554,63 +562,105 @@ def _unpatched(sweep: _Sweep) -> tuple[Any, torch.Tensor, dict[Point, torch.Tens
 
 
 @torch.no_grad()
-def patch(
-    model: Any,
-    clean: Prompts,
-    corrupted: Prompts | None = None,
-    answers: Any = None,
-    site: str = "resid_pre",
-    direction: str | None = None,
-    metrics: Any = ("logit_diff", "normalized"),
-    *,
-    ablation: str | None = None,
-    noise: float = 3.0,
-    noise_positions: Sequence[int] | None = None,
-    noise_seed: int = 0,
-    layers: Sequence[int] | None = None,
-    positions: Sequence[int] | None = None,
-    heads: Sequence[int] | None = None,
-    neurons: Sequence[int] | None = None,
-    index: Sequence[tuple] | None = None,
-    max_batch_tokens: int = 4096,
-    progress: bool | None = None,
-    callback: Callable | None = None,
-    cancel: threading.Event | None = None,
-    remote: bool = False,
-) -> PatchResult:
-    """:func:`patchwidgets.patch` for an nnsight model; same arguments, same result.
+def patch(model: Any, arguments: dict[str, Any], control: SweepControl) -> PatchResult:
+    """:func:`patchwidgets.patch` for an nnsight model: ``arguments`` are that call's own (by
+    name), ``control`` how it runs; same result, through :func:`patchwidgets.driver.run_sweep`.
 
     ``remote=True`` runs every trace on NDIF (``model.trace(remote=True)``; needs nnsight's
     NDIF API key). Not tested offline: see the module docstring.
     """
-    sweep = _prepare(model, clean, corrupted, answers, site, direction, metrics, ablation=ablation, noise=noise,
-                     noise_positions=noise_positions, noise_seed=noise_seed, layers=layers, positions=positions,
-                     heads=heads, neurons=neurons, index=index, remote=remote)
-    request, cells, where = sweep.request, sweep.cells, sweep.where
-    inputs = request.inputs
-    measure, _, _, source_acts = _unpatched(sweep)
+    names = ("clean", "corrupted", "answers", "site", "direction", "metrics")
+    options = ("ablation", "noise", "noise_positions", "noise_seed", "layers", "positions", "heads", "neurons",
+               "index", "remote")
+    sweep = _prepare(model, *(arguments[n] for n in names), **{n: arguments[n] for n in options})
+    inputs = sweep.request.inputs
+    worst = inputs.batch * inputs.seq_len * sweep.info.cfg.n_layers * len(sweep.cells.indices) * len(sweep.cells.sites)
+    return run_sweep(NNsightBackend(sweep, control.max_batch_tokens, bool(arguments["remote"])), sweep.request,
+                     control, worst_case_work=worst)
 
-    # --- The patches; one where both runs are bound to agree is already done (as on a bridge).
-    patches = cells.patches(request.changed)
-    result = new_result(PatchResult, request, measure, sites=cells.names, axes=cells.axes, shape=cells.shape,
-                        indices=cells.indices, first_pos=[p.first_pos for p in patches])
-    todo = [p for p in patches if p.first_pos is not None]
-    per_trace = max(1, max_batch_tokens // (inputs.batch * inputs.seq_len))
-    chunks = [todo[i:i + per_trace] for i in range(0, len(todo), per_trace)]
-    result.stats = sweep_stats(result, len(chunks), resumed=0, prefix_skipped=0,
-                               fallback_reason="nnsight backend: every patch runs the whole model")
 
-    def writes(chunk: list) -> list:
-        out = []
-        for p in chunk:
-            point = where[(p.site.name, p.index[0])]
-            sl = p.site.slice(p.index)
-            out.append((point, sl, point.view(source_acts[point])[sl]))
-        return out
+@dataclass
+class NNsightBackend:
+    """The driver's backend for nnsight models: recording traces, then one trace per chunk of
+    patches (each patch an invoke). Nothing to hook, so the watch checks between traces."""
 
-    jobs = [([p.slot for p in chunk], functools.partial(lambda c: sweep.target.patched(writes(c)), chunk))
-            for chunk in chunks]
-    return run_streaming(result, jobs, measure, progress=progress, callback=callback, cancel=cancel)
+    sweep: _Sweep
+    max_batch_tokens: int
+    remote: bool
+    model: Any = None
+    passes_per_job: int = 1
+
+    def first_positions(self, request: Any) -> list[int | None]:
+        return [p.first_pos for p in self.sweep.cells.patches(request.changed)]
+
+    def new_result(self, request: Any, measure: Any, first_pos: list[int | None]) -> PatchResult:
+        cells = self.sweep.cells
+        return new_result(PatchResult, request, measure, sites=cells.names, axes=cells.axes, shape=cells.shape,
+                          indices=cells.indices, first_pos=first_pos)
+
+    def bytes_per_pair(self, request: Any) -> int:
+        # Both runs' values at every point, [pos, d_model]-sized or smaller (no resumed passes).
+        return 2 * len(self.sweep.points) * request.inputs.seq_len * self.sweep.info.cfg.d_model * 4
+
+    def baselines(self, request: Any, watch: Any, mean: bool) -> tuple:
+        target, source = _runs(self.sweep.info, request, self.remote)
+        watch.check()
+        target_logits, target_acts = target.record(self.sweep.points)
+        source_logits = None if self.sweep.ablated else source.record(self.sweep.points)[0]
+        return target_logits, source_logits, (activation_sums(target_acts) if mean else None)
+
+    def group(self, request: Any, watch: Any, means: dict | None) -> "_NNsightRuns":
+        target, source = _runs(self.sweep.info, request, self.remote)
+        watch.check()
+        target_logits, target_acts = target.record(self.sweep.points)
+        if self.sweep.ablated:
+            source_logits, source_acts = None, ablation_values(target_acts, request.ablation or "", means)
+        else:
+            source_logits, source_acts = source.record(self.sweep.points)
+        return _NNsightRuns(self, target, request, target_logits, source_logits, source_acts, watch)
+
+
+@dataclass
+class _NNsightRuns:
+    backend: NNsightBackend
+    target: _Run
+    request: Any
+    target_logits: torch.Tensor
+    source_logits: torch.Tensor | None
+    source_acts: dict
+    watch: Any
+
+    def jobs(self, todo: list[int]) -> list:
+        sweep, inputs = self.backend.sweep, self.request.inputs
+        patches = sweep.cells.patches(self.request.changed)
+        per_trace = max(1, self.backend.max_batch_tokens // (inputs.batch * inputs.seq_len))
+        chunks = [[patches[slot] for slot in todo[i:i + per_trace]] for i in range(0, len(todo), per_trace)]
+
+        def writes(chunk: list) -> list:
+            out = []
+            for p in chunk:
+                point = sweep.where[(p.site.name, p.index[0])]
+                sl = p.site.slice(p.index)
+                out.append((point, sl, point.view(self.source_acts[point])[sl]))
+            return out
+
+        def run(chunk: list) -> torch.Tensor:
+            self.watch.check()
+            logits = self.target.patched(writes(chunk))
+            self.watch.advance(len(chunk) * self._pass_work())
+            return logits
+        return [([p.slot for p in chunk], functools.partial(run, chunk)) for chunk in chunks]
+
+    def _pass_work(self) -> int:
+        inputs = self.request.inputs
+        return inputs.batch * inputs.seq_len * self.backend.sweep.info.cfg.n_layers
+
+    def work(self, jobs: list) -> int:
+        return sum(len(slots) for slots, _ in jobs) * self._pass_work()
+
+    def report(self) -> dict:
+        return {"resumed": 0, "prefix_skipped": 0,
+                "fallback_reason": "nnsight backend: every patch runs the whole model"}
 
 
 def attribution_patch(

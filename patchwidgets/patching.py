@@ -26,18 +26,22 @@ calls a hook that pastes each patch's slice; :mod:`.streaming` fills the result 
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import inspect
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
+from .driver import DEFAULT_CACHE_BYTES, SweepControl, check_cache_budget, run_sweep
+from .engine import Patch
 from .inputs import Prompts
 from .results import PatchResult
-from .streaming import PatchUpdate, run_streaming
-from .sweep import new_result, prepare_request, run_unpatched, sweep_cells, sweep_stats
-from .watch import SweepWatch, show_by_default
+from .streaming import Job, PatchUpdate
+from .sweep import (Cells, Measure, Request, Unpatched, cached_bytes_per_pair, new_result, prepare_request,
+                    run_unpatched, sweep_cells, unpatched_logits)
+from .watch import SweepWatch
 
 __all__ = ["patch", "PatchUpdate"]
 
@@ -62,6 +66,7 @@ def patch(
     neurons: Sequence[int] | None = None,
     index: Sequence[tuple] | None = None,
     max_batch_tokens: int = 4096,
+    max_cache_bytes: int = DEFAULT_CACHE_BYTES,
     progress: bool | None = None,
     callback: Callable[[PatchUpdate], Any] | None = None,
     cancel: threading.Event | None = None,
@@ -95,6 +100,10 @@ def patch(
         layers, positions, heads, neurons: restrict the sweep to these values of each axis.
         index: for a hook-name site, the list of index tuples to patch.
         max_batch_tokens: memory budget (rows x positions) of one forward pass.
+        max_cache_bytes: memory budget (bytes) for the activations a sweep keeps between its
+            passes, per group of prompt pairs: a dataset too big for it is swept in groups
+            that fit, with results identical to one group (:mod:`patchwidgets.driver`).
+            Default 512 MiB.
         progress: show a tqdm bar over the whole sweep, unpatched runs included (default:
             for sweeps that could take more than a few seconds).
         callback: called with a :class:`PatchUpdate` after every chunk; return ``False`` to
@@ -121,40 +130,85 @@ def patch(
     """
     from . import nnsight_backend  # (imports nnsight only for an nnsight model)
 
+    control = SweepControl(max_batch_tokens, max_cache_bytes, progress, callback, cancel)
     if remote or nnsight_backend.is_nnsight_model(model):
-        return nnsight_backend.patch(
-            model, clean, corrupted, answers, site, direction, metrics, ablation=ablation, noise=noise,
-            noise_positions=noise_positions, noise_seed=noise_seed, layers=layers, positions=positions,
-            heads=heads, neurons=neurons, index=index, max_batch_tokens=max_batch_tokens,
-            progress=progress, callback=callback, cancel=cancel, remote=remote)
+        return nnsight_backend.patch(model, **sweep_arguments(locals()))
     request = prepare_request(model, clean, corrupted, answers, direction, metrics, ablation=ablation,
                               noise=noise, noise_positions=noise_positions, noise_seed=noise_seed)
+    check_cache_budget(max_cache_bytes)
     cells = sweep_cells(model, request.inputs, site, layers=layers, positions=positions, heads=heads,
                         neurons=neurons, index=index)
-
-    # Cancel and progress from here on, block by block (the unpatched runs included).
+    columns, request = request.answer_columns()
     inputs = request.inputs
     full_pass = inputs.batch * inputs.seq_len * model.cfg.n_layers
-    watch = SweepWatch(cancel, show_by_default(progress, full_pass * len(cells.sites) * len(cells.indices)))
-    with contextlib.closing(watch), watch.watching(model):
-        # --- The two unpatched runs: the target is the run we patch into, the source the run
-        # the pasted values come from.
-        columns, request = request.answer_columns()
-        runs = run_unpatched(model, request, cells.hook_names(), max_batch_tokens, columns, watch)
-        cells.check_activations(runs.target_acts)
-        measure = request.measure(runs.target_logits, runs.source_logits)
+    return run_sweep(EngineBackend(model, cells, columns, max_batch_tokens), request, control,
+                     worst_case_work=full_pass * len(cells.sites) * len(cells.indices))
 
-        # --- List the patches; a patch where both runs are bound to agree is already done.
-        patches = cells.patches(request.changed)
-        result = new_result(PatchResult, request, measure, sites=cells.names, axes=cells.axes, shape=cells.shape,
-                            indices=cells.indices, first_pos=[p.first_pos for p in patches])
 
-        # --- Run the rest in chunks, streaming partial results.
-        chunks = runs.target.plan(patches)
-        result.stats = sweep_stats(result, len(chunks), **runs.target.shortcut_report(),
-                                   source_resumed=int(runs.source_resumed))
-        jobs = [([p.slot for p in chunk.patches], functools.partial(runs.target.run_chunk, chunk, runs.source_acts))
-                for chunk in chunks]
-        watch.expect(runs.target.work(chunks))
-        return run_streaming(result, jobs, measure, progress=False, callback=watch.reporting(callback),
-                             cancel=cancel)
+def sweep_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of :func:`patch` found in ``arguments`` (a call's ``locals()``): how an entry
+    point hands its whole call on to a backend without listing every argument again."""
+    return {name: arguments[name] for name in _PATCH_PARAMETERS if name in arguments}
+
+
+_PATCH_PARAMETERS = tuple(inspect.signature(patch).parameters)
+
+
+@dataclass
+class EngineBackend:
+    """:func:`patch` on a TransformerBridge (or a hand-built ``HookedRootModule``): the
+    :class:`~patchwidgets.engine.Engine` runs the passes, for :func:`~patchwidgets.driver.run_sweep`."""
+
+    model: Any
+    cells: Cells
+    columns: torch.Tensor | None      # vocabulary columns the metrics read (None: all)
+    max_batch_tokens: int
+    passes_per_job: int = 1
+
+    def first_positions(self, request: Request) -> list[int | None]:
+        return [p.first_pos for p in self.cells.patches(request.changed)]
+
+    def new_result(self, request: Request, measure: Measure, first_pos: list[int | None]) -> PatchResult:
+        cells = self.cells
+        return new_result(PatchResult, request, measure, sites=cells.names, axes=cells.axes, shape=cells.shape,
+                          indices=cells.indices, first_pos=first_pos)
+
+    def bytes_per_pair(self, request: Request) -> int:
+        return cached_bytes_per_pair(self.model, request.inputs.seq_len, self.cells.hook_names())
+
+    def baselines(self, request: Request, watch: SweepWatch, mean: bool) -> tuple:
+        return unpatched_logits(self.model, request, self.cells.hook_names(), self.columns, watch, mean)
+
+    def group(self, request: Request, watch: SweepWatch, means: dict | None) -> "_EngineRuns":
+        runs = run_unpatched(self.model, request, self.cells.hook_names(), self.max_batch_tokens, self.columns,
+                             watch, means)
+        self.cells.check_activations(runs.target_acts)
+        return _EngineRuns(runs, self.cells.patches(request.changed))
+
+
+@dataclass
+class _EngineRuns:
+    """One group's unpatched runs; its chunks resume from them."""
+
+    runs: Unpatched
+    patches: list[Patch]
+
+    @property
+    def target_logits(self) -> torch.Tensor:
+        return self.runs.target_logits
+
+    @property
+    def source_logits(self) -> torch.Tensor | None:
+        return self.runs.source_logits
+
+    def jobs(self, todo: list[int]) -> list[Job]:
+        engine, sources = self.runs.target, self.runs.source_acts
+        self.chunks = engine.plan([self.patches[slot] for slot in todo])
+        return [([p.slot for p in chunk.patches], functools.partial(engine.run_chunk, chunk, sources))
+                for chunk in self.chunks]
+
+    def work(self, jobs: list[Job]) -> int:
+        return self.runs.target.work(self.chunks)
+
+    def report(self) -> dict:
+        return {**self.runs.target.shortcut_report(), "source_resumed": int(self.runs.source_resumed)}

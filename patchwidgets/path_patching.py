@@ -58,7 +58,6 @@ Step 1 stops as soon as the last receiver input has been recorded.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
 from dataclasses import dataclass, field
@@ -71,10 +70,11 @@ from .errors import PatchingInputError
 from .inputs import Prompts
 from .results import PatchResult
 from .sites import SITES, Dims
-from .streaming import PatchUpdate, run_streaming
-from .sweep import new_result, prepare_request, run_unpatched, sweep_stats
+from .driver import DEFAULT_CACHE_BYTES, SweepControl, check_cache_budget, run_sweep
+from .streaming import PatchUpdate
+from .sweep import cached_bytes_per_pair, new_result, prepare_request, run_unpatched, unpatched_logits
 from .validation import as_int, check_restrictions
-from .watch import SweepWatch, show_by_default
+from .watch import SweepWatch
 
 Head = tuple[int, int]
 
@@ -169,6 +169,7 @@ def path_patch(
     noise_positions: Sequence[int] | None = None,
     noise_seed: int = 0,
     max_batch_tokens: int = 4096,
+    max_cache_bytes: int = DEFAULT_CACHE_BYTES,
     progress: bool | None = None,
     callback: Callable[[PatchUpdate], Any] | None = None,
     cancel: threading.Event | None = None,
@@ -179,7 +180,7 @@ def path_patch(
 
     Args:
         model, clean, corrupted, answers, direction, metrics, ablation, noise,
-            noise_positions, noise_seed, max_batch_tokens, progress, callback, cancel:
+            noise_positions, noise_seed, max_batch_tokens, max_cache_bytes, progress, callback, cancel:
             as in :func:`patchwidgets.patch`.
         receivers: ``None`` (or ``"logits"``) for the path to the logits (the final residual
             stream), or a list of ``(layer, head)`` receiver heads, all patched together.
@@ -211,44 +212,105 @@ def path_patch(
     if "blocks.0.attn.hook_z" not in (getattr(model, "hook_dict", None) or {}):
         raise PatchingInputError("path patching needs a model with per-head hooks (blocks.L.attn.hook_z)", "site")
 
-    # --- The two unpatched runs: every head's output (and every MLP's, to freeze them).
+    check_cache_budget(max_cache_bytes)
+
+    # --- Every head's output (and every MLP's, to freeze them), recorded by the unpatched runs.
     names = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
     if freeze_mlps:
         names += [f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]
+    backend = PathBackend(model, names, groups, indices, shape, axes, recv, comps, freeze_mlps, max_batch_tokens)
     full_pass = batch * inputs.seq_len * n_layers
-    watch = SweepWatch(cancel, show_by_default(progress, full_pass * len(groups) * (2 if recv else 1)))
-    with contextlib.closing(watch), watch.watching(model):
-        runs = run_unpatched(model, request, names, max_batch_tokens, watch=watch)
-        measure = request.measure(runs.target_logits, runs.source_logits)
+    result = run_sweep(backend, request, SweepControl(max_batch_tokens, max_cache_bytes, progress, callback, cancel),
+                       worst_case_work=full_pass * len(groups) * backend.passes_per_job)
+    assert isinstance(result, PathPatchResult)
+    return result
 
-        # --- Which senders change anything, and from which position on.
-        last_receiver_layer = max(l for l, _ in recv) if recv else n_layers
+
+@dataclass
+class PathBackend:
+    """:func:`path_patch` for :func:`~patchwidgets.driver.run_sweep`: sender groups are the
+    cells, and each chunk runs the engine's resumed passes with the paths' hooks."""
+
+    model: Any
+    names: list[str]
+    groups: list[list[Head]]
+    indices: list[tuple]
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    recv: list[Head] | None
+    comps: tuple[str, ...]
+    freeze_mlps: bool
+    max_batch_tokens: int
+
+    @property
+    def passes_per_job(self) -> int:
+        return 2 if self.recv else 1   # receivers: record their inputs, then paste them
+
+    def first_positions(self, request: Any) -> list[int | None]:
+        """Which senders change anything, and from which position on."""
+        last_receiver_layer = max(l for l, _ in self.recv) if self.recv else self.model.cfg.n_layers
         first_pos: list[int | None] = []
-        for group in groups:
+        for group in self.groups:
             firsts = [SITES["head_out"].first_changed_position((l, h), request.changed) for l, h in group]
             changes = [f for f in firsts if f is not None]
             reaches = min(l for l, _ in group) < last_receiver_layer
             first_pos.append(min(changes) if changes and reaches else None)
-        result = new_result(
-            PathPatchResult, request, measure, sites=[_site_label(recv, comps)], axes=axes, shape=shape,
-            indices=indices, first_pos=first_pos, senders=groups, receivers=recv,
-            receiver_input=comps if recv else (), freeze_mlps=freeze_mlps)
+        return first_pos
 
-        chunks = _plan(groups, first_pos, batch, inputs.seq_len, int(inputs.answer_pos.min()), max_batch_tokens)
-        result.stats = sweep_stats(result, len(chunks) * (2 if recv else 1), **runs.target.shortcut_report())
+    def new_result(self, request: Any, measure: Any, first_pos: list[int | None]) -> PathPatchResult:
+        return new_result(
+            PathPatchResult, request, measure, sites=[_site_label(self.recv, self.comps)], axes=self.axes,
+            shape=self.shape, indices=self.indices, first_pos=first_pos, senders=self.groups, receivers=self.recv,
+            receiver_input=self.comps if self.recv else (), freeze_mlps=self.freeze_mlps)
+
+    def bytes_per_pair(self, request: Any) -> int:
+        return cached_bytes_per_pair(self.model, request.inputs.seq_len, self.names)
+
+    def baselines(self, request: Any, watch: SweepWatch, mean: bool) -> tuple:
+        return unpatched_logits(self.model, request, self.names, None, watch, mean)
+
+    def group(self, request: Any, watch: SweepWatch, means: dict | None) -> "_PathRuns":
+        runs = run_unpatched(self.model, request, self.names, self.max_batch_tokens, watch=watch, means=means)
+        return _PathRuns(self, runs, request)
+
+
+@dataclass
+class _PathRuns:
+    backend: PathBackend
+    runs: Any          # sweep.Unpatched
+    request: Any
+
+    @property
+    def target_logits(self) -> torch.Tensor:
+        return self.runs.target_logits
+
+    @property
+    def source_logits(self) -> torch.Tensor | None:
+        return self.runs.source_logits
+
+    def jobs(self, todo: list[int]) -> list:
+        b, inputs, runs = self.backend, self.request.inputs, self.runs
+        first_pos = b.first_positions(self.request)
+        first_pos = [f if c in set(todo) else None for c, f in enumerate(first_pos)]
+        self.chunks = _plan(b.groups, first_pos, inputs.batch, inputs.seq_len, int(inputs.answer_pos.min()),
+                            b.max_batch_tokens)
+        n_layers = b.model.cfg.n_layers
 
         def run(cells, offset):
             with torch.no_grad():
-                logits = _run_chunk(runs.target, [groups[c] for c in cells], offset, runs.target_acts,
-                                    runs.source_acts, recv, comps, freeze_mlps, n_layers)
-            return logits.reshape(len(cells), batch, -1)
+                logits = _run_chunk(runs.target, [b.groups[c] for c in cells], offset, runs.target_acts,
+                                    runs.source_acts, b.recv, b.comps, b.freeze_mlps, n_layers)
+            return logits.reshape(len(cells), inputs.batch, -1)
+        return [(cells, functools.partial(run, cells, offset)) for cells, offset in self.chunks]
 
-        jobs = [(cells, functools.partial(run, cells, offset)) for cells, offset in chunks]
+    def work(self, jobs: list) -> int:
         # (An estimate: each pass runs every block from the first sender's on.)
-        watch.expect(sum(len(cells) * batch * (inputs.seq_len - offset) * n_layers * (2 if recv else 1)
-                         for cells, offset in chunks))
-        return run_streaming(result, jobs, measure, progress=False, callback=watch.reporting(callback),
-                             cancel=cancel)
+        inputs = self.request.inputs
+        return sum(len(cells) * inputs.batch * (inputs.seq_len - offset) * self.backend.model.cfg.n_layers
+                   * self.backend.passes_per_job for cells, offset in self.chunks)
+
+    def report(self) -> dict:
+        return self.runs.target.shortcut_report()
 
 
 def _site_label(recv: list[Head] | None, comps: tuple[str, ...]) -> str:

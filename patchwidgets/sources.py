@@ -37,17 +37,22 @@ def noised_positions(inputs: PreparedInputs, noise_positions: Sequence[int] | No
 
 
 def noise_hooks(model: Any, inputs: PreparedInputs, scale: float, noise_positions: Sequence[int] | None,
-                seed: int) -> list:
+                seed: int, rows: tuple[slice, int] | None = None) -> list:
     """Hooks that add ROME-style Gaussian noise to the token embeddings of the noised positions.
 
     The noise has ``scale`` times the standard deviation of the embedding matrix and is drawn
     once per sweep from ``seed``, so every forward pass of the sweep sees the same noise.
+    ``rows=(slice, n_pairs)``: ``inputs`` are those pairs of a dataset of ``n_pairs`` (a group of
+    a grouped sweep), which get the rows of the whole dataset's draw.
     """
     positions = noised_positions(inputs, noise_positions)
     d_model = model.cfg.d_model
     gen = torch.Generator().manual_seed(seed)
     std = embedding_std(model) * scale
-    noise = torch.randn(inputs.batch, len(positions), d_model, generator=gen) * std  # [batch, n_noised, d_model]
+    n_pairs = inputs.batch if rows is None else rows[1]
+    noise = torch.randn(n_pairs, len(positions), d_model, generator=gen) * std  # [pairs, n_noised, d_model]
+    if rows is not None:
+        noise = noise[rows[0]]                                                  # [batch, n_noised, d_model]
 
     def add_noise(embed: torch.Tensor, hook) -> torch.Tensor:
         embed = embed.clone()
@@ -88,19 +93,29 @@ def embedding_std(model: Any) -> float:
 K = TypeVar("K")
 
 
-def ablation_values(acts: Mapping[K, torch.Tensor], ablation: str) -> dict[K, torch.Tensor]:
+def ablation_values(acts: Mapping[K, torch.Tensor], ablation: str,
+                    means: Mapping[K, torch.Tensor] | None = None) -> dict[K, torch.Tensor]:
     """Source activations of a zero or mean ablation, built from the target run's ``acts``.
 
     The mean is taken in float64 and cast back. A float64 sum of a dataset's worth of equal
     float32 numbers is exact, so where every prompt has the same activation (a shared
     prefix) the mean is bit-identical to it on any CPU, whatever order the kernel adds in; a
     float32 sum of equal values rounds, differently from one kernel set to another.
+    ``means``: the whole dataset's float64 means (``[1, ...]``) when ``acts`` are one group of
+    it (:mod:`patchwidgets.driver`).
     """
     if ablation == "zero":
         return {n: torch.zeros_like(a) for n, a in acts.items()}
     if ablation != "mean":
         raise ValueError(f"ablation_values builds zero or mean ablations, not {ablation!r}")
+    if means is not None:
+        return {n: means[n].to(a.device, a.dtype).expand_as(a) for n, a in acts.items()}
     return {n: a.double().mean(0, keepdim=True).to(a.dtype).expand_as(a) for n, a in acts.items()}
+
+
+def activation_sums(acts: Mapping[K, torch.Tensor]) -> dict[K, torch.Tensor]:
+    """Float64 sums over the pairs (``[1, ...]``) of ``acts``: one group's share of a mean."""
+    return {n: a.double().sum(0, keepdim=True) for n, a in acts.items()}
 
 
 def differing_positions(inputs: PreparedInputs, ablation: str | None,

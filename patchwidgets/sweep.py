@@ -33,7 +33,7 @@ from .errors import PatchingInputError
 from .inputs import PreparedInputs, Prompts, prepare
 from .results import PatchResult
 from .sites import Dims, Site, resolve_sites
-from .sources import ablation_values, differing_positions, noise_hooks
+from .sources import activation_sums, ablation_values, differing_positions, noise_hooks
 from .validation import (check_direction, check_index, check_index_ranges, check_noise, check_request,
                          check_restrictions)
 from .watch import SweepWatch
@@ -59,6 +59,22 @@ class Request:
     noise_positions: list[int] | None
     noise_seed: int
     changed: torch.Tensor              # [pos] bool: where the source's input differs from the target's
+    # Set on a group of a grouped sweep (patchwidgets.driver): (its rows, the dataset's pairs).
+    group: tuple[slice, int] | None = None
+
+    def rows(self, rows: slice) -> "Request":
+        """The request for pairs ``rows`` only (a group): same direction, metrics and
+        ``changed`` (the whole dataset's, so every group skips the same no-ops), the noise rows
+        of the whole dataset's draw."""
+        inputs = self.inputs
+
+        def part(t: Any) -> Any:
+            return None if t is None else t[rows]
+        group_inputs = dataclasses.replace(
+            inputs, clean_tokens=inputs.clean_tokens[rows], corrupted_tokens=part(inputs.corrupted_tokens),
+            answer_pos=inputs.answer_pos[rows], correct=inputs.correct[rows], incorrect=part(inputs.incorrect),
+            clean_str_tokens=part(inputs.clean_str_tokens), corrupted_str_tokens=part(inputs.corrupted_str_tokens))
+        return dataclasses.replace(self, inputs=group_inputs, group=(rows, inputs.batch))
 
     def runs(self, model: Any) -> tuple[RunSpec, RunSpec | None]:
         """The target and source runs; the source is ``None`` for a zero or mean ablation,
@@ -67,7 +83,7 @@ class Request:
         clean = RunSpec(inputs.clean_tokens, [])
         if self.ablation == "noise":
             corrupted = RunSpec(inputs.clean_tokens, noise_hooks(
-                model, inputs, self.noise, self.noise_positions, self.noise_seed))
+                model, inputs, self.noise, self.noise_positions, self.noise_seed, self.group))
         elif self.ablation:  # zero or mean: the clean run provides the activations to ablate
             corrupted = RunSpec(inputs.clean_tokens, [])
         else:
@@ -184,9 +200,11 @@ class Unpatched:
 
 
 def run_unpatched(model: Any, request: Request, names: Sequence[str], max_batch_tokens: int,
-                  columns: torch.Tensor | None = None, watch: SweepWatch | None = None) -> Unpatched:
+                  columns: torch.Tensor | None = None, watch: SweepWatch | None = None,
+                  means: dict[str, torch.Tensor] | None = None) -> Unpatched:
     """Step 3: run the target (recording what resumed passes need) and the source, keeping the
-    activations ``names``. ``watch`` (watching the model) is told the work ahead."""
+    activations ``names``. ``watch`` (watching the model) is told the work ahead; ``means``:
+    the whole dataset's means of a mean ablation, for a group of a grouped sweep."""
     target_run, source_run = request.runs(model)
     answer_pos = request.inputs.answer_pos
     source_resumed = False
@@ -199,7 +217,7 @@ def run_unpatched(model: Any, request: Request, names: Sequence[str], max_batch_
         target_logits, target_acts = target.run_target(names)
         if source_run is None:
             source_logits = None
-            source_acts = ablation_values({n: target_acts[n] for n in names}, request.ablation or "")
+            source_acts = ablation_values({n: target_acts[n] for n in names}, request.ablation or "", means)
         else:
             # Resumed from the target where their inputs first differ, else a plain run.
             resumed = target.run_source(source_run.tokens, source_run.hooks, names, request.changed, target_acts)
@@ -210,6 +228,55 @@ def run_unpatched(model: Any, request: Request, names: Sequence[str], max_batch_
                 resumed = source.run_target(names, record=False)
             source_logits, source_acts = resumed
     return Unpatched(target, target_logits, target_acts, source_logits, source_acts, source_resumed)
+
+
+def unpatched_logits(model: Any, request: Request, names: Sequence[str], columns: torch.Tensor | None,
+                     watch: SweepWatch, mean: bool) -> tuple[torch.Tensor, torch.Tensor | None, dict | None]:
+    """The unpatched runs with nothing recorded: the target's and the source's answer logits
+    and, with ``mean``, the float64 sums of the target's activations ``names`` (the first pass
+    of a grouped sweep, :mod:`patchwidgets.driver`)."""
+    target_run, source_run = request.runs(model)
+    answer_pos = request.inputs.answer_pos
+    one_run = request.inputs.batch * request.inputs.seq_len * getattr(model.cfg, "n_layers", 0)
+    watch.expect(one_run * (1 + (source_run is not None)))
+    watch.stage("unpatched runs")
+    with torch.no_grad():
+        target = Engine(model, target_run.tokens, answer_pos, target_run.hooks, 1, columns)
+        target_logits, acts = target.run_target(names if mean else (), record=False)
+        source_logits = None
+        if source_run is not None:
+            source = Engine(model, source_run.tokens, answer_pos, source_run.hooks, 1, columns)
+            source_logits, _ = source.run_target((), record=False)
+    return target_logits, source_logits, (activation_sums(acts) if mean else None)
+
+
+def cached_bytes_per_pair(model: Any, seq_len: int, names: Sequence[str]) -> int:
+    """Bytes a sweep keeps per prompt pair between its passes: the target run's residual
+    stream entering every block and its keys and values, and the activations ``names`` of
+    both runs (an estimate from the model's shape; what ``max_cache_bytes`` is compared to)."""
+    cfg = model.cfg
+    n_layers, d_model = getattr(cfg, "n_layers", 0), getattr(cfg, "d_model", None)
+    if d_model is None:  # a hand-built model that does not say: one group
+        return 0
+    n_heads = getattr(cfg, "n_heads", 1)
+    d_head = getattr(cfg, "d_head", d_model // max(1, n_heads))
+    n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
+    element = torch.finfo(getattr(cfg, "dtype", torch.float32)).bits // 8
+    sizes = {"pattern": n_heads * seq_len, "mlp": getattr(cfg, "d_mlp", 4 * d_model),
+             "head": n_heads * d_head, "kv": n_kv * d_head}
+
+    def size(name: str) -> int:
+        if name.endswith("hook_pattern") or name.endswith("hook_attn_scores"):
+            return sizes["pattern"]
+        if ".mlp.hook_" in name:
+            return sizes["mlp"]
+        if name.endswith(("hook_k", "hook_v")):
+            return sizes["kv"]
+        if name.endswith(("hook_q", "hook_z", "hook_result")):
+            return sizes["head"]
+        return d_model
+    per_position = n_layers * (d_model + 2 * n_kv * d_head) + 2 * sum(size(n) for n in names)
+    return int(per_position * seq_len * element)
 
 
 # ---------------------------------------------------------------------------- 4. the metrics
@@ -225,6 +292,11 @@ class Measure:
     def __call__(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{metric: [n, batch]}`` from answer logits ``[n, batch, vocab]``."""
         return metrics_mod.compute(self.metric_fns, logits, self.ctx)
+
+    def rows(self, rows: slice) -> "Measure":
+        """The metrics of pairs ``rows`` of this dataset, normalised by the whole dataset's gap."""
+        return Measure(self.metric_fns, self.ctx.rows(rows), {k: v[rows] for k, v in self.target_values.items()},
+                       {run: {k: v[rows] for k, v in values.items()} for run, values in self.baselines.items()})
 
     @classmethod
     def of(cls, request: Request, target_logits: torch.Tensor, source_logits: torch.Tensor | None) -> "Measure":

@@ -80,6 +80,10 @@ class SweepWatch:
         if self.bar is not None:
             self.bar.set_postfix_str(text, refresh=True)
 
+    def advance(self, work: int) -> None:
+        """Count ``work`` block-tokens done by a pass nobody hooks (the nnsight backend's traces)."""
+        self._tick(work)
+
     def _tick(self, work: int) -> None:
         self.work_done += work
         if self.bar is not None:
