@@ -49,7 +49,12 @@ class PreparedInputs:
 
 
 def _as_list(prompts: Prompts, field: str, vocab: int) -> list[str] | torch.Tensor:
-    """The prompts as a list of texts, or as ``[batch, pos]`` int64 token ids."""
+    """The prompts as a list of texts, or as ``[batch, pos]`` int64 token ids.
+
+    Nothing empty gets through: an empty list, an empty or whitespace-only text (alone or in a
+    list), a token tensor without rows or positions. This runs before anything is tokenised
+    or reshaped, so an empty input is named here rather than failing deep inside torch.
+    """
     if isinstance(prompts, np.ndarray) and prompts.dtype.kind in "iub":
         prompts = torch.from_numpy(prompts)
     if isinstance(prompts, torch.Tensor):
@@ -60,30 +65,58 @@ def _as_list(prompts: Prompts, field: str, vocab: int) -> list[str] | torch.Tens
             f"got {type(prompts).__name__}", field)
     items = [prompts] if isinstance(prompts, str) else list(prompts)
     if not items:
-        raise EmptyPromptError(f"the {field} prompt list is empty", field)
-    for text in items:
-        if not isinstance(text, str):
-            raise PatchingInputError(
-                f"{field} prompts must be strings or a token tensor, got {type(text).__name__}", field)
-        if not text.strip():
-            raise EmptyPromptError(f"the {field} prompt is empty: type a sentence for the model to complete", field)
+        raise EmptyPromptError(
+            f"the {field} prompt list is empty: give a prompt, or a list with one {field} prompt per "
+            "prompt pair", field)
+    for i, text in enumerate(items):
+        # In a dataset, say which prompt (as indexed in Python, and counted) and how to drop it.
+        where = (f"the {field} prompt", "") if len(items) == 1 else (
+            f"{field}[{i}] (prompt {i + 1} of {len(items)})", ", or leave this pair out of the dataset")
+        check_text(text, field, *where)
     return items
+
+
+def check_text(text: Any, field: str, where: str, fix: str = "") -> str:
+    """One prompt's text: a string with something in it besides whitespace.
+
+    ``where`` names the prompt in messages (``"the clean prompt"``, ``"clean[1] (prompt 2 of
+    3)"``) and ``fix`` ends the advice. Raises :class:`EmptyPromptError` (or, for a value that
+    is not a string, :class:`PatchingInputError`) with ``err.field = field``.
+    """
+    if isinstance(text, (list, tuple)) and not text:  # [] where a string belongs: a dataset row left empty
+        raise EmptyPromptError(f"{where} is an empty {type(text).__name__}, not a string: type a sentence "
+                               f"for the model to complete{fix}", field)
+    if not isinstance(text, str):
+        raise PatchingInputError(
+            f"{field} prompts must be strings or a token tensor, got {type(text).__name__} ({where})", field)
+    if not text.strip():
+        what = "empty" if not text else f"empty (only whitespace: {text!r})"
+        raise EmptyPromptError(f"{where} is {what}: type a sentence for the model to complete{fix}", field)
+    return text
 
 
 def _token_ids(tokens: torch.Tensor, field: str, vocab: int) -> torch.Tensor:
     """``[batch, pos]`` int64 ids from a ``[batch, pos]`` or ``[pos]`` integer tensor.
 
     Any integer dtype is accepted (and widened: the embedding wants int64); bool and floating
-    tensors are refused rather than cast, since their values are not token ids.
+    tensors are refused rather than cast, since their values are not token ids. A tensor with
+    no positions (``[1, 0]``, ``[0]``) or no rows (``[0, 5]``) is refused before the reshape,
+    which could not tell how many rows ``[-1, 0]`` has.
     """
     if tokens.dtype == torch.bool or tokens.dtype.is_floating_point or tokens.dtype.is_complex:
         raise PatchingInputError(f"{field} tokens must be integer token ids, got dtype {tokens.dtype}", field)
     if tokens.ndim not in (1, 2):
         raise PatchingInputError(
             f"{field} tokens must be [batch, pos] (or [pos] for one prompt), got shape {tuple(tokens.shape)}", field)
+    if tokens.shape[-1] == 0:
+        raise EmptyPromptError(
+            f"the {field} prompt is empty: its tokens have shape {tuple(tokens.shape)}, with no positions; "
+            "give at least one token id per prompt (model.to_tokens(text) makes them from a text)", field)
+    if tokens.ndim == 2 and tokens.shape[0] == 0:
+        raise EmptyPromptError(
+            f"the {field} tokens have shape {tuple(tokens.shape)}: no prompts (0 rows); give "
+            "[batch, pos] token ids with at least one row", field)
     tokens = tokens.reshape(-1, tokens.shape[-1]).cpu().long()
-    if tokens.numel() == 0:
-        raise EmptyPromptError(f"the {field} prompt is empty", field)
     outside = ((tokens < 0) | (tokens >= vocab)).nonzero()
     if len(outside):
         row, pos = outside[0].tolist()
@@ -105,10 +138,15 @@ def tokenize(model: Any, texts: list[str], field: str) -> list[torch.Tensor]:
     out = []
     for text in texts:
         try:
-            out.append(model.to_tokens(text, truncate=False)[0].cpu())
+            ids = model.to_tokens(text, truncate=False)[0].cpu()
         except PatchingInputError as err:  # e.g. an unknown word for a word-level tokenizer
             err.field = field
             raise
+        if len(ids) == 0:  # no BOS, and a tokenizer that drops every character of the text
+            raise EmptyPromptError(
+                f"the {field} prompt {text!r} has no tokens (this model prepends no BOS token and its "
+                "tokenizer drops every character): type a sentence for the model to complete", field)
+        out.append(ids)
     return out
 
 
@@ -185,25 +223,31 @@ def _answer_pairs(answers: Any, batch: int) -> list[tuple[Any, Any]]:
 
     Accepted: one answer; ``(correct, incorrect)``; or a list of one such pair (or one
     answer) per prompt pair. Tensors and arrays are read as the nested lists they hold.
+    Nothing empty: no ``[]``, no empty pair, no ``""`` answer (checked before tokenising).
     """
     example = "e.g. (' Mary', ' John') or [(' Mary', ' John'), ...] with one pair per prompt"
     if answers is None:
         raise AnswerTokenError(f"give answers=(correct, incorrect), {example}")
     answers = _plain(answers)  # (a bool or float tensor holds bools or floats: refused below)
+    if isinstance(answers, list) and not answers:
+        raise AnswerTokenError(f"answers is empty: give the answer tokens to compare, {example}")
     if _is_answer(answers):
-        return [(answers, None)] * batch
-    if not isinstance(answers, list) or not answers:
+        return _given([(answers, None)] * batch, each=False)
+    if not isinstance(answers, list):
         raise AnswerTokenError(f"answers must be (correct, incorrect) or one pair per prompt, {example}; "
                                f"got {answers!r}")
     if all(_is_answer(a) for a in answers):
         if len(answers) > 2:
             raise AnswerTokenError(f"answers must be (correct, incorrect) or one pair per prompt, {example}; "
                                    f"got {len(answers)} answers")
-        return [(answers[0], answers[1] if len(answers) == 2 else None)] * batch
+        return _given([(answers[0], answers[1] if len(answers) == 2 else None)] * batch, each=False)
     pairs = []
-    for pair in answers:
+    for i, pair in enumerate(answers):
         if _is_answer(pair):
             pair = (pair,)
+        if isinstance(pair, list) and not pair:
+            raise AnswerTokenError(f"answers[{i}] (pair {i + 1} of {len(answers)}) is empty: give "
+                                   f"(correct, incorrect) for every prompt pair, {example}")
         if not isinstance(pair, list) or not 1 <= len(pair) <= 2 or not all(_is_answer(a) for a in pair):
             raise AnswerTokenError(
                 f"answers must be strings or integer token ids, as (correct, incorrect) or one such pair "
@@ -213,7 +257,45 @@ def _answer_pairs(answers: Any, batch: int) -> list[tuple[Any, Any]]:
         raise AnswerTokenError(f"got {len(pairs)} answer pairs for {batch} prompt pairs")
     if len({p[1] is None for p in pairs}) > 1:
         raise AnswerTokenError("give an incorrect answer for every prompt pair or for none")
+    return _given(pairs, each=True)
+
+
+def _given(pairs: list[tuple[Any, Any]], each: bool, name: str = "answers") -> list[tuple[Any, Any]]:
+    """``pairs``, refusing an empty answer ``""``; ``each``: the pairs were given one per prompt
+    pair, in the list ``name``, so a message names the pair. (A whitespace answer such as ``" "``
+    or ``"\\n"`` is a token in most vocabularies, so it is left to the tokenizer.)"""
+    for i, pair in enumerate(pairs):
+        for which, answer in zip(("correct", "incorrect"), pair):
+            if isinstance(answer, str) and not answer:
+                where = f" of {name}[{i}] (pair {i + 1} of {len(pairs)})" if each else ""
+                raise AnswerTokenError(
+                    f"the {which} answer{where} is empty: give a single-token string such as ' Mary' "
+                    "(answers usually start with a space) or an integer token id")
     return pairs
+
+
+def dataset_rows(rows: Any) -> list[list[str]]:
+    """A widget dataset: ``[clean, corrupted, correct, incorrect]`` rows, every one filled in.
+
+    The checks :func:`prepare` makes of a dataset's prompts and answers that need no model
+    (nothing empty, nothing that is not text), with messages that name the row
+    (``dataset[1]``), so a bad row is refused when it is set rather than on the next Run. An
+    integer answer is written as text, as the page would show it.
+    """
+    out = []
+    for i, row in enumerate(rows):
+        if isinstance(row, str) or not isinstance(row, (list, tuple)) or len(row) != 4:
+            raise PatchingInputError("dataset rows are (clean, corrupted, correct, incorrect)")
+        where = f"dataset[{i}] (pair {i + 1} of {len(rows)})"
+        for field, text in zip(("clean", "corrupted"), row):
+            check_text(text, field, f"the {field} prompt of {where}", ", or leave this pair out of the dataset")
+        for which, answer in zip(("correct", "incorrect"), row[2:]):
+            if not _is_answer(answer):
+                raise AnswerTokenError(f"the {which} answer of {where} must be a single-token string such as "
+                                       f"' Mary', got {answer!r} ({type(answer).__name__})")
+        out.append([str(x) for x in row])
+    _given([(r[2], r[3]) for r in out], each=True, name="dataset")
+    return out
 
 
 def _answers(model: Any, answers: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:

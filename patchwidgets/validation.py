@@ -12,6 +12,12 @@ so a bad value raises the same :class:`~patchwidgets.errors.PatchingInputError`,
   refused with the range it must lie in;
 * **an empty list is refused**: it would select nothing (leave the argument out to sweep
   everything);
+* **nothing empty is run**: an empty or whitespace-only prompt, an empty list of prompts (or
+  ``[]``/``""`` inside one), a token tensor with no positions (``[1, 0]``, ``[0]``) or no rows
+  (``[0, 5]``), empty answers (``[]``, ``()``, an empty pair) and an empty answer ``""`` are
+  refused (:class:`~patchwidgets.errors.EmptyPromptError` blaming ``clean`` or ``corrupted``,
+  :class:`~patchwidgets.errors.AnswerTokenError` blaming ``answers``) before anything is
+  tokenised or reshaped; in a dataset the message names the entry (``clean[1]``, ``answers[1]``);
 * **nothing invalid is ignored**: ``noise_positions=`` without a noise ablation and ``index=``
   on a named site are errors, not silent no-ops. A restriction the site has no axis for
   (``neurons=`` on ``resid_pre``) is allowed, so one set of restrictions can serve several

@@ -77,6 +77,7 @@ from typing import Any
 import anywidget
 import traitlets as t
 
+from .inputs import dataset_rows
 from .metrics import ALIASES, BUILTIN_METRICS, METRICS
 from .widget_colour import ANCHORS
 from .widget_jobs import SWEEP_FIELDS, JobRunner, Sweeper, parse_receivers
@@ -182,9 +183,7 @@ class PatchingWidget(anywidget.AnyWidget):
         # An answer follows the model's prediction until the user types one (typing it empty
         # makes it follow again); the prompt edited last is where a length mismatch is shown.
         if dataset:  # the fields show (and the preview checks) the first pair
-            dataset = [[str(x) for x in row] for row in dataset]
-            if any(len(row) != 4 for row in dataset):
-                raise ValueError("dataset rows are (clean, corrupted, correct, incorrect)")
+            dataset = dataset_rows(dataset)
             kwargs.update(dataset=dataset, **dict(zip(INPUT_FIELDS, dataset[0])))
         self._follow = {name: not kwargs.get(name) for name in ("correct", "incorrect")}
         self._edited_prompt = "corrupted"
@@ -278,9 +277,10 @@ class PatchingWidget(anywidget.AnyWidget):
         return self.explanation
 
     def close(self) -> None:
-        self._cancel_timer()
-        self.sweeps.stop()
-        self._jobs.close()
+        if hasattr(self, "sweeps"):  # (not when the constructor refused its arguments: nothing started)
+            self._cancel_timer()
+            self.sweeps.stop()
+            self._jobs.close()
         super().close()
 
     # ------------------------------------------------------------------ validation
@@ -295,6 +295,16 @@ class PatchingWidget(anywidget.AnyWidget):
             raise t.TraitError(f"unknown metric {proposal['value']!r}.{hint} "
                                f"The widget offers: {', '.join(BUILTIN_METRICS)}.")
         return name
+
+    @t.validate("dataset")
+    def _valid_dataset(self, proposal):
+        """Rows set from code are checked at once (an empty prompt or answer raises
+        :class:`~patchwidgets.errors.PatchingInputError` naming the row). Rows edited on the page
+        are taken as typed (raising would leave the page and Python out of step); a Run then
+        reports a bad one next to its field."""
+        if "dataset" in getattr(self, "_property_lock", {}):  # (set by ipywidgets while applying a page edit)
+            return proposal["value"]
+        return dataset_rows(proposal["value"])
 
     # ------------------------------------------------------------------ thread-safe syncing
     # ipywidgets batches trait updates (hold_sync) in a per-widget queue that is not

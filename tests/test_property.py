@@ -104,6 +104,13 @@ def faults(tool, call):
                                  + [{"noise_positions": v} for v in ([99], [-1], [], [1.5])]).map(
             lambda c: (c, "noise")),
     }
+    # Empty inputs (issue 18): each prompt field emptied in every way its kind allows, empty answers.
+    prompt_fields = ["clean"] + ([] if call.get("ablation") else ["corrupted"])
+    out["empty prompt"] = st.sampled_from([({name: e}, name) for name in prompt_fields for e in _empties(call[name])])
+    empty_answers = ["", ("", " Mary"), (" John", ""), [], (), torch.zeros(0, dtype=torch.long)]
+    if isinstance(call["answers"], list):  # a dataset: its second pair emptied
+        empty_answers += [[call["answers"][0], ()], [call["answers"][0], (call["answers"][1][0], "")]]
+    out["empty answers"] = st.sampled_from(empty_answers).map(lambda v: ({"answers": v}, "answers"))
     if tool != "path":
         out["site"] = st.just(({"site": "not_a_site"}, "site"))
     if "index" in call:
@@ -128,6 +135,17 @@ def faults(tool, call):
             ({"clean": clean[None]}, "clean"),
         ] + ([({"corrupted": call["corrupted"].masked_fill(torch.arange(6) == 2, -1)}, "corrupted")]
              if call.get("corrupted") is not None else []))
+    return out
+
+
+def _empties(value):
+    """Empty stand-ins for the prompts ``value``: tokens with no positions or no rows, empty or
+    blank texts and lists, and (in a dataset) an empty second prompt."""
+    if isinstance(value, torch.Tensor):
+        return [value[:, :0], value[:0], value[0, :0]]
+    out = ["", " \t\n", [], ()]
+    if isinstance(value, list):
+        out += [[value[0], ""], [value[0], []]]
     return out
 
 
