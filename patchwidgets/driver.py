@@ -89,8 +89,11 @@ class Backend(Protocol):
 
 
 def pair_groups(n_pairs: int, bytes_per_pair: int, max_cache_bytes: int) -> list[slice]:
-    """Consecutive groups of pairs whose cached activations fit ``max_cache_bytes`` (at least
-    one pair per group, the groups as equal as the budget allows)."""
+    """Consecutive groups of pairs whose cached activations fit ``max_cache_bytes``: at least
+    one pair per group, as few groups as fit, all of one size but the last. ``bytes_per_pair``
+    0 (a model that does not say what it caches) gives one group."""
+    if bytes_per_pair <= 0:
+        return [slice(0, n_pairs)]
     per_group = max(1, min(n_pairs, max_cache_bytes // max(1, bytes_per_pair)))
     n_groups = -(-n_pairs // per_group)
     size = -(-n_pairs // n_groups)
@@ -151,25 +154,26 @@ def _grouped(backend: Backend, request: Request, groups: list[slice], measure: M
     values = {k: v.view(n_total, -1) for k, v in result.values.items()}   # [cells, pairs] views
     noops = result.done.view(-1).clone()
     passes, report = 0, {}
-    for g, rows in enumerate(groups):
-        group_request = request.rows(rows)
-        runs = backend.group(group_request, watch, means)
-        jobs = runs.jobs(todo)
-        watch.expect(runs.work(jobs))
-        passes += len(jobs) * backend.passes_per_job
-        report = runs.report()
-        part = backend.new_result(group_request, measure.rows(rows), backend.first_positions(request))
+    try:
+        for g, rows in enumerate(groups):
+            group_request = request.rows(rows)
+            runs = backend.group(group_request, watch, means)
+            jobs = runs.jobs(todo)
+            watch.expect(runs.work(jobs))
+            passes += len(jobs) * backend.passes_per_job
+            report = runs.report()
+            part = backend.new_result(group_request, measure.rows(rows), backend.first_positions(request))
 
-        def report_group(update: PatchUpdate, g=g, part=part, rows=rows) -> Any:
+            def report_group(update: PatchUpdate, g=g, part=part, rows=rows) -> Any:
+                _copy(part, values, rows)
+                done = g * n_total + update.done
+                return watch.reporting(control.callback)(PatchUpdate(result, done // len(groups), n_total))
+            run_streaming(part, jobs, measure.rows(rows), progress=False, callback=report_group,
+                          cancel=control.cancel)
             _copy(part, values, rows)
-            done = g * n_total + update.done
-            return watch.reporting(control.callback)(PatchUpdate(result, done // len(groups), n_total))
-        try:
-            run_streaming(part, jobs, measure.rows(rows), progress=False, callback=report_group, cancel=control.cancel)
-        except PatchingCancelled:
-            result.done = noops   # (only the no-ops hold every pair's value)
-            raise PatchingCancelled(result) from None
-        _copy(part, values, rows)
+    except PatchingCancelled:
+        result.done = noops   # (only the no-ops hold every pair's value: the rest is incomplete)
+        raise PatchingCancelled(result) from None
     result.stats = sweep_stats(result, passes, groups=len(groups), **report)
     result.done = None
     return result

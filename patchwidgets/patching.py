@@ -130,12 +130,11 @@ def patch(
     """
     from . import nnsight_backend  # (imports nnsight only for an nnsight model)
 
-    control = SweepControl(max_batch_tokens, max_cache_bytes, progress, callback, cancel)
+    control = SweepControl(max_batch_tokens, check_cache_budget(max_cache_bytes), progress, callback, cancel)
     if remote or nnsight_backend.is_nnsight_model(model):
         return nnsight_backend.patch(model, **sweep_arguments(locals()))
     request = prepare_request(model, clean, corrupted, answers, direction, metrics, ablation=ablation,
                               noise=noise, noise_positions=noise_positions, noise_seed=noise_seed)
-    check_cache_budget(max_cache_bytes)
     cells = sweep_cells(model, request.inputs, site, layers=layers, positions=positions, heads=heads,
                         neurons=neurons, index=index)
     columns, request = request.answer_columns()

@@ -212,7 +212,6 @@ def path_patch(
     if "blocks.0.attn.hook_z" not in (getattr(model, "hook_dict", None) or {}):
         raise PatchingInputError("path patching needs a model with per-head hooks (blocks.L.attn.hook_z)", "site")
 
-    check_cache_budget(max_cache_bytes)
 
     # --- Every head's output (and every MLP's, to freeze them), recorded by the unpatched runs.
     names = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
@@ -220,8 +219,8 @@ def path_patch(
         names += [f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]
     backend = PathBackend(model, names, groups, indices, shape, axes, recv, comps, freeze_mlps, max_batch_tokens)
     full_pass = batch * inputs.seq_len * n_layers
-    result = run_sweep(backend, request, SweepControl(max_batch_tokens, max_cache_bytes, progress, callback, cancel),
-                       worst_case_work=full_pass * len(groups) * backend.passes_per_job)
+    control = SweepControl(max_batch_tokens, check_cache_budget(max_cache_bytes), progress, callback, cancel)
+    result = run_sweep(backend, request, control, worst_case_work=full_pass * len(groups) * backend.passes_per_job)
     assert isinstance(result, PathPatchResult)
     return result
 
