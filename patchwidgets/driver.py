@@ -41,7 +41,7 @@ from .sweep import Measure, Request, sweep_stats
 from .watch import SweepWatch, show_by_default
 
 #: Default memory budget for one group's cached activations (see ``max_cache_bytes``).
-DEFAULT_CACHE_BYTES = 512 * 2**20
+DEFAULT_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass

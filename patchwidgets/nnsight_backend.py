@@ -587,8 +587,11 @@ class NNsightBackend:
     sweep: _Sweep
     max_batch_tokens: int
     remote: bool
-    model: Any = None
     passes_per_job: int = 1
+
+    @property
+    def model(self) -> Any:
+        return self.sweep.info.model   # (the watch finds no blocks on it: it checks between traces)
 
     def first_positions(self, request: Any) -> list[int | None]:
         return [p.first_pos for p in self.sweep.cells.patches(request.changed)]

@@ -103,7 +103,7 @@ def patch(
         max_cache_bytes: memory budget (bytes) for the activations a sweep keeps between its
             passes, per group of prompt pairs: a dataset too big for it is swept in groups
             that fit, with results identical to one group (:mod:`patchwidgets.driver`).
-            Default 512 MiB.
+            Default 256 MiB.
         progress: show a tqdm bar over the whole sweep, unpatched runs included (default:
             for sweeps that could take more than a few seconds).
         callback: called with a :class:`PatchUpdate` after every chunk; return ``False`` to
@@ -132,7 +132,7 @@ def patch(
 
     control = SweepControl(max_batch_tokens, check_cache_budget(max_cache_bytes), progress, callback, cancel)
     if remote or nnsight_backend.is_nnsight_model(model):
-        return nnsight_backend.patch(model, **sweep_arguments(locals()))
+        return nnsight_backend.patch(model, sweep_arguments(locals()), control)
     request = prepare_request(model, clean, corrupted, answers, direction, metrics, ablation=ablation,
                               noise=noise, noise_positions=noise_positions, noise_seed=noise_seed)
     cells = sweep_cells(model, request.inputs, site, layers=layers, positions=positions, heads=heads,
@@ -147,7 +147,7 @@ def patch(
 def sweep_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
     """The arguments of :func:`patch` found in ``arguments`` (a call's ``locals()``): how an entry
     point hands its whole call on to a backend without listing every argument again."""
-    return {name: arguments[name] for name in _PATCH_PARAMETERS if name in arguments}
+    return {name: arguments[name] for name in _PATCH_PARAMETERS if name in arguments and name != "model"}
 
 
 _PATCH_PARAMETERS = tuple(inspect.signature(patch).parameters)
