@@ -25,27 +25,27 @@ single result:
 
 How the prefix keys and values get into attention
 -------------------------------------------------
-Every attention implementation the bridge runs, Hugging Face's own or TransformerLens'
-re-implementation, hands the keys and values of the positions it computes to a KV cache,
-``cache.update(k, v, layer_idx)``, and attends over whatever comes back. The engine passes
-each block a :class:`_KVTap`, a one-layer stand-in for that cache, in place of the cache
-argument it recorded (recognised by its type, so it does not matter whether the block calls
-it ``cache``, ``past_key_values`` or ``layer_past``). The tap records keys and values on the
-first (all positions) pass and prepends the prefix ones on later passes. Where the block's
-attention never reads the argument (TransformerLens 4.3 re-implements attention and reads
-only ``past_key_values``/``layer_past``, while transformers 5 blocks pass ``cache=``), the
-tap is handed to that attention module directly by a forward pre-hook.
+Attention still needs the keys and values of the skipped positions. The engine hands every
+block a stand-in for its Hugging Face KV cache that prepends the target run's keys and values
+(:class:`~patchwidgets.kv_tap.KVTap`; :mod:`patchwidgets.kv_tap` explains how it reaches
+attention in every implementation the bridge runs).
+
+Planning: which patches share a pass
+------------------------------------
+How patches are grouped into chunks within the token budget, and what a chunk costs, are
+pure functions of a few numbers (:mod:`patchwidgets.planning`); :meth:`Engine.plan` and
+:meth:`Engine.work` call them with this target run's numbers.
 
 Trust, but verify
 -----------------
 Before a sweep, :meth:`Engine.run_target` checks each shortcut against the plain forward pass
-of the same model (and, for the prefix, that every layer's attention read its tap exactly
-once). A shortcut that does not reproduce the plain logits is turned off and the engine falls
-back to plain batched ``run_with_hooks`` (still batched, still skipping no-ops), or to running
-every position. :meth:`Engine.shortcut_report` says which shortcut is off and why, and a
-:class:`ShortcutWarning` is emitted once per engine when a TransformerBridge falls back.
-Hand-built ``HookedRootModule`` models (no ``blocks`` to resume at) use the plain path by
-design, without a warning.
+of the same model (:mod:`patchwidgets.selfcheck`: two passes, whose result the engine
+applies in one place, :meth:`Engine._apply`). A shortcut that does not reproduce the plain
+logits is turned off and the engine falls back to plain batched ``run_with_hooks`` (still
+batched, still skipping no-ops), or to running every position. :meth:`Engine.shortcut_report`
+says which shortcut is off and why, and a :class:`ShortcutWarning` is emitted once per engine
+when a TransformerBridge falls back. Hand-built ``HookedRootModule`` models (no ``blocks`` to
+resume at) use the plain path by design, without a warning.
 
 One caller at a time, one pass at a time
 ---------------------------------------
@@ -64,15 +64,13 @@ engine calls the bridge's own block modules with the arguments the model's own f
 gave them, so accelerate moves activations from block to block exactly as in that pass, and
 the keys/values a block recorded stay on that block's device. Three details:
 
-* target tokens go where the embedding runs (:func:`input_device`; a disk-offloaded
-  embedding's weights sit on the ``meta`` device between calls, so the first parameter's
-  device says nothing);
+* target tokens go where the embedding runs (:func:`patchwidgets.devices.input_device`);
 * answer logits of every pass are moved to the device of the target run's logits, so metrics
   always see one device;
-* weights read directly (the unembedding columns of the column shortcut, the embedding's
-  standard deviation for noise) are read inside :func:`materialized`, which loads offloaded
-  weights the way accelerate does for a forward call; if that still gives ``meta`` tensors
-  the column shortcut is skipped (the full unembedding module runs instead).
+* the unembedding columns of the column shortcut are read inside
+  :func:`patchwidgets.devices.materialized`, which loads offloaded weights the way accelerate
+  does for a forward call; if that still gives ``meta`` tensors the column shortcut is
+  skipped (the full unembedding module runs instead).
 """
 
 from __future__ import annotations
@@ -82,25 +80,25 @@ import functools
 import re
 import warnings
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from .devices import input_device, materialized
+from .kv_tap import KVTap, hand_tap_to_attention, hand_tap_to_block, is_cache_argument
+from .planning import Chunk, Patch, pass_overhead_tokens, plan, target_work, work
+from .selfcheck import PassSetup, ShortcutCheck, check_shortcuts
 from .sharing import exclusive
-from .sites import Site
+
+__all__ = ["Engine", "Patch", "Chunk", "ShortcutWarning"]
 
 Hook = tuple[str, Callable]
 
-# Names under which Hugging Face blocks have taken a layer's KV cache. A recorded argument is
-# recognised as the cache by its type first (a ``transformers`` ``Cache``); the names only
-# catch a cache argument that happened to be ``None`` in the target run.
-_CACHE_NAMES = frozenset({"cache", "past_key_values", "past_key_value", "layer_past"})
 
-
-# model -> the layers whose attention module must be handed its tap (see `_record_prefix`).
+# model -> the layers whose attention module must be handed its tap (:mod:`patchwidgets.kv_tap`).
 # A fact about the architecture, learnt by one extra pass over every block on a model's first
-# sweep and remembered so later sweeps (the widget, a course notebook) skip that pass.
+# sweep (:mod:`patchwidgets.selfcheck`) and remembered so later sweeps (the widget, a course
+# notebook) skip that pass.
 _TAP_ATTENTION: "weakref.WeakKeyDictionary[Any, frozenset[int]]" = weakref.WeakKeyDictionary()
 
 
@@ -122,10 +120,6 @@ class _StopPass(Exception):
     """Ends a forward pass once the residual stream entering block 0 is in hand."""
 
 
-class _Redo(Exception):
-    """The target run that recorded through taps cannot be trusted: run it again, plainly."""
-
-
 def _one_caller(method: Callable) -> Callable:
     """Run an :class:`Engine` method that makes forward passes as the model's only user
     (:func:`patchwidgets.sharing.exclusive`): its hooks are attached and removed while no other
@@ -139,175 +133,6 @@ def _one_caller(method: Callable) -> Callable:
 
 class ShortcutWarning(UserWarning):
     """A TransformerBridge model could not use one of the engine's shortcuts (results stay exact)."""
-
-
-@dataclass
-class Patch:
-    """One patch of a sweep: ``site`` at ``index``, first changing position ``first_pos``."""
-
-    site: Site
-    index: tuple
-    slot: int                  # where its values go in the result (row-major grid order)
-    first_pos: int | None      # None: a no-op, never run
-
-    @property
-    def hook_name(self) -> str:
-        return self.site.hook_template if self.site.kind == "raw" else self.site.hook_name(self.index[0])
-
-    @property
-    def layer(self) -> int | None:
-        """The block whose input or inside the patch changes (``None``: not inside a block)."""
-        return _layer_of_hook(self.hook_name)
-
-
-@dataclass
-class Chunk:
-    """Patches run together in one forward pass, each on its own copy of the target batch.
-
-    On the fast path the pass starts at ``layer``, the lowest patched layer, and a patch's
-    copy of the batch *joins* the pass at its own layer: blocks below it cannot see the patch,
-    so its rows would only repeat the target run there. A sweep over every layer then runs
-    each block once per chunk instead of once per layer below it. ``layer`` is ``None`` for a
-    plain pass from the embeddings (every copy present from the start). ``offset`` is the
-    first position the pass computes.
-    """
-
-    layer: int | None
-    offset: int
-    patches: list[Patch] = field(default_factory=list)
-
-    def joins(self) -> dict[int, int]:
-        """How many copies of the batch join the pass at each layer, in row order."""
-        counts: dict[int, int] = {}
-        for p in self.patches:
-            counts[p.layer] = counts.get(p.layer, 0) + 1
-        return counts
-
-
-class _KVTap:
-    """Stands in for one layer's Hugging Face KV cache during a pass the engine runs itself.
-
-    With ``prefix`` (the target run's keys and values of positions ``0..offset-1``, each
-    ``[rows, kv_heads, offset, d_head]``) it prepends them to the keys and values of the
-    positions being computed; with ``record`` it keeps what it returns. It serves a single
-    layer, so it ignores the layer index it is given (whatever that counts from). ``calls``
-    counts the updates: the engine checks that each layer's attention read its tap once.
-    """
-
-    def __init__(self, prefix: tuple[torch.Tensor, torch.Tensor] | None = None, record: bool = False):
-        self.prefix, self.record = prefix, record
-        self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.calls = 0
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, *args, **kwargs):
-        self.calls += 1
-        if self.prefix is not None:
-            key = torch.cat([self.prefix[0], key], dim=-2)  # [rows, kv_heads, pos, d_head]
-            value = torch.cat([self.prefix[1], value], dim=-2)
-        if self.record:
-            self.recorded = (key.detach(), value.detach())
-        return key, value
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self.prefix is None else self.prefix[0].shape[-2]
-
-
-def _accelerate_hooks(module: Any) -> list:
-    """The accelerate hooks attached to ``module`` itself, ``SequentialHook`` chains unrolled
-    (accelerate's own ``align_module_device`` does not look into those)."""
-    found, pending = [], [getattr(module, "_hf_hook", None)]
-    while pending:
-        hook = pending.pop()
-        if isinstance(getattr(hook, "hooks", None), (list, tuple)):  # a SequentialHook
-            pending.extend(hook.hooks)
-        elif hook is not None:
-            found.append(hook)
-    return found
-
-
-def _offload_hook(module: Any) -> Any:
-    """The accelerate hook that keeps ``module``'s own weights offloaded (CPU or disk), if any."""
-    return next((h for h in _accelerate_hooks(module)
-                 if getattr(h, "offload", False) and callable(getattr(h, "pre_forward", None))), None)
-
-
-@contextlib.contextmanager
-def materialized(module: Any):
-    """Inside this context, every offloaded weight under ``module`` holds real values.
-
-    Accelerate keeps offloaded weights (``device_map`` entries ``"cpu"`` or ``"disk"`` next to
-    other targets) on the ``meta`` device and loads them only around each module's forward
-    call. Code that reads a weight directly (``model.W_U``, ``model.W_E``) gets a ``meta``
-    tensor outside that window; inside this context it gets the values, on the module's
-    execution device, as the forward call would. Values read here stay valid after the
-    context if copied (the module's parameter goes back to ``meta``). A no-op for modules
-    without offloaded weights.
-    """
-    entered: list[tuple[Any, Any]] = []
-    try:
-        if isinstance(module, torch.nn.Module):
-            for sub in module.modules():
-                hook = _offload_hook(sub)
-                if hook is not None:
-                    hook.pre_forward(sub)
-                    entered.append((hook, sub))
-        yield module
-    finally:
-        for hook, sub in reversed(entered):
-            hook.post_forward(sub, None)
-
-
-def input_device(model: Any) -> torch.device:
-    """The device a model's input tokens go to: where its token embedding runs.
-
-    For a model dispatched by accelerate (``hf_device_map``) that is the embedding's execution
-    device, which is not the device of its weight when the weight is offloaded (``meta``);
-    otherwise the device of the first parameter that is not on ``meta``, or the CPU."""
-    hf = getattr(model, "original_model", None)
-    if getattr(hf, "hf_device_map", None):
-        try:
-            embed = hf.get_input_embeddings()
-        except (AttributeError, NotImplementedError):
-            embed = None
-        if isinstance(embed, torch.nn.Module):
-            for hook in _accelerate_hooks(embed):
-                if getattr(hook, "execution_device", None) is not None:
-                    return torch.device(hook.execution_device)
-            for p in embed.parameters():
-                if p.device.type != "meta":
-                    return p.device
-    params = model.parameters() if hasattr(model, "parameters") else ()
-    for p in params:
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
-
-
-def _is_cache(value: Any) -> bool:
-    try:
-        from transformers.cache_utils import Cache
-    except ImportError:  # no transformers, so no Hugging Face cache
-        return False
-    return isinstance(value, (Cache, _KVTap))
-
-
-def _hand_tap_to_attention(tap: _KVTap):
-    """Forward pre-hook giving an attention module its tap under the name it reads."""
-    def pre_hook(module, args, kwargs):
-        # TransformerLens' attention re-implementations read the cache as `past_key_values`
-        # (then `layer_past`), whatever name the Hugging Face block passed it on under.
-        return args, {**kwargs, "past_key_values": tap}
-    return pre_hook
-
-
-def _layer_of_hook(hook_name: str) -> int | None:
-    m = re.match(r"blocks\.(\d+)\.", hook_name)
-    return int(m.group(1)) if m else None
-
-
-def _error(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
 class Engine:
@@ -342,7 +167,6 @@ class Engine:
         if hasattr(model, "parameters"):
             target_tokens = target_tokens.to(input_device(model))
         self.columns = columns
-        self.column_unembed: tuple[torch.Tensor, torch.Tensor] | None = None
         self.target_tokens = target_tokens
         self.answer_pos = answer_pos
         self.target_hooks = list(target_hooks)
@@ -352,12 +176,12 @@ class Engine:
         self.block_args: dict[int, tuple] = {}
         self.block_kwargs: dict[int, dict] = {}
         self.resid_pre: dict[int, torch.Tensor] = {}  # layer -> [batch, pos, d_model]
-        # The target run's keys and values: layer -> [batch, kv_heads, pos, d_head].
-        self.kv: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None = None
+        # What the engine's own passes read besides those recordings (the target run's keys
+        # and values, ...), as the self-check settled it.
+        self.setup = PassSetup()
         self.can_resume = False
         self.can_skip_prefix = False
         self.fallback_reason: str | None = "the target run has not been run yet"
-        self._tap_attention: set[int] = set()  # layers whose attention module gets its tap directly
         # Where the target run's logits came out: every pass's answer logits are moved there
         # (a split model unembeds on its last device, while its forward pass may return the
         # logits to the embedding's device).
@@ -376,14 +200,29 @@ class Engine:
         return {"resumed": int(self.can_resume), "prefix_skipped": int(self.can_skip_prefix),
                 "fallback_reason": self.fallback_reason}
 
-    def _off(self, reason: str, warn: bool = True) -> None:
-        """Record why a shortcut is off; warn once per engine where a bridge falls back."""
-        self.fallback_reason = reason
-        if warn and not self._warned:
+    @property
+    def column_unembed(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(W_U[:, columns], b_U[columns])`` when passes unembed only the metrics' columns."""
+        return self.setup.column_unembed
+
+    def _apply(self, check: ShortcutCheck) -> None:
+        """Turn the shortcuts on or off as ``check`` found (the one place that does), remember
+        what it learnt about the model, and warn once per engine where a bridge falls back."""
+        self.can_resume, self.can_skip_prefix = check.resume, check.skip_prefix
+        self.fallback_reason, self.setup = check.reason, check.setup
+        if check.learnt_tap_attention is not None:
+            with contextlib.suppress(TypeError):  # (a model that cannot be weakly referenced)
+                if check.learnt_tap_attention:
+                    _TAP_ATTENTION[self.model] = check.learnt_tap_attention
+                else:  # what this model needed before fails now
+                    _TAP_ATTENTION.pop(self.model, None)
+        if check.taps_verified:
+            _TAPS_VERIFIED.add(self.model)
+        if check.reason is not None and check.warn and not self._warned:
             self._warned = True
             what = "resuming at the patched layer" if not self.can_resume else "reusing the unchanged prefix"
             name = type(getattr(self.model, "adapter", self.model)).__name__
-            warnings.warn(f"patchwidgets: {what} is off for this model ({name}): {reason}. "
+            warnings.warn(f"patchwidgets: {what} is off for this model ({name}): {check.reason}. "
                           "Results stay exact; the sweep only runs slower.", ShortcutWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ target run
@@ -397,19 +236,18 @@ class Engine:
         blocks = getattr(self.model, "blocks", None)
         is_bridge = blocks is not None and len(blocks) > 0 and hasattr(blocks[0], "original_component")
         record = record and is_bridge
-        self.block_args, self.block_kwargs, self.kv, self._tap_attention = {}, {}, None, set()
+        self.block_args, self.block_kwargs, self.setup = {}, {}, PassSetup()
         self.can_resume = self.can_skip_prefix = False
-        self.column_unembed = None
         handles = []
-        taps: dict[int, _KVTap] | None = None
+        taps: dict[int, KVTap] | None = None
         if record:
             names |= {f"blocks.{l}.hook_resid_pre" for l in range(len(blocks))}
             for layer, block in enumerate(blocks):
                 handles.append(block.register_forward_pre_hook(self._recorder(layer), with_kwargs=True))
             if self.model in _TAPS_VERIFIED and int(self.answer_pos.min()) > 0:
-                taps = {l: _KVTap(record=True) for l in range(len(blocks))}
-                self._tap_attention = set(_TAP_ATTENTION.get(self.model, ()))
-                handles += self._give_taps(taps)  # (after the recorder: it records the call as made)
+                taps = {l: KVTap(record=True) for l in range(len(blocks))}
+                # (after the recorder: it records the call as made)
+                handles += self._give_taps(taps, frozenset(_TAP_ATTENTION.get(self.model, ())))
         acts: dict[str, torch.Tensor] = {}
 
         def saver(name: str):
@@ -431,17 +269,17 @@ class Engine:
         self.logits_device = final.device
         if record:
             self.resid_pre = {l: acts[f"blocks.{l}.hook_resid_pre"] for l in range(len(blocks))}
-            try:
-                with torch.no_grad():
-                    self._self_check(final, taps)
-            except _Redo:
+            with torch.no_grad():
+                check = self._self_check(final, taps)
+            if check.redo:  # the logits came through the taps, and the taps are in doubt
                 _TAPS_VERIFIED.discard(self.model)
                 return self.run_target(names, record)
         elif is_bridge:
-            self.fallback_reason = "the target run was not recorded (record=False)"
+            check = ShortcutCheck(False, False, "the target run was not recorded (record=False)", warn=False)
         else:
-            self.fallback_reason = ("not a TransformerBridge (no blocks to resume at): "
-                                    "plain run_with_hooks by design")
+            check = ShortcutCheck(False, False, "not a TransformerBridge (no blocks to resume at): "
+                                                "plain run_with_hooks by design", warn=False)
+        self._apply(check)
         return final, acts
 
     @_one_caller
@@ -516,22 +354,15 @@ class Engine:
         n_layers = len(self.model.blocks)
         return self.batch * self.seq_len + self.batch * (self.seq_len - self._source_offset(changed)) * n_layers
 
-    def _give_taps(self, taps: dict[int, _KVTap]) -> list:
-        """Forward pre-hooks handing each block (or its attention) its recording tap in place
-        of the model's own cache, as the engine's passes do; returns the hook handles."""
-        def give(tap: _KVTap):
-            def pre_hook(module, args, kwargs):
-                args = tuple(tap if _is_cache(a) else a for a in args)
-                kwargs = {n: tap if _is_cache(v) or (v is None and n in _CACHE_NAMES)
-                          else (False if n == "use_cache" else v) for n, v in kwargs.items()}
-                return args, kwargs
-            return pre_hook
-
+    def _give_taps(self, taps: dict[int, KVTap], tap_attention: frozenset[int]) -> list:
+        """Forward pre-hooks handing each block (or, for the layers in ``tap_attention``, its
+        attention) its recording tap in place of the model's own cache, as the engine's passes
+        do; returns the hook handles."""
         handles = []
         for layer, block in enumerate(self.model.blocks):
-            handles.append(block.register_forward_pre_hook(give(taps[layer]), with_kwargs=True))
-            if layer in self._tap_attention:
-                handles.append(block.attn.register_forward_pre_hook(_hand_tap_to_attention(taps[layer]),
+            handles.append(block.register_forward_pre_hook(hand_tap_to_block(taps[layer]), with_kwargs=True))
+            if layer in tap_attention:
+                handles.append(block.attn.register_forward_pre_hook(hand_tap_to_attention(taps[layer]),
                                                                     with_kwargs=True))
         return handles
 
@@ -563,133 +394,18 @@ class Engine:
             self.block_args[layer], self.block_kwargs[layer] = tuple(args), dict(kwargs)
         return record
 
-    def _self_check(self, target_final: torch.Tensor, recorded: dict[int, _KVTap] | None = None) -> None:
-        """Turn on the shortcuts that reproduce the plain forward pass; say why any is off.
+    def _self_check(self, target_final: torch.Tensor, recorded: dict[int, KVTap] | None = None) -> ShortcutCheck:
+        """Which shortcuts reproduce the plain forward pass (:func:`patchwidgets.selfcheck.check_shortcuts`),
+        checked against ``target_final``, the target run's answer logits; ``recorded``: the taps
+        the target run recorded its keys and values through, if it did."""
+        def trial(joins: dict[int, int], offset: int, setup: PassSetup,
+                  taps: dict[int, KVTap] | None = None) -> torch.Tensor:
+            return self._run_blocks(joins, offset, [], taps, setup)
 
-        Two passes in the usual case: (A) every block from the recorded inputs, all
-        positions, recording each layer's keys and values; (B) one staggered pass over the
-        answer positions only, with copies of the batch joining at the first, the middle and
-        the last block, which exercises resuming, tiling per-row arguments, the reused
-        prefix and the column unembedding at once. Only when (B) fails do further passes
-        find out which shortcut to turn off.
-        """
-        n_layers = len(self.model.blocks)
-        if not all(hasattr(self.model, name) for name in ("ln_final", "unembed")):
-            return self._off("the bridge has no ln_final and unembed to finish a resumed pass with")
-        missing = [l for l in range(n_layers) if l not in self.block_kwargs]
-        if missing:
-            return self._off(f"blocks {missing} were not called in the target run")
-        eps = torch.finfo(target_final.dtype).eps if target_final.is_floating_point() else 0.0
-        tol = max(1e-5, 30 * eps) * (1.0 + float(target_final.abs().max()))
-
-        def gap(logits: torch.Tensor) -> float:
-            return float((logits - target_final.repeat(logits.shape[0] // self.batch, 1)).abs().max())
-
-        if recorded is not None:
-            # The target run recorded the keys and values itself (a model that passed (A)
-            # before): check that it did so completely, then only (B) is left.
-            if any(t.calls != 1 or t.recorded is None or t.recorded[0].shape[-2] != self.seq_len
-                   for t in recorded.values()):
-                raise _Redo
-            if self._record_prefix(recorded, tol, gap) is not None:
-                raise _Redo
-            self._check_b(gap, tol)
-            if not self.can_skip_prefix:
-                raise _Redo  # (the target logits came through the taps: not a reference)
-            return
-
-        # (A) Every block, every position; the taps record keys and values.
-        self._tap_attention = set(_TAP_ATTENTION.get(self.model, ()))
-        taps = {l: _KVTap(record=True) for l in range(n_layers)}
-        try:
-            diff = gap(self._run_blocks({0: 1}, 0, [], taps))
-            if diff > tol and self._tap_attention:  # what this model needed before fails now
-                _TAP_ATTENTION.pop(self.model, None)
-                self._tap_attention = set()
-                taps = {l: _KVTap(record=True) for l in range(n_layers)}
-                diff = gap(self._run_blocks({0: 1}, 0, [], taps))
-        except Exception as e:  # an architecture whose blocks cannot be called like this
-            return self._off(f"calling the blocks directly raised {_error(e)}")
-        if diff > tol:
-            return self._off(f"the resumed pass differs from the plain forward pass by {diff:.1e}")
-
-        prefix_problem = self._record_prefix(taps, tol, gap)
-        if prefix_problem is None:
-            prefix_problem = self._check_b(gap, tol)
-            if prefix_problem is None:
-                _TAPS_VERIFIED.add(self.model)
-                return
-
-        # Prefix off: is resuming (with the batch tiled) still exact?
-        try:
-            diff = gap(self._resumed(n_layers // 2, 0, 2, []))
-        except Exception as e:
-            return self._off(f"calling the blocks directly raised {_error(e)}")
-        if diff > tol:
-            return self._off(f"the resumed pass differs from the plain forward pass by {diff:.1e}")
-        self.can_resume = True
-        self._enable_column_unembed()
-        if self.column_unembed is not None and gap(self._resumed(n_layers - 1, 0, 1, [])) > tol:
-            self.column_unembed = None
-        self._off(prefix_problem, warn=not prefix_problem.startswith("no unchanged prefix"))
-
-    def _check_b(self, gap: Callable[[torch.Tensor], float], tol: float) -> str | None:
-        """(B) Resume + tiling + prefix (+ column unembedding) in one short pass; on success
-        turns both shortcuts on, else says why the prefix is off (and forgets the K/V)."""
-        n_layers = len(self.model.blocks)
-        joins = {0: 1, n_layers // 2: 1, n_layers - 1: 1}
-        offset = int(self.answer_pos.min())
-        self._enable_column_unembed()
-        try:
-            diff = gap(self._run_blocks(joins, offset, []))
-            if diff > tol and self.column_unembed is not None:
-                self.column_unembed = None  # perhaps only the column shortcut is off
-                diff = gap(self._run_blocks(joins, offset, []))
-        except Exception as e:
-            diff, problem = float("inf"), f"running positions {offset}.. only raised {_error(e)}"
-        else:
-            problem = f"reusing the cached keys/values differs from the plain forward pass by {diff:.1e}"
-        if diff <= tol:
-            self.can_resume = self.can_skip_prefix = True
-            self.fallback_reason = None
-            return None
-        self.kv, self.column_unembed = None, None
-        return problem
-
-    def _record_prefix(self, taps: dict[int, _KVTap], tol: float,
-                       gap: Callable[[torch.Tensor], float]) -> str | None:
-        """Keep the keys and values pass (A) recorded, if every layer's attention read its tap
-        exactly once over every position; else say why the prefix cannot be reused."""
-        n_layers = len(self.model.blocks)
-        if int(self.answer_pos.min()) == 0:
-            return "no unchanged prefix to reuse: an answer is read at position 0"
-        unread = [l for l in range(n_layers) if taps[l].calls == 0]
-        if unread:
-            no_attn = [l for l in unread
-                       if not isinstance(getattr(self.model.blocks[l], "attn", None), torch.nn.Module)]
-            if no_attn:
-                return f"block {no_attn[0]} never read the KV cache and has no `attn` to hand it to"
-            # The block did not pass its cache on: hand the tap to the attention module itself.
-            self._tap_attention = set(unread)
-            taps.update({l: _KVTap(record=True) for l in range(n_layers)})
-            try:
-                diff = gap(self._run_blocks({0: 1}, 0, [], taps))
-            except Exception as e:
-                diff, reason = float("inf"), f"handing attention its KV cache raised {_error(e)}"
-            else:
-                reason = f"handing attention its KV cache changes the logits by {diff:.1e}"
-            if diff > tol:
-                self._tap_attention = set()
-                return reason
-            with contextlib.suppress(TypeError):  # (a model that cannot be weakly referenced)
-                _TAP_ATTENTION[self.model] = frozenset(self._tap_attention)
-        for l in range(n_layers):
-            if taps[l].calls != 1:
-                return f"layer {l}'s attention read the KV cache {taps[l].calls} times, not once"
-            if taps[l].recorded[0].shape[-2] != self.seq_len:
-                return f"layer {l}'s cached keys cover {taps[l].recorded[0].shape[-2]} positions, not {self.seq_len}"
-        self.kv = ({l: t.recorded[0] for l, t in taps.items()}, {l: t.recorded[1] for l, t in taps.items()})
-        return None
+        return check_shortcuts(
+            self.model, target_final, trial, self._column_unembed, batch=self.batch, seq_len=self.seq_len,
+            answer_min=int(self.answer_pos.min()), called=set(self.block_kwargs),
+            known_tap_attention=frozenset(_TAP_ATTENTION.get(self.model, ())), recorded=recorded)
 
     # ------------------------------------------------------------------ forward passes
     def _answer_logits(self, logits: torch.Tensor, answer_only: bool = False) -> torch.Tensor:
@@ -708,40 +424,43 @@ class Engine:
         transform = getattr(getattr(self.model, "adapter", None), "apply_output_logits_transform", None)
         return transform(logits) if callable(transform) else logits
 
-    def _unembed(self, final: torch.Tensor) -> torch.Tensor:
-        """Answer-position residual ``[rows, 1, d_model]`` -> logits ``[rows, n_columns]``."""
+    def _unembed(self, final: torch.Tensor,
+                 column_unembed: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Answer-position residual ``[rows, 1, d_model]`` -> logits ``[rows, n_columns]``
+        (multiplying only ``column_unembed``'s columns where given)."""
         normed = self.model.ln_final(final)
-        if self.column_unembed is not None:
-            weight, bias = self.column_unembed
+        if column_unembed is not None:
+            weight, bias = column_unembed
             # (The transform is elementwise: fine on a subset of the columns.)
             return self._output_transform((normed.to(weight.device) @ weight + bias)[:, 0])
         logits = self._output_transform(self.model.unembed(normed)[:, 0])
         return logits if self.columns is None else logits[:, self.columns.to(logits.device)]
 
-    def _enable_column_unembed(self) -> None:
-        """Multiply only the needed unembedding columns (the self-check then verifies it)."""
-        self.column_unembed = None
+    def _column_unembed(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The unembedding columns the metrics read, ``(W_U[:, columns], b_U[columns])``, to
+        multiply instead of the whole unembedding (the self-check then verifies it); ``None``
+        where there is nothing to gain or they cannot be read."""
         if self.columns is None:
-            return
+            return None
         try:
             # Read inside `materialized`: an offloaded unembedding is on `meta` between calls.
             with materialized(getattr(self.model, "unembed", None)):
                 weight, bias = self.model.W_U, self.model.b_U
                 if weight.device.type == "meta" or bias.device.type == "meta":
-                    return
+                    return None
                 weight = weight[:, self.columns.to(weight.device)].detach().clone()
                 bias = bias[self.columns.to(bias.device)].detach().clone().to(weight.device)
-            self.column_unembed = (weight, bias)
+            return (weight, bias)
         except Exception:  # no W_U/b_U (a hand-built model) or another layout: unembed everything
-            self.column_unembed = None
+            return None
 
     def _block_inputs(self, layer: int, hidden: torch.Tensor, offset: int, k: int,
-                      tap: _KVTap) -> tuple[tuple, dict]:
+                      tap: KVTap) -> tuple[tuple, dict]:
         """Block ``layer``'s recorded arguments for a pass over positions ``offset..`` of ``k``
         copies of the batch: the hidden states replaced, the cache replaced by ``tap``, every
         other tensor cut to those positions and tiled."""
         def adapt(name: str | None, value: Any) -> Any:
-            if _is_cache(value) or (value is None and name in _CACHE_NAMES):
+            if is_cache_argument(name, value):
                 return tap
             if name == "use_cache":
                 return False  # nothing to hand back: the tap is the cache
@@ -784,7 +503,7 @@ class Engine:
         return t
 
     def _run_blocks(self, joins: dict[int, int], offset: int, hooks: Sequence[Hook],
-                    taps: dict[int, _KVTap] | None = None) -> torch.Tensor:
+                    taps: dict[int, KVTap] | None = None, setup: PassSetup | None = None) -> torch.Tensor:
         """Answer logits ``[k * batch, vocab]`` of a pass over blocks ``min(joins)..``,
         computing positions ``offset..`` only, where ``joins[l]`` copies of the target batch
         join the pass at block ``l`` (``k = sum(joins.values())``; rows in order of joining).
@@ -792,8 +511,11 @@ class Engine:
         Each copy enters from the target run's residual stream at its block. Layer ``l``'s
         cache is ``taps[l]`` when given (the self-check's recording taps), else a tap serving
         the target run's keys and values of positions ``0..offset-1`` to every row present.
+        ``setup``: what the pass reads besides the recordings (default: the engine's own; the
+        self-check tries others).
         """
         model = self.model
+        setup = self.setup if setup is None else setup
         hidden: torch.Tensor | None = None   # [rows, pos - offset, d_model]
         k = 0
         with model.hooks(fwd_hooks=list(hooks)):
@@ -802,10 +524,10 @@ class Engine:
                     entering = self.resid_pre[l][:, offset:].repeat(joins[l], 1, 1)
                     hidden = entering if hidden is None else torch.cat([hidden, entering.to(hidden.device)])
                     k += joins[l]
-                tap = taps[l] if taps is not None else self._prefix_tap(l, offset, k)
+                tap = taps[l] if taps is not None else self._prefix_tap(l, offset, k, setup.kv)
                 handle = None
-                if l in self._tap_attention:
-                    handle = model.blocks[l].attn.register_forward_pre_hook(_hand_tap_to_attention(tap),
+                if l in setup.tap_attention:
+                    handle = model.blocks[l].attn.register_forward_pre_hook(hand_tap_to_attention(tap),
                                                                               with_kwargs=True)
                 try:
                     args, kwargs = self._block_inputs(l, hidden, offset, k, tap)
@@ -816,17 +538,18 @@ class Engine:
                 hidden = out[0] if isinstance(out, tuple) else out
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             pos = self.answer_pos.to(hidden.device).repeat(k) - offset
-            logits = self._unembed(hidden[rows, pos][:, None, :])
+            logits = self._unembed(hidden[rows, pos][:, None, :], setup.column_unembed)
             return logits if self.logits_device is None else logits.to(self.logits_device)
 
-    def _prefix_tap(self, layer: int, offset: int, k: int) -> _KVTap:
+    def _prefix_tap(self, layer: int, offset: int, k: int,
+                    kv: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None) -> KVTap:
         """Layer ``layer``'s cache for ``k`` copies of the batch: the target run's keys and
-        values of positions ``0..offset-1`` (none when ``offset`` is 0)."""
+        values ``kv`` of positions ``0..offset-1`` (none when ``offset`` is 0)."""
         if not offset:
-            return _KVTap()
-        keys, values = self.kv
+            return KVTap()
+        keys, values = kv
         tile = lambda t: t[..., :offset, :].repeat(k, *([1] * (t.ndim - 1)))  # noqa: E731
-        return _KVTap(prefix=(tile(keys[layer]), tile(values[layer])))
+        return KVTap(prefix=(tile(keys[layer]), tile(values[layer])))
 
     def _resumed(self, layer: int, offset: int, k: int, hooks: Sequence[Hook]) -> torch.Tensor:
         """Answer logits ``[k * batch, vocab]`` of a pass that starts at block ``layer`` with
@@ -855,7 +578,8 @@ class Engine:
 
     # ------------------------------------------------------------------ patches
     def plan(self, patches: Sequence[Patch]) -> list[Chunk]:
-        """Group the patches that need running into chunks that each fit the token budget.
+        """Group the patches that need running into chunks that each fit the token budget
+        (:func:`patchwidgets.planning.plan`, with this target run's numbers and shortcuts).
 
         On the fast path a chunk mixes hooks and layers (each patch's rows join the pass at
         its own layer); patches are taken in order of their offset, so the ones that skip the
@@ -863,83 +587,23 @@ class Engine:
         the positions computed. A plain pass (a hook outside the blocks, or shortcuts off)
         holds patches on one hook.
         """
-        todo = [p for p in patches if p.first_pos is not None]
-        answer_min = int(self.answer_pos.min())
-
-        def offset_of(p: Patch) -> int:
-            if self.can_skip_prefix and p.site.pos_axis is not None:
-                return min(p.first_pos, answer_min)
-            return 0
-
-        fast = [p for p in todo if self.can_resume and p.layer is not None]
-        plain: dict[str, list[Patch]] = {}
-        for p in todo:
-            if not (self.can_resume and p.layer is not None):
-                plain.setdefault(p.hook_name, []).append(p)
-
-        chunks: list[Chunk] = []
-        fast.sort(key=lambda p: (-offset_of(p), p.layer))
-        n_layers = len(getattr(self.model, "blocks", ()) or ()) or 1
-        current: Chunk | None = None
-        work = 0  # token-layers of `current`: sum over its patches of batch x blocks run
-        for p in fast:
-            offset = offset_of(p)
-            if current is not None:
-                rows = (len(current.patches) + 1) * self.batch
-                new_offset = min(offset, current.offset)
-                # Taking a patch with a smaller offset makes every row already in the chunk
-                # compute the extra positions too; worth it only while that costs less than
-                # the fixed cost of one more pass.
-                extra = work * (current.offset - new_offset)
-                if (rows * (self.seq_len - new_offset) <= self.max_batch_tokens
-                        and extra <= self._pass_overhead_tokens * (n_layers - p.layer)):
-                    current.offset, current.layer = new_offset, min(p.layer, current.layer)
-                    current.patches.append(p)
-                    work += self.batch * (n_layers - p.layer)
-                    continue
-            current = Chunk(p.layer, offset, [p])
-            work = self.batch * (n_layers - p.layer)
-            chunks.append(current)
-        for group in plain.values():
-            per_pass = max(1, self.max_batch_tokens // (self.batch * self.seq_len))
-            chunks += [Chunk(None, 0, group[i:i + per_pass]) for i in range(0, len(group), per_pass)]
-        for chunk in chunks:  # rows in order of joining the pass
-            if chunk.layer is not None:
-                chunk.patches.sort(key=lambda p: p.layer)
-        return chunks
+        d_model = getattr(getattr(self.model, "cfg", None), "d_model", None)
+        return plan(patches, batch=self.batch, seq_len=self.seq_len, n_layers=self._n_layers(),
+                    answer_min=int(self.answer_pos.min()), max_batch_tokens=self.max_batch_tokens,
+                    resume=self.can_resume, skip_prefix=self.can_skip_prefix,
+                    overhead=pass_overhead_tokens(d_model))
 
     def work(self, chunks: Sequence[Chunk] | None = None) -> int:
         """Block-tokens (one block run over one token of one row) of running ``chunks``, or,
-        without chunks, of one unpatched run plus the self-check. What the progress bar
-        (:class:`patchwidgets.watch.SweepWatch`) counts."""
-        n_layers = len(getattr(self.model, "blocks", ()) or ()) or 1
-        if chunks is None:  # the run, pass (A) of the check unless known good, the short pass (B)
-            check_b = self.batch * (self.seq_len - int(self.answer_pos.min())) * (2 * n_layers - n_layers // 2 + 1)
-            runs = 1 if self.model in _TAPS_VERIFIED else 2
-            return runs * self.batch * self.seq_len * n_layers + check_b
-        total = 0
-        for chunk in chunks:
-            k = len(chunk.patches)
-            if chunk.layer is None:
-                total += k * self.batch * self.seq_len * n_layers
-                continue
-            positions = self.seq_len - chunk.offset
-            total += sum(self.batch * (n_layers - p.layer) * positions for p in chunk.patches)
-        return total
+        without chunks, of one unpatched run plus the self-check (:mod:`patchwidgets.planning`).
+        What the progress bar (:class:`patchwidgets.watch.SweepWatch`) counts."""
+        if chunks is None:
+            return target_work(batch=self.batch, seq_len=self.seq_len, n_layers=self._n_layers(),
+                               answer_min=int(self.answer_pos.min()), taps_verified=self.model in _TAPS_VERIFIED)
+        return work(chunks, batch=self.batch, seq_len=self.seq_len, n_layers=self._n_layers())
 
-    @property
-    def _pass_overhead_tokens(self) -> float:
-        """The fixed cost of running a block once, in tokens of that block's arithmetic.
-
-        A block pass reads all its weights (48 d_model^2 bytes in float32) whatever the rows,
-        which at a CPU's ratio of about 5 FLOPs per byte of memory bandwidth costs as much as
-        about 10 tokens of arithmetic (24 d_model^2 FLOPs each); on top, Python and module
-        calls take about 1 ms (50 MFLOP on a laptop core; GPT-2 small: ~4 tokens, toy-ioi:
-        ~130). Only the planner's trade-off between fewer passes and fewer wasted positions
-        reads it, never a result.
-        """
-        d_model = getattr(getattr(self.model, "cfg", None), "d_model", None) or 768
-        return 10.0 + 50e6 / (24 * d_model ** 2)
+    def _n_layers(self) -> int:
+        return len(getattr(self.model, "blocks", ()) or ()) or 1
 
     @_one_caller
     def run_chunk(self, chunk: Chunk, sources: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -92,8 +92,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .attribution import (QK_SITES, AttributionResult, attribution_result, differentiated_metric,
-                          gradient_groups, site_estimates)
+from .atp import QK_SITES, AttributionResult, attribution_result, differentiated_metric, gradient_groups, site_estimates
 from .errors import PatchingInputError, UnknownSiteError
 from .inputs import Prompts
 from .results import PatchResult
@@ -690,7 +689,7 @@ def attribution_patch(
     """:func:`patchwidgets.attribution_patch` for an nnsight model; same arguments, same result.
 
     Two recording traces (as :func:`patch`), then one trace per distinct gradient
-    (:func:`~patchwidgets.attribution.gradient_groups`: one for ``logit_diff`` and
+    (:func:`~patchwidgets.atp.gradient_groups`: one for ``logit_diff`` and
     ``normalized`` together) that runs the target forward and backward and saves the
     gradient at each site. The metric is a function of the answer logits only, so its
     gradient with respect to them, ``w = dM/dlogits``, is computed here first and the trace

@@ -66,12 +66,12 @@ def noise_hooks(model: Any, inputs: PreparedInputs, scale: float, noise_position
 def embedding_std(model: Any) -> float:
     """Standard deviation of the token embedding matrix ``W_E`` (the unit of noise).
 
-    Read inside :func:`patchwidgets.engine.materialized`: an embedding offloaded by accelerate
+    Read inside :func:`patchwidgets.devices.materialized`: an embedding offloaded by accelerate
     (``device_map=...`` with ``"disk"``) holds ``meta`` placeholders between forward calls.
     A float32 matrix gives ``W_E.std()`` exactly; a half-precision one is summed in float64
     block by block (two passes), instead of being copied whole to float32.
     """
-    from .engine import materialized
+    from .devices import materialized
     from .sharing import exclusive
 
     with exclusive(model), materialized(getattr(model, "embed", None)):  # (loads offloaded weights: one caller)

@@ -28,9 +28,10 @@ from typing import Any, NamedTuple, Sequence, TypeVar
 import torch
 
 from . import metrics as metrics_mod
-from .engine import Engine, Patch
+from .engine import Engine
 from .errors import PatchingInputError
 from .inputs import PreparedInputs, Prompts, prepare
+from .planning import Patch
 from .results import PatchResult
 from .sites import Dims, Site, resolve_sites
 from .sources import activation_sums, ablation_values, differing_positions, noise_hooks

@@ -13,7 +13,7 @@ over one token, so the bar covers the unpatched runs as well as the patches and 
 estimate of the time left means something. The hooks are attached to this thread's passes
 only (:func:`patchwidgets.sharing.watched`): a sweep's cancel never stops another caller's.
 The patched passes are counted from the plan
-(:meth:`~patchwidgets.engine.Engine.plan`), the rest from the model's shape.
+(:func:`patchwidgets.planning.work`), the rest from the model's shape.
 """
 
 from __future__ import annotations

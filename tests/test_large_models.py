@@ -24,7 +24,9 @@ import torch
 
 import patchwidgets
 import patchwidgets.engine as engine_module
-from patchwidgets.engine import Engine, input_device
+from patchwidgets.devices import input_device
+from patchwidgets.engine import Engine
+from patchwidgets.selfcheck import ShortcutCheck
 
 N_LAYERS, N_HEADS, N_KV_HEADS, D_MODEL, SEQ = 4, 4, 2, 64, 9
 ATOL = 1e-5
@@ -344,7 +346,7 @@ def test_half_precision_shortcuts_add_no_error(ioi_fp32, dtype, monkeypatch):
     fast = patchwidgets.patch(*args, site="head_out", progress=False)
     # Shortcuts off, and a target run that records nothing through the engine's taps.
     monkeypatch.setattr(Engine, "_self_check",
-                        lambda self, final, recorded=None: self._off("forced off", warn=False))
+                        lambda self, final, recorded=None: ShortcutCheck(False, False, "forced off", warn=False))
     monkeypatch.setattr(engine_module, "_TAPS_VERIFIED", weakref.WeakSet())
     plain = patchwidgets.patch(*args, site="head_out", progress=False)
     assert fast.stats["resumed"] == 1 and plain.stats["resumed"] == 0
