@@ -72,7 +72,8 @@ class GroupRuns(Protocol):
 class Backend(Protocol):
     """How one kind of model runs a sweep (see the module docstring)."""
 
-    model: Any                       # what the watch hooks (a bridge; anything else: no hooks)
+    @property
+    def model(self) -> Any: ...          # what the watch hooks (a bridge; anything else: no hooks)
 
     @property
     def passes_per_job(self) -> int: ...   # forward passes one job makes (``stats["forward_passes"]``)

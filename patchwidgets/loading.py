@@ -34,7 +34,7 @@ Big models: splitting and offloading
 
 Modules mapped to ``"disk"`` keep their weights in ``offload_folder`` and on the ``meta``
 device in memory; accelerate loads them for the duration of each module's forward call
-(:func:`patchwidgets.engine.materialized` does the same for code that reads a weight). The
+(:func:`patchwidgets.devices.materialized` does the same for code that reads a weight). The
 peak memory is then about one block's weights plus the activations; every forward pass reads
 the offloaded blocks from disk again. ``cfg.device`` is set to the embedding's execution
 device (TransformerLens would record ``meta`` for an offloaded embedding).
@@ -277,7 +277,7 @@ def _fix_input_device(bridge: "TransformerBridge") -> None:
     device = getattr(bridge.cfg, "device", None)
     if device is not None and str(device) != "meta":
         return
-    from .engine import input_device
+    from .devices import input_device
 
     bridge.cfg.device = str(input_device(bridge))
 

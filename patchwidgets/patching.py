@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .driver import DEFAULT_CACHE_BYTES, SweepControl, check_cache_budget, run_sweep
-from .engine import Patch
+from .planning import Patch
 from .inputs import Prompts
 from .results import PatchResult
 from .streaming import Job, PatchUpdate

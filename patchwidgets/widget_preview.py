@@ -61,7 +61,7 @@ class Preview:
 
 
 def _device(model: Any) -> torch.device:
-    from .engine import input_device  # where the embedding runs (its weight may be offloaded: meta)
+    from .devices import input_device  # where the embedding runs (its weight may be offloaded: meta)
 
     try:
         return input_device(model)
