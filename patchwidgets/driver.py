@@ -37,7 +37,7 @@ import torch
 from .errors import PatchingCancelled
 from .results import PatchResult
 from .streaming import Job, PatchUpdate, run_streaming
-from .sweep import Measure, Request, sweep_stats
+from .sweep import Measure, Request, Unpatched, sweep_stats
 from .watch import SweepWatch, show_by_default
 
 #: Default memory budget for one group's cached activations (see ``max_cache_bytes``).
@@ -87,6 +87,22 @@ class Backend(Protocol):
         ablation replaces."""
         ...
     def group(self, request: Request, watch: SweepWatch, means: dict | None) -> GroupRuns: ...
+
+
+@dataclass
+class EngineGroup:
+    """The part of :class:`GroupRuns` every engine-backed backend shares: its unpatched runs
+    (:class:`~patchwidgets.sweep.Unpatched`), whose logits the driver measures."""
+
+    runs: Unpatched
+
+    @property
+    def target_logits(self) -> torch.Tensor:
+        return self.runs.target_logits
+
+    @property
+    def source_logits(self) -> torch.Tensor | None:
+        return self.runs.source_logits
 
 
 def pair_groups(n_pairs: int, bytes_per_pair: int, max_cache_bytes: int) -> list[slice]:

@@ -34,12 +34,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .driver import DEFAULT_CACHE_BYTES, SweepControl, check_cache_budget, run_sweep
+from .driver import DEFAULT_CACHE_BYTES, EngineGroup, SweepControl, check_cache_budget, run_sweep
 from .planning import Patch
 from .inputs import Prompts
 from .results import PatchResult
 from .streaming import Job, PatchUpdate
-from .sweep import (Cells, Measure, Request, Unpatched, cached_bytes_per_pair, new_result, prepare_request,
+from .sweep import (Cells, Measure, Request, cached_bytes_per_pair, new_result, prepare_request,
                     run_unpatched, sweep_cells, unpatched_logits)
 from .watch import SweepWatch
 
@@ -186,19 +186,10 @@ class EngineBackend:
 
 
 @dataclass
-class _EngineRuns:
+class _EngineRuns(EngineGroup):
     """One group's unpatched runs; its chunks resume from them."""
 
-    runs: Unpatched
     patches: list[Patch]
-
-    @property
-    def target_logits(self) -> torch.Tensor:
-        return self.runs.target_logits
-
-    @property
-    def source_logits(self) -> torch.Tensor | None:
-        return self.runs.source_logits
 
     def jobs(self, todo: list[int]) -> list[Job]:
         engine, sources = self.runs.target, self.runs.source_acts

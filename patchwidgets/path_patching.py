@@ -70,7 +70,7 @@ from .errors import PatchingInputError
 from .inputs import Prompts
 from .results import PatchResult
 from .sites import SITES, Dims
-from .driver import DEFAULT_CACHE_BYTES, SweepControl, check_cache_budget, run_sweep
+from .driver import DEFAULT_CACHE_BYTES, EngineGroup, SweepControl, check_cache_budget, run_sweep
 from .streaming import PatchUpdate
 from .sweep import cached_bytes_per_pair, new_result, prepare_request, run_unpatched, unpatched_logits
 from .validation import as_int, check_restrictions
@@ -270,22 +270,15 @@ class PathBackend:
 
     def group(self, request: Any, watch: SweepWatch, means: dict | None) -> "_PathRuns":
         runs = run_unpatched(self.model, request, self.names, self.max_batch_tokens, watch=watch, means=means)
-        return _PathRuns(self, runs, request)
+        return _PathRuns(runs, self, request)
 
 
 @dataclass
-class _PathRuns:
+class _PathRuns(EngineGroup):
+    """One group's unpatched runs; each chunk patches paths from them."""
+
     backend: PathBackend
-    runs: Any          # sweep.Unpatched
     request: Any
-
-    @property
-    def target_logits(self) -> torch.Tensor:
-        return self.runs.target_logits
-
-    @property
-    def source_logits(self) -> torch.Tensor | None:
-        return self.runs.source_logits
 
     def jobs(self, todo: list[int]) -> list:
         b, inputs, runs = self.backend, self.request.inputs, self.runs

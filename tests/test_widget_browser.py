@@ -171,21 +171,27 @@ class JupyterLab:
             return ""
 
     def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            # The server and its kernels run in the session we created: stop that group.
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=5)
+        stop_process_group(self.proc)
         if getattr(self, "log", None):
             self.log.close()
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def stop_process_group(proc: subprocess.Popen | None) -> None:
+    """Stop a server started with ``start_new_session=True`` and everything it started (its
+    kernels run in the same process group): SIGTERM, then SIGKILL after 10 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=5)
 
 
 def launch_browser(playwright):

@@ -31,8 +31,8 @@ failure instead under ``PATCHWIDGETS_REQUIRE_BROWSER=1``, as in CI).
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -47,7 +47,7 @@ import pytest
 # notebook writer and cell runner (Notebook 7 has the same cells) and its Playwright driver fixture.
 from test_widget_browser import (  # noqa: F401  (playwright_session: a fixture, used by name)
     ARTIFACTS, CHROMIUM, CLEAN, CORRUPTED, REPO, WIDGET_CELL, _free_port, cell_values, launch_browser,
-    playwright_session, run_first_cell, run_id, write_notebook_root,
+    playwright_session, run_first_cell, run_id, stop_process_group, write_notebook_root,
 )
 
 EXAMPLES = REPO / "examples"
@@ -63,9 +63,9 @@ NOTEBOOK_KERNEL_IDLE = ("[data-jp-item-name='kernelName']:has-text('Python 3')",
 
 
 def _import_error(module: str) -> str | None:
-    try:
-        __import__(module)
-    except ImportError:
+    # Found, not imported: the hosts run in their own processes, and importing marimo into a
+    # test process that other tests have already shaped can fail on marimo's own dataclasses.
+    if importlib.util.find_spec(module) is None:
         return f"needs {module} (pip install {module})"
     return None
 
@@ -150,16 +150,7 @@ class HostServer:
             return ""
 
     def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=5)
+        stop_process_group(self.proc)
         if getattr(self, "log", None):
             self.log.close()
         if self.tmp is not None:
