@@ -1,27 +1,41 @@
-// A fake anywidget model for the vitest tests (widget.test.js, parts.test.js): get / set / on /
-// off / save_changes / send as anywidget's model proxy has them; the Python side is played by
-// `py` (set without saving). Plus the payloads and model state those tests share.
+// A fake anywidget model for the vitest tests (widget.test.js, parts.test.js, contract.test.js):
+// get / set / on / off / save_changes / send as anywidget's model proxy has them; the Python side
+// is played by `py` (set without saving). Its state starts from what PatchingWidget sends
+// (tests/shared/widget_contract.json, written from patchwidgets/widget_contract.py and checked by
+// tests/test_widget.py), so it cannot drift from the widget: the `contract` traitlet as Python
+// sends it, every other traitlet's default, then a toy model's own values on top.
+import shared from "../tests/shared/widget_contract.json";
 
-export const METRIC_INFO = {
-  normalized: { scale: "diverging", label: "", high_means: "the patch gave the source run's behaviour", lo: null, hi: null },
-  logit_diff: { scale: "diverging", label: "", high_means: "the correct answer is preferred", lo: null, hi: null },
-  prob: { scale: "sequential", label: "", high_means: "the correct answer is likely", lo: 0, hi: 1 },
-  rank: { scale: "sequential", label: "", high_means: "the correct answer is far down the ranking (worse)", lo: 1, hi: null },
-  kl: { scale: "sequential", label: "", high_means: "", lo: 0, hi: null },
-  logprob: { scale: "sequential", label: "", high_means: "", lo: null, hi: 0 },
-  accuracy: { scale: "sequential", label: "", high_means: "", lo: 0, hi: 1 },
-};
+/** The `contract` traitlet, as PatchingWidget sends it. */
+export const CONTRACT = shared.contract;
+/** The metrics' labels, scales and bounds (CONTRACT.metrics). */
+export const METRIC_INFO = CONTRACT.metrics;
+const PAGE = new Set(CONTRACT.page_fields), KNOWN = new Set([...CONTRACT.page_fields, ...CONTRACT.shown_fields]);
 
 export class FakeModel {
-  constructor(state) { this.state = { ...state }; this.handlers = new Map(); this.sent = []; this.saved = []; }
-  get(name) { return this.state[name]; }
-  set(name, value) { const old = this.state[name]; this.state[name] = value; if (old !== value) this.trigger(`change:${name}`); }
+  constructor(state) { this.state = { ...state }; this.handlers = new Map(); this.sent = []; this.saved = []; this.python = false; }
+  // Like a real widget, the model has no traitlets beyond the contract's, and the page may set only
+  // its page_fields: a page that reads or writes anything else fails every test that gets there.
+  get(name) {
+    if (!KNOWN.has(name)) throw new Error(`the page read ${JSON.stringify(name)}, which is not a traitlet of the contract`);
+    return this.state[name];
+  }
+  set(name, value) {
+    if (!this.python && !PAGE.has(name)) throw new Error(`the page set ${JSON.stringify(name)}, which is not among the contract's page_fields`);
+    const old = this.state[name];
+    this.state[name] = value;
+    if (old !== value) this.trigger(`change:${name}`);
+  }
   save_changes() { this.saved.push({ ...this.state }); }
   send(msg) { this.sent.push(msg); }
   on(name, fn) { if (!this.handlers.has(name)) this.handlers.set(name, []); this.handlers.get(name).push(fn); }
   off(name, fn) { this.handlers.set(name, (this.handlers.get(name) || []).filter((f) => f !== fn)); }
   trigger(name, ...args) { for (const fn of this.handlers.get(name) || []) fn(...args); }
-  py(values) { for (const [k, v] of Object.entries(values)) this.set(k, v); }
+  /** Python sets traitlets (any of them, without save_changes). */
+  py(values) {
+    this.python = true;
+    try { for (const [k, v] of Object.entries(values)) this.set(k, v); } finally { this.python = false; }
+  }
 }
 
 /** Little-endian float32 bytes, as the widget manager hands over a bytes traitlet. */
@@ -34,18 +48,17 @@ export function heatmap(metric, values, extra = {}) {
     rows: [{ layer: 0, label: "0" }, { layer: 1, label: "1" }],
     cols: [{ pos: 0, label: "A", token: "A" }, { pos: 1, label: "B", token: "B" }, { pos: 2, label: "C", token: "C" }],
     row_title: "layer", col_title: "position", values: f32(values), done: 6, total: 6, complete: true,
-    baselines: {}, inputs: {}, ...extra,
+    baselines: {}, centre: null, inputs: {}, ...extra,
   };
 }
 
-/** A model with every traitlet the widget reads, as a fresh PatchingWidget has them. */
+/** What a toy model (2 layers, 2 heads, prompts "a b c" / "a x c") puts in a fresh widget. */
+export const TOY = {
+  clean: "a b c", corrupted: "a x c", correct: " b", incorrect: " x", model_name: "toy",
+  model_info: { n_layers: 2, n_heads: 2 }, tokens: { clean: ["a", "b", "c"], corrupted: ["a", "x", "c"] },
+};
+
+/** A model with every traitlet the widget has, as a fresh PatchingWidget on the toy model has them. */
 export function fakeModel(state = {}) {
-  return new FakeModel({
-    clean: "a b c", corrupted: "a x c", correct: " b", incorrect: " x", direction: "denoising", metric: "normalized",
-    site: "resid_pre", receivers: "", receiver_input: "q", fast_preview: true, auto_run: false, selected: {},
-    pattern_layer: 0, pattern_head: 0, model_name: "toy", model_info: { n_layers: 2, n_heads: 2 },
-    metric_options: Object.keys(METRIC_INFO), metric_info: METRIC_INFO, site_options: [["g", [["resid_pre", "residual"], ["path", "path"]]]],
-    tokens: { clean: ["a", "b", "c"], corrupted: ["a", "x", "c"] }, baseline: {}, errors: {}, status: "idle",
-    progress: [0, 0], elapsed: 0, heatmap: {}, explanation: "", pattern: {}, dataset: [], ...state,
-  });
+  return new FakeModel({ ...structuredClone(shared.defaults), contract: CONTRACT, ...TOY, ...state });
 }

@@ -54,6 +54,7 @@ MetricSpec = Union[str, Sequence[Union[str, MetricFn]], Mapping[str, Union[str, 
 class MetricInfo:
     """What the rest of the package needs to know about a built-in metric.
 
+    ``label``: the metric in a few words (the widget's menu and heatmap caption).
     ``answer_only``: reads only the answer tokens' logits, so the engine may unembed just
     those columns. ``differentiable``: attribution patching can estimate it from a gradient.
     ``scale``: ``"diverging"`` for a signed value whose 0 means "no effect" (drawn red-white-
@@ -74,8 +75,8 @@ class MetricInfo:
 METRICS: dict[str, MetricInfo] = {m.name: m for m in [
     MetricInfo("logit_diff", "logit difference (correct - incorrect)", True, True, True, "diverging",
                "the correct answer is preferred"),
-    MetricInfo("normalized", "normalised logit difference", True, True, True, "diverging",
-               "the patch gave the source run's behaviour (1 = all of it)"),
+    MetricInfo("normalized", "normalised logit difference (0 = no effect, 1 = full effect)", True, True, True,
+               "diverging", "the patch gave the source run's behaviour (1 = all of it)"),
     MetricInfo("logit", "logit of the correct answer", False, True, True, "diverging",
                "the correct answer's logit is high"),
     MetricInfo("logprob", "log-probability of the correct answer", False, False, True, "sequential",

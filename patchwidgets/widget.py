@@ -79,17 +79,13 @@ import traitlets as t
 
 from .inputs import dataset_rows
 from .metrics import ALIASES, BUILTIN_METRICS, METRICS
-from .widget_colour import ANCHORS
-from .widget_jobs import SWEEP_FIELDS, JobRunner, Sweeper, parse_receivers
-from .widget_state import (
-    INPUT_FIELDS, SITE_GROUPS, explain_cell, field_of, pattern_payload, preview, quiet_load, static_html,
-)
+from .widget_contract import CONTRACT, CONTROL_FIELDS, INPUT_FIELDS, PAGE_FIELDS, RUN_FIELDS, SHOWN_FIELDS, SWEEP_FIELDS
+from .widget_jobs import JobRunner, Sweeper, parse_receivers
+from .widget_payload import pattern_payload, static_html
+from .widget_preview import field_of, preview, quiet_load
+from .widget_words import explain_cell
 
 STATIC = Path(__file__).parent / "static"
-#: What the page needs from the metric registry to draw and explain a metric's colours.
-METRIC_INFO = {name: {"label": m.label, "scale": m.scale, "high_means": m.high_means,
-                      "lo": ANCHORS.get(name, (None, None))[0], "hi": ANCHORS.get(name, (None, None))[1]}
-               for name, m in METRICS.items()}
 DEFAULT_CLEAN = "When Mary and John went to the store, John gave a drink to"
 DEFAULT_CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
 
@@ -151,11 +147,11 @@ class PatchingWidget(anywidget.AnyWidget):
     pattern_head = t.Int(0).tag(sync=True)
 
     # Outputs (set by Python only).
+    # What the page and Python agree on (fields, metric labels and scales, sites, receiver
+    # inputs, heatmap keys): see patchwidgets.widget_contract.
+    contract = t.Dict(CONTRACT, read_only=True).tag(sync=True)
     model_name = t.Unicode("").tag(sync=True)
     model_info = t.Dict().tag(sync=True)        # {"n_layers", "n_heads"}
-    metric_options = t.List(list(BUILTIN_METRICS)).tag(sync=True)
-    metric_info = t.Dict(METRIC_INFO).tag(sync=True)  # colour scale, natural bounds, what "high" means
-    site_options = t.List([[g, [list(o) for o in opts]] for g, opts in SITE_GROUPS]).tag(sync=True)
     tokens = t.Dict().tag(sync=True)            # {"clean": [...] | None, "corrupted": ...}
     baseline = t.Dict().tag(sync=True)          # logit differences and top predictions
     errors = t.Dict().tag(sync=True)            # {field: message}
@@ -165,9 +161,18 @@ class PatchingWidget(anywidget.AnyWidget):
     # another widget) is running a pass on it: who holds it (patchwidgets.sharing).
     waiting_for = t.Unicode("").tag(sync=True)
     elapsed = t.Float(0.0).tag(sync=True)       # seconds the last sweep took in Python
-    heatmap = t.Dict().tag(sync=True)           # see widget_state.heatmap_payload
+    heatmap = t.Dict().tag(sync=True)           # see widget_payload.heatmap_payload
     explanation = t.Unicode("").tag(sync=True)
     pattern = t.Dict().tag(sync=True)           # one head's pattern on both prompts
+
+    @classmethod
+    def default_state(cls) -> dict[str, Any]:
+        """Every synced traitlet (:data:`~patchwidgets.widget_contract.PAGE_FIELDS` and
+        :data:`~patchwidgets.widget_contract.SHOWN_FIELDS`, the contract itself aside) as a new
+        widget has it before it has seen its model: what the page's unit tests start from
+        (``tests/shared/widget_contract.json``)."""
+        traits = cls.class_traits()
+        return {name: traits[name].default() for name in (*PAGE_FIELDS, *SHOWN_FIELDS) if name != "contract"}
 
     def __init__(self, model: Any = None, dataset: Any = None, **kwargs: Any):
         self._sync_lock = threading.RLock()  # see hold_sync below
@@ -199,7 +204,7 @@ class PatchingWidget(anywidget.AnyWidget):
             **kwargs,
         )
         self.observe(self._on_input, names=list(INPUT_FIELDS))
-        self.observe(self._on_control, names=["direction", "site", "receivers", "receiver_input"])
+        self.observe(self._on_control, names=list(CONTROL_FIELDS))
         self.observe(self._on_metric, names="metric")
         self.observe(self._on_selected, names="selected")
         self.observe(self._on_pattern_choice, names=["pattern_layer", "pattern_head"])
@@ -469,14 +474,17 @@ class PatchingWidget(anywidget.AnyWidget):
         if kind == "hello":  # a view asks whether a Python object is behind it
             self.send({"type": "hello"})
         elif kind == "run":
-            # The page sends its current inputs along with Run: ipywidgets may still hold
+            # The page sends the run fields it edited along with Run: ipywidgets may still hold
             # back a state update while the kernel is busy, and custom messages overtake it.
             state = content.get("state")
             if isinstance(state, dict):
                 with self.hold_sync():
-                    for name in (*INPUT_FIELDS, "direction", "metric", "site", "receivers", "receiver_input"):
-                        if isinstance(state.get(name), str) and state[name] != getattr(self, name):
-                            setattr(self, name, state[name])
+                    for name in RUN_FIELDS:
+                        if name in state and state[name] != getattr(self, name):
+                            try:
+                                setattr(self, name, state[name])
+                            except t.TraitError:  # (refused, as the same value in a state update would be)
+                                pass
             self.run()
             self.send({"type": "ack", "run_id": self._run_id})
         elif kind == "cancel":

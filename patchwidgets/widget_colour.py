@@ -1,6 +1,6 @@
 """Colours, legends and numbers of every heatmap: one definition, two implementations.
 
-The page (``static/widget.js``), the exported picture (:func:`patchwidgets.widget_state.static_html`)
+The page (``static/widget.js``), the exported picture (:func:`patchwidgets.widget_payload.static_html`)
 and the plotly figure (:func:`patchwidgets.plotting.heatmap_figure`) draw the same heatmaps, so
 all three follow the rules below (:func:`scale` here, its twin in ``widget.js``), and
 ``tests/shared/widget_cases.json`` holds cases that the Python tests and the JavaScript unit

@@ -45,12 +45,8 @@ from .metrics import BUILTIN_METRICS, METRICS
 from .patching import patch
 from .path_patching import path_patch
 from .sharing import waiting_notice
-from .widget_state import INPUT_FIELDS, WIDGET_SITES, heatmap_payload
-
-#: What a sweep reads from the widget when it starts.
-SWEEP_FIELDS = (*INPUT_FIELDS, "direction", "site", "receivers", "receiver_input", "dataset")
-#: The receiver inputs the page offers (the core accepts any combination of q, k, v).
-RECEIVER_INPUTS = ("q", "k", "v", "kv", "qkv")
+from .widget_contract import WIDGET_SITES
+from .widget_payload import heatmap_payload
 
 _HEAD = re.compile(r"^l?(\d+)(?:[.:]|h)(\d+)$", re.IGNORECASE)
 
@@ -210,7 +206,7 @@ class SweepHost(Protocol):
     selected: dict
     pair: int
 
-    def sweep_inputs(self) -> dict: ...                     # the inputs a sweep reads when it starts
+    def sweep_inputs(self) -> dict: ...                     # widget_contract.SWEEP_FIELDS, as they are now
     def blocking_errors(self) -> dict: ...                  # what the preview found wrong with them
     def field_of(self, err: BaseException) -> str: ...      # the input an error of the core is about
     def show(self, payload: dict, clear_selection: bool) -> None: ...  # the heatmap (and progress) traitlets

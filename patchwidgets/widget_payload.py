@@ -115,6 +115,11 @@ def heatmap_payload(result, metric: str, inputs: dict, run_id: int, estimate=Non
                     state: str = "running", pair: int = -1) -> dict:
     """The ``heatmap`` traitlet: everything the front end needs to draw one metric.
 
+    Its keys are :data:`~patchwidgets.widget_contract.HEATMAP_KEYS`, plus some of
+    :data:`~patchwidgets.widget_contract.HEATMAP_OPTIONAL_KEYS` (the page's ``Heatmap`` typedef
+    names the same ones); ``inputs`` is what the sweep read
+    (:data:`~patchwidgets.widget_contract.SWEEP_FIELDS`).
+
     ``values`` is the row-major ``[rows, cols]`` table as little-endian float32 bytes
     (ipywidgets ships bytes as binary buffers; NaN marks cells not computed yet). ``done``
     and ``total`` count the cells with an exact value and all cells, read from the same

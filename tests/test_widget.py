@@ -24,10 +24,10 @@ from patchwidgets.metrics import BUILTIN_METRICS
 from patchwidgets.widget import DEFAULT_CLEAN, DEFAULT_CORRUPTED, STATIC, PatchingWidget
 from patchwidgets.errors import PatchingInputError
 from patchwidgets import widget_colour
+from patchwidgets.widget_contract import WIDGET_SITES
 from patchwidgets.widget_jobs import parse_receivers
-from patchwidgets.widget_state import (
-    WIDGET_SITES, explain_cell, payload_estimate, payload_values, static_html, table_2d,
-)
+from patchwidgets.widget_payload import payload_estimate, payload_values, static_html, table_2d
+from patchwidgets.widget_words import explain_cell
 
 S2, END = 10, 14  # positions of the changed name and of the final token in the IOI prompts
 ANSWERS = (" Mary", " John")
@@ -73,8 +73,8 @@ def test_defaults_prefill_answers_tokens_and_baselines(widget):
     assert diff == [S2]
     assert widget.baseline["clean"] > 0 > widget.baseline["corrupted"]
     assert widget.errors == {} and widget.status == "idle"
-    assert set(widget.metric_options) == set(BUILTIN_METRICS)
-    assert [s for _, opts in widget.site_options for s, _ in opts] == WIDGET_SITES
+    assert list(widget.contract["metrics"]) == list(BUILTIN_METRICS)
+    assert [s for _, opts in widget.contract["sites"] for s, _ in opts] == WIDGET_SITES
 
 
 def test_prefilled_answers_follow_prompts_until_typed(widget):
@@ -812,3 +812,110 @@ def test_dataset_mean_standard_error_and_one_pair(model):
         assert "pair 2 of 3 alone" in w.select(layer=0, pos=S2)
     finally:
         w.close()
+
+
+# --------------------------------------------------------------------------- the contract with the page
+# patchwidgets/widget_contract.py is the one place that says what the page and Python agree on;
+# js/contract.test.js checks the page against the same file.
+import anywidget  # noqa: E402
+
+from patchwidgets import widget_contract as contract  # noqa: E402
+from patchwidgets.metrics import METRICS  # noqa: E402
+
+SHARED_CONTRACT = Path(__file__).parent / "shared" / "widget_contract.json"
+
+
+def test_shared_contract_file_is_what_the_widget_sends(widget):
+    """The page's fake model (js/fake_model.js) starts from tests/shared/widget_contract.json:
+    it must be the contract the widget sends over the wire and the traitlets' defaults."""
+    assert SHARED_CONTRACT.read_text(encoding="utf-8") == contract.shared_json(PatchingWidget.default_state()), (
+        "tests/shared/widget_contract.json is out of date: run python scripts/write_widget_contract.py")
+    shared = json.loads(SHARED_CONTRACT.read_text(encoding="utf-8"))
+    sent = json.loads(json.dumps(widget.get_state()["contract"]))  # as the page receives it
+    assert sent == shared["contract"]
+    assert list(sent["metrics"]) == list(BUILTIN_METRICS), "the menu's order"
+    fresh = widget.get_state()
+    from_the_model = {"tokens", "baseline", "model_name", "model_info", "correct", "incorrect", "pattern"}
+    for name, value in shared["defaults"].items():
+        if name not in from_the_model:
+            assert json.loads(json.dumps(fresh[name])) == value, name
+
+
+def test_every_synced_traitlet_is_in_the_contract():
+    """A synced traitlet the contract does not list fails here: the page may set it
+    (``PAGE_FIELDS``) or only Python sets it (``SHOWN_FIELDS``), never both, never neither."""
+    synced = set(PatchingWidget.class_traits(sync=True)) - set(anywidget.AnyWidget.class_traits(sync=True))
+    page, shown = set(contract.PAGE_FIELDS), set(contract.SHOWN_FIELDS)
+    assert not page & shown
+    assert synced == page | shown, (f"not in the contract: {sorted(synced - page - shown)}; "
+                                    f"in the contract but no synced traitlet: {sorted((page | shown) - synced)}")
+    assert len(contract.PAGE_FIELDS) == len(page) and len(contract.SHOWN_FIELDS) == len(shown)
+    assert set(contract.SWEEP_FIELDS) | set(contract.RUN_FIELDS) <= page
+    assert set(contract.PATH_FIELDS) <= set(contract.CONTROL_FIELDS) <= set(contract.SWEEP_FIELDS)
+    assert set(contract.STATIC_FIELDS) <= shown
+    # The metrics' words and scales come from the registry, one source for Python and the page.
+    assert {name: (m["label"], m["scale"], m["high_means"]) for name, m in contract.CONTRACT["metrics"].items()} == {
+        name: (m.label, m.scale, m.high_means) for name, m in METRICS.items()}
+    assert contract.CONTRACT["metrics"]["prob"]["lo"] == 0.0 and contract.CONTRACT["metrics"]["rank"]["lo"] == 1.0
+    assert [v for v, _ in contract.RECEIVER_INPUTS] == ["q", "k", "v", "kv", "qkv"]
+
+
+def test_sweep_reads_and_payload_records_exactly_the_sweep_fields(widget):
+    assert widget.sweep_inputs().keys() == set(contract.SWEEP_FIELDS)
+    widget.run(wait=True)
+    assert list(widget.heatmap["inputs"]) == list(contract.SWEEP_FIELDS)
+
+
+#: A new value for each run field, all valid together (a path sweep into head 3.1's keys).
+RUN_VALUES = {"clean": DEFAULT_CORRUPTED, "corrupted": DEFAULT_CLEAN, "correct": " John", "incorrect": " Mary",
+              "direction": "noising", "site": "path", "receivers": "3.1", "receiver_input": "k", "metric": "logit_diff"}
+
+
+def test_run_message_sets_exactly_the_run_fields(widget):
+    """The Run button's message carries the edited run fields (``RUN_FIELDS``): each is applied
+    before the sweep; any other field in it is ignored (the page saves those through the model)."""
+    assert set(RUN_VALUES) == set(contract.RUN_FIELDS), "give each run field a value here"
+    others = {"fast_preview": False, "pattern_layer": 2, "auto_run": True, "pair": 1}
+    before = {name: getattr(widget, name) for name in others}
+    widget._handle_custom_msg({"type": "run", "state": {**RUN_VALUES, **others}}, [])
+    assert widget.wait(60) and widget.status == "done", widget.errors
+    assert {name: getattr(widget, name) for name in RUN_VALUES} == RUN_VALUES
+    assert {name: getattr(widget, name) for name in others} == before
+    inputs = widget.heatmap["inputs"]
+    assert {k: inputs[k] for k in contract.SWEEP_FIELDS if k in RUN_VALUES} == {
+        k: v for k, v in RUN_VALUES.items() if k in contract.SWEEP_FIELDS}
+    assert widget.heatmap["path"]["receivers"] == [[3, 1]] and widget.heatmap["metric"] == "logit_diff"
+
+
+def test_run_message_refuses_values_its_traitlets_refuse(widget):
+    """A value of the wrong type (or an unknown metric) in a Run message is left out, as the
+    same value in a state update would be refused; the Run still happens."""
+    widget._handle_custom_msg({"type": "run", "state": {"clean": 5, "metric": "logitdiff", "direction": "noising"}}, [])
+    assert widget.wait(60) and widget.status == "done"
+    assert (widget.clean, widget.metric, widget.direction) == (DEFAULT_CLEAN, "normalized", "noising")
+
+
+def test_heatmap_payload_keys_are_the_contracts(model):
+    """Every payload the widget sends has the contract's keys (``HEATMAP_KEYS``) and only
+    optional ones besides, and each optional key occurs: a key the page's typedef would lack
+    (js/contract.test.js checks the typedef against the same lists) cannot appear unnoticed."""
+    required, optional = set(contract.HEATMAP_KEYS), set(contract.HEATMAP_OPTIONAL_KEYS)
+    seen: set[str] = set()
+    w = PatchingWidget(model, dataset=IOI_PAIRS[:2])
+    try:
+        payloads = []
+        w.run(wait=True)                   # a dataset's mean, with the fast preview's estimate
+        payloads.append(w.heatmap)
+        w.pair = 1                         # one pair
+        payloads.append(w.heatmap)
+        w.dataset, w.site, w.receivers = [], "path", "logits"
+        w.run(wait=True)                   # the path view
+        payloads.append(w.heatmap)
+    finally:
+        w.close()
+    for payload in payloads:
+        keys = set(payload)
+        assert required <= keys, sorted(required - keys)
+        assert keys <= required | optional, sorted(keys - required - optional)
+        seen |= keys
+    assert optional <= seen, f"optional keys no payload has: {sorted(optional - seen)}"

@@ -25,18 +25,134 @@
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 
+// ------------------------------------------------------------ the model and its state
+// What Python and this page agree on is written once, in patchwidgets/widget_contract.py, and
+// arrives as the `contract` traitlet: which traitlets the page may set, which a sweep reads (the
+// stale check), which a Run message carries, the metrics' labels and scales, the sites, the
+// receiver inputs and the heatmap's keys. The page reads them from there and keeps no copies.
+// The typedefs below name the same traitlets and keys; js/contract.test.js checks that they
+// and the page's controls cover the contract (tests/shared/widget_contract.json).
+
 /**
+ * What the page needs of a metric (widget_contract.metric_info).
+ * @typedef {Object} MetricInfo
+ * @property {string} label a few words, for the menu and the caption
+ * @property {string} scale "diverging" (signed, 0 = no effect) or "sequential" (one sign)
+ * @property {string} high_means what a high value means, for the legend
+ * @property {number|null} lo the natural lower bound, if any
+ * @property {number|null} hi the natural upper bound, if any
+ */
+/**
+ * The `contract` traitlet (patchwidgets/widget_contract.py CONTRACT).
+ * @typedef {Object} Contract
+ * @property {Field[]} page_fields every traitlet the page may set
+ * @property {Field[]} shown_fields every traitlet only Python sets
+ * @property {Field[]} static_fields shown fields set once, when the widget is made
+ * @property {Field[]} sweep_fields what a sweep reads: a heatmap whose `inputs` differ from them is stale
+ * @property {Field[]} path_fields sweep fields that count only in the path view
+ * @property {Field[]} run_fields what a Run message may set (the page sends the edited ones)
+ * @property {Object<string, MetricInfo>} metrics the built-in metrics, in menu order
+ * @property {Array<[string, Array<[string, string]>]>} sites the component menu: [group, [[value, label], ...]]
+ * @property {Array<[string, string]>} receiver_inputs the path view's receiver inputs: [value, label]
+ * @property {string[]} heatmap_keys keys of every heatmap payload
+ * @property {string[]} heatmap_optional_keys keys some payloads add
+ */
+/**
+ * One row or column of the heatmap: the indices of its cells, a short label, and for a
+ * position its clean and corrupted tokens.
  * @typedef {{layer?: number, head?: number, pos?: number, label: string, token?: string,
  *            corrupted_token?: string, diff?: boolean}} Cell
- * @typedef {{run_id: number, site: string, metric: string, direction: string,
- *            rows: Cell[], cols: Cell[], row_title: string, col_title: string,
- *            values: DataView, done: number, total: number, complete: boolean, state?: string,
- *            baselines: Object<string, number|null>, inputs: Object<string, string>,
- *            centre?: Centre|null,
- *            estimate?: DataView, estimate_method?: string,
- *            path?: {label: string, receivers: number[][]|null, receiver_input: string}}} Heatmap
+ */
+/**
+ * The receivers of a path-patching sweep.
+ * @typedef {{label: string, receivers: number[][]|null, receiver_input: string}} PathInfo
+ */
+/**
+ * The `heatmap` traitlet (patchwidgets/widget_payload.py heatmap_payload): one metric of one
+ * sweep, as a rows x cols table. Its keys are the contract's heatmap_keys and, optional here,
+ * its heatmap_optional_keys.
+ * @typedef {Object} Heatmap
+ * @property {number} run_id the job that made it
+ * @property {string} site
+ * @property {string} metric
+ * @property {string} direction
+ * @property {Cell[]} rows
+ * @property {Cell[]} cols
+ * @property {string} row_title
+ * @property {string} col_title
+ * @property {DataView} values row-major float32, NaN for cells not computed yet
+ * @property {number} done cells with an exact value
+ * @property {number} total
+ * @property {boolean} complete
+ * @property {string} state the sweep's state when this picture was taken: running, done or cancelled
+ * @property {Object<string, number|null>} baselines the unpatched runs' values of the metric
+ * @property {Centre|null} centre a raw metric's neutral middle (the target run's value), else null
+ * @property {Partial<State>} inputs the sweep fields as the sweep read them
+ * @property {PathInfo} [path] a path-patching sweep's receivers
+ * @property {number} [n_pairs] a dataset: how many prompt pairs
+ * @property {number} [pair] a dataset: the pair shown, or -1 for the mean
+ * @property {DataView} [se] a dataset's mean: the standard error of each cell
+ * @property {DataView} [estimate] the fast preview's estimate of every cell, same layout as values
+ * @property {string} [estimate_method] how the estimate was made ("atp")
+ */
+/**
+ * One head's attention on one prompt.
  * @typedef {{tokens: string[], n: number, values: DataView}} PatternView
  */
+/**
+ * Every synced traitlet (the contract's page_fields, then its shown_fields).
+ * @typedef {Object} State
+ * @property {string} clean
+ * @property {string} corrupted
+ * @property {string} correct
+ * @property {string} incorrect
+ * @property {string} direction
+ * @property {string} site
+ * @property {string} receivers
+ * @property {string} receiver_input
+ * @property {string[][]} dataset
+ * @property {string} metric
+ * @property {boolean} fast_preview
+ * @property {boolean} auto_run
+ * @property {number} pair
+ * @property {{row?: number, col?: number}} selected
+ * @property {number} pattern_layer
+ * @property {number} pattern_head
+ * @property {Contract} contract
+ * @property {string} model_name
+ * @property {{n_layers: number, n_heads: number}} model_info
+ * @property {{clean?: string[]|null, corrupted?: string[]|null}} tokens
+ * @property {{clean?: number|null, corrupted?: number|null, clean_top?: string|null, corrupted_top?: string|null}} baseline
+ * @property {Object<string, string>} errors {field: message}
+ * @property {string} status idle, running, done, cancelled or error
+ * @property {number[]} progress [patches done, total]
+ * @property {string} waiting_for
+ * @property {number} elapsed
+ * @property {Heatmap|{rows?: undefined}} heatmap {} before the first sweep
+ * @property {string} explanation
+ * @property {{layer?: number, head?: number, error?: string, clean?: PatternView, corrupted?: PatternView}} pattern
+ */
+/** @typedef {keyof State} Field */
+/** The text traitlets (prompts, answers, receivers, ...). @typedef {{[K in Field]: State[K] extends string ? K : never}[Field]} TextName */
+/**
+ * The anywidget model, as this page uses it.
+ * @typedef {Object} Model
+ * @property {<K extends Field>(name: K) => State[K]} get
+ * @property {<K extends Field>(name: K, value: State[K]) => void} set
+ * @property {() => void} save_changes
+ * @property {(msg: Object<string, any>) => void} send
+ * @property {(event: string, fn: Function) => void} on
+ * @property {(event: string, fn: Function) => void} off
+ */
+
+/**
+ * The heatmap payload, or null before the first one.
+ * @param {Model} model @returns {Heatmap|null}
+ */
+export function heatmapOf(model) {
+  const p = model.get("heatmap");
+  return p && p.rows !== undefined && p.rows.length ? p : null;
+}
 
 /**
  * Create an HTML element. Strings among `children` become text nodes (never parsed).
@@ -66,7 +182,7 @@ function s(tag, attrs = {}) {
 
 /**
  * Float32 values from whatever the widget manager hands us for a bytes traitlet.
- * @param {any} buf
+ * @param {DataView|ArrayBuffer|ArrayBufferView|null|undefined} buf
  * @returns {Float32Array}
  */
 export function floats(buf) {
@@ -93,7 +209,6 @@ export function floats(buf) {
 export const RED = [178, 24, 43], BLUE = [33, 102, 172], PURPLE = [84, 39, 143];
 
 /**
- * @typedef {{scale: string, label: string, high_means: string, lo: number|null, hi: number|null}} MetricInfo
  * @typedef {[number, number, number, number]} RGBA
  * @typedef {{value: number, run: string, source?: number|null, source_run?: string|null}} Centre
  * @typedef {{kind: string, lo: number, hi: number, mid: number|null, centre: Centre|null}} Scale
@@ -226,6 +341,7 @@ const clip = (text, n) => (text.length > n ? text.slice(0, n - 1) + "\u2026" : t
  * @param {string} text
  */
 export function receiverHeads(text) {
+  /** @type {string[]} */
   const heads = [];
   for (const item of String(text || "").split(/[\s,;]+/)) {
     const m = /^l?(\d+)(?:[.:]|h)(\d+)$/i.exec(item);
@@ -273,20 +389,13 @@ export function cellName(row, col, path) {
   return parts.join(", ");
 }
 
-/** Whether an event target is a heatmap cell. @param {any} el @returns {el is SVGRectElement} */
-const isCell = (el) => !!el && typeof el.matches === "function" && el.matches("rect.pw-cell");
+/** Whether an event target is a heatmap cell. @param {EventTarget|null} el @returns {el is SVGRectElement} */
+const isCell = (el) => el instanceof Element && el.matches("rect.pw-cell");
 
 /** Rows beyond which a (layer.head x position) sweep opens one position at a time. */
 export const MANY_ROWS = 48;
 
-const RECEIVER_INPUTS = [["q", "queries (q)"], ["k", "keys (k)"], ["v", "values (v)"], ["kv", "keys and values (kv)"], ["qkv", "all inputs (qkv)"]];
-
-const METRIC_LABELS = {
-  logit_diff: "logit difference", normalized: "normalized (fraction restored)",
-  logit: "logit of correct answer", logprob: "log-prob of correct answer",
-  prob: "probability of correct answer", rank: "rank of correct answer",
-  accuracy: "top-1 accuracy", kl: "KL(clean || patched)",
-};
+/** @type {Object<string, string>} */
 const REMINDER = {
   denoising: "Denoising: run the corrupted prompt, paste in clean activations. High = this activation is sufficient.",
   noising: "Noising: run the clean prompt, paste in corrupted activations. High = this activation is necessary.",
@@ -303,7 +412,7 @@ const REMINDER = {
 /**
  * The page-side state the parts share.
  * @typedef {Object} ViewState
- * @property {Set<string>} edited inputs edited on this page since the last Run (sent with it: see sendRun)
+ * @property {Set<Field>} edited traitlets set on this page since the last Run (the run fields among them go with it: see sendRun)
  * @property {Array<() => void>} flushers push text still being typed (debounced) to the model now
  */
 /**
@@ -323,36 +432,31 @@ const REMINDER = {
 /**
  * What every part is built with.
  * @typedef {Object} Ctx
- * @property {any} model the anywidget model: get / set / save_changes / send / on / off
+ * @property {Model} model the anywidget model: get / set / save_changes / send / on / off
+ * @property {Contract} contract what Python and the page agree on (the `contract` traitlet, read once)
  * @property {HTMLElement} root the widget's root; parts publish what they show on root.dataset
  *           (the browser tests and benchmarks/bench_widget_latency.py read it)
  * @property {ViewState} state
- * @property {(name: string, value: any) => void} save set a traitlet from the page (and remember the edit)
+ * @property {<K extends Field>(name: K, value: State[K]) => void} save set a traitlet from the page (and remember the edit)
  * @property {Errors} errors
  * @property {Tooltip} tooltip
  */
 
 /**
  * The shared context of one view.
- * @param {any} model @param {HTMLElement} [root]
+ * @param {Model} model @param {HTMLElement} [root]
  * @returns {Ctx}
  */
 export function makeContext(model, root = h("div", { class: "pw-root" })) {
   /** @type {ViewState} */
   const state = { edited: new Set(), flushers: [] };
-  /** @type {Ctx} */
-  const ctx = {
-    model, root, state,
-    save(name, value) {
-      model.set(name, value);
-      model.save_changes();
-      state.edited.add(name);
-    },
-    errors: /** @type {any} */ (null),
-    tooltip: makeTooltip(root),
-  };
-  ctx.errors = makeErrors(ctx);
-  return ctx;
+  const save = /** @type {Ctx["save"]} */ ((name, value) => {
+    model.set(name, value);
+    model.save_changes();
+    state.edited.add(name);
+  });
+  const errors = makeErrors({ model, root });
+  return { model, contract: model.get("contract"), root, state, save, errors, tooltip: makeTooltip(root) };
 }
 
 /**
@@ -378,7 +482,7 @@ export function makeTooltip(root) {
 }
 
 /**
- * @param {{model: any, root: HTMLElement}} ctx
+ * @param {{model: Model, root: HTMLElement}} ctx
  * @returns {Errors}
  */
 export function makeErrors({ model, root }) {
@@ -412,12 +516,13 @@ export function makeErrors({ model, root }) {
  * @property {HTMLInputElement} input
  * @property {() => void} update show the model's value, unless the user is still typing
  * @property {() => void} flush send what was typed now
+ * @property {TextName} name the traitlet
  */
 
 /**
  * A text input bound to traitlet `name`: synced while typing (debounced), at once on change,
  * and on Enter, which also asks for a Run.
- * @param {Ctx} ctx @param {string} name @param {string} label @param {string} cls
+ * @param {Ctx} ctx @param {TextName} name @param {string} label @param {string} cls
  * @param {{inlineError?: boolean, onEnter?: () => void}} [opts]
  * @returns {TextField}
  */
@@ -427,10 +532,10 @@ export function makeTextField(ctx, name, label, cls, { inlineError = true, onEnt
     type: "text", class: "pw-input", "data-field": name, spellcheck: "false", "aria-label": label,
   }));
   input.value = model.get(name);
-  /** @type {any} */ let timer = null;
+  /** @type {ReturnType<typeof setTimeout>|undefined} */ let timer;
   const flush = () => {
     clearTimeout(timer);
-    timer = null;
+    timer = undefined;
     if (model.get(name) !== input.value) ctx.save(name, input.value);
   };
   input.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(flush, 250); });
@@ -442,8 +547,8 @@ export function makeTextField(ctx, name, label, cls, { inlineError = true, onEnt
   const el = h("label", { class: `pw-field ${cls}` }, h("span", { class: "pw-label" }, label), input);
   if (inlineError) el.append(ctx.errors.box(name));
   return {
-    el, input, flush,
-    update() { if (timer === null && input.value !== model.get(name)) input.value = model.get(name); },
+    el, input, flush, name,
+    update() { if (timer === undefined && input.value !== model.get(name)) input.value = model.get(name); },
   };
 }
 
@@ -461,7 +566,7 @@ export function makeTextField(ctx, name, label, cls, { inlineError = true, onEnt
  * @returns {InputsPart}
  */
 export function makeInputs(ctx, { onRun }) {
-  const field = (/** @type {string} */ name, /** @type {string} */ label, /** @type {string} */ cls, inlineError = true) =>
+  const field = (/** @type {TextName} */ name, /** @type {string} */ label, /** @type {string} */ cls, inlineError = true) =>
     makeTextField(ctx, name, label, cls, { inlineError, onEnter: onRun });
   const fields = {
     clean: field("clean", "Clean prompt", "pw-prompt"),
@@ -492,11 +597,11 @@ export function makeTokens({ model }) {
     // Highlight positions whose tokens differ (only when both prompts tokenised).
     const differs = (/** @type {number} */ i) => !!clean && !!corrupted && clean[i] !== corrupted[i];
     tokenRows.replaceChildren();
-    const typed = ["clean", "corrupted"].filter((k) => String(model.get(k) || "").trim());
-    for (const [name, list] of [["clean", clean], ["corrupted", corrupted]]) {
+    const typed = ["clean", "corrupted"].filter((k) => String(model.get(/** @type {TextName} */ (k)) || "").trim());
+    for (const [name, list] of /** @type {Array<[string, string[]|null]>} */ ([["clean", clean], ["corrupted", corrupted]])) {
       const row = h("div", { class: "pw-token-row", "data-prompt": name }, h("span", { class: "pw-token-name" }, name));
       if (!list) row.append(h("span", { class: "pw-muted" }, typed.includes(name) ? "(not tokenised: see the message at the prompt)" : "(empty)"));
-      else list.forEach((/** @type {string} */ tok, /** @type {number} */ i) => {
+      else list.forEach((tok, i) => {
         row.append(h("span", { class: "pw-tok" + (differs(i) ? " pw-tok-diff" : ""), title: `position ${i}: ${quote(tok)}`, "data-pos": String(i) }, tok));
       });
       if (list) row.append(h("span", { class: "pw-muted" }, ` ${list.length} tokens`));
@@ -531,7 +636,7 @@ export function makeTokens({ model }) {
  */
 export function makeControls(ctx, { onRun }) {
   const { model, save } = ctx;
-  const dirGroup = h("div", { class: "pw-toggle", role: "radiogroup", "aria-label": "direction" });
+  const dirGroup = h("div", { class: "pw-toggle", role: "radiogroup", "aria-label": "direction", "data-control": "direction" });
   /** @type {Object<string, HTMLButtonElement>} */
   const dirButtons = {};
   for (const d of ["denoising", "noising"]) {
@@ -542,10 +647,10 @@ export function makeControls(ctx, { onRun }) {
   }
   const reminder = h("div", { class: "pw-reminder" });
   const metricSelect = /** @type {HTMLSelectElement} */ (h("select", { class: "pw-select", "data-control": "metric", "aria-label": "metric" }));
-  for (const m of model.get("metric_options") || []) metricSelect.append(h("option", { value: m }, `${m}: ${METRIC_LABELS[m] || m}`));
+  for (const [m, info] of Object.entries(ctx.contract.metrics)) metricSelect.append(h("option", { value: m }, `${m}: ${info.label}`));
   metricSelect.addEventListener("change", () => save("metric", metricSelect.value));
   const siteSelect = /** @type {HTMLSelectElement} */ (h("select", { class: "pw-select", "data-control": "site", "aria-label": "component" }));
-  for (const [group, options] of model.get("site_options") || []) {
+  for (const [group, options] of ctx.contract.sites) {
     const og = h("optgroup", { label: group });
     for (const [value, label] of options) og.append(h("option", { value }, label));
     siteSelect.append(og);
@@ -606,7 +711,7 @@ export function makePathPanel(ctx, { onRun }) {
   const field = makeTextField(ctx, "receivers", "Receivers: logits, or heads (layer.head)", "pw-receivers", { onEnter: onRun });
   field.input.setAttribute("placeholder", "logits   (or heads: 3.1, 3.5)");
   const inputSelect = /** @type {HTMLSelectElement} */ (h("select", { class: "pw-select", "data-control": "receiver_input", "aria-label": "receiver input" }));
-  for (const [value, label] of RECEIVER_INPUTS) inputSelect.append(h("option", { value }, label));
+  for (const [value, label] of ctx.contract.receiver_inputs) inputSelect.append(h("option", { value }, label));
   inputSelect.addEventListener("change", () => save("receiver_input", inputSelect.value));
   const el = h("div", { class: "pw-path pw-hidden", "data-panel": "path" },
     field.el,
@@ -639,12 +744,12 @@ export function makePathPanel(ctx, { onRun }) {
  * @returns {{el: HTMLElement, update: () => void}}
  */
 export function makeDataset({ model, save }) {
-  const body = h("div", { class: "pw-dataset-rows" });
+  const body = h("div", { class: "pw-dataset-rows", "data-control": "dataset" });
   const summary = h("summary", {}, "Dataset");
   const el = h("details", { class: "pw-dataset", "data-panel": "dataset" }, summary, body);
   /** @param {string[][]} rows */
   const saveRows = (rows) => save("dataset", rows.map((r) => [...r]));
-  const copy = () => (model.get("dataset") || []).map((/** @type {string[]} */ r) => [...r]);
+  const copy = () => (model.get("dataset") || []).map((r) => [...r]);
   const labels = ["clean prompt", "corrupted prompt", "correct", "incorrect"];
   /** @param {string[]} row @param {number} i */
   function line(row, i) {
@@ -661,7 +766,7 @@ export function makeDataset({ model, save }) {
       div.append(input);
     });
     const remove = h("button", { type: "button", class: "pw-cancel", "data-action": "remove-pair", "aria-label": `remove pair ${i}` }, "\u2212");
-    remove.addEventListener("click", () => saveRows(copy().filter((/** @type {any} */ _, k) => k !== i)));
+    remove.addEventListener("click", () => saveRows(copy().filter((_, k) => k !== i)));
     div.append(remove);
     return div;
   }
@@ -672,7 +777,7 @@ export function makeDataset({ model, save }) {
       "Dataset: one prompt pair (add pairs to average over several)";
     if (el.contains(document.activeElement) && body.childElementCount === rows.length + 1) return; // typing here
     const add = h("button", { type: "button", class: "pw-cancel", "data-action": "add-pair" }, "+ add the prompts above as a pair");
-    add.addEventListener("click", () => saveRows([...copy(), ["clean", "corrupted", "correct", "incorrect"].map((k) => String(model.get(k) || ""))]));
+    add.addEventListener("click", () => saveRows([...copy(), /** @type {TextName[]} */ (["clean", "corrupted", "correct", "incorrect"]).map((k) => String(model.get(k) || ""))]));
     body.replaceChildren(...rows.map(line), add);
   }
   return { el, update };
@@ -683,7 +788,7 @@ export function makeDataset({ model, save }) {
  * @typedef {Object} KernelLink
  * @property {HTMLElement} note says so when no Python widget answers this view
  * @property {() => boolean} seen whether Python has answered yet
- * @property {(msg?: any) => void} heard a message or state change from Python (a Run's "ack" names its job)
+ * @property {(msg?: {type?: string, run_id?: number}) => void} heard a message or state change from Python (a Run's "ack" names its job)
  * @property {(what: string) => void} expect expect an answer; without one in 3 s, say what `what` cannot do
  */
 
@@ -698,7 +803,7 @@ export function makeDataset({ model, save }) {
 export function makeKernelLink({ root }, { onMissing }) {
   const note = h("div", { class: "pw-kernel-note pw-hidden", role: "status", "data-note": "kernel" });
   let seen = false;
-  /** @type {any} */ let timer = null;
+  /** @type {ReturnType<typeof setTimeout>|undefined} */ let timer;
   root.dataset.kernel = "unknown";
   return {
     note,
@@ -727,18 +832,19 @@ export function makeKernelLink({ root }, { onMissing }) {
 }
 
 /**
- * Ask Python for a Run. The inputs edited here go with the request: ipywidgets may hold back
- * state updates while the kernel is busy, and a custom message could overtake them. Only
- * edited ones: the others may have been changed by Python (pre-filled answers) since. Python
+ * Ask Python for a Run. The run fields (contract.run_fields) edited here go with the request:
+ * ipywidgets may hold back state updates while the kernel is busy, and a custom message could
+ * overtake them. Only edited ones: the others may have been changed by Python (pre-filled
+ * answers) since. Python
  * answers {type: "ack", run_id}, the id of the job this click started (root.dataset.requestedRun).
  * @param {Ctx} ctx
  */
-export function sendRun({ model, root, state }) {
+export function sendRun({ model, contract, root, state }) {
   state.flushers.forEach((f) => f());
   root.dataset.status = "running";
-  /** @type {Object<string, any>} */
+  /** @type {Partial<State>} */
   const edited = {};
-  for (const k of state.edited) edited[k] = model.get(k);
+  for (const k of state.edited) if (contract.run_fields.includes(k)) Object.assign(edited, { [k]: model.get(k) });
   state.edited.clear();
   delete root.dataset.requestedRun;
   model.send({ type: "run", state: edited });
@@ -769,8 +875,8 @@ export function makeStatus({ model, root }) {
   const progressRow = h("div", { class: "pw-progress-row" }, progress, progressText);
   /** What a cancel left: counted from the picture itself, or nothing started. */
   function cancelledText() {
-    const p = model.get("heatmap") || {};
-    return p.state === "cancelled" ? `cancelled after ${p.done}/${p.total} patches`
+    const p = heatmapOf(model);
+    return p && p.state === "cancelled" ? `cancelled after ${p.done}/${p.total} patches`
       : "cancelled before the sweep started: the heatmap is the previous one";
   }
   return {
@@ -946,9 +1052,8 @@ export function buildGrid(p, view, width) {
     if (i < 0) return;
     const gi = Math.floor(n / nC), gj = n % nC;
     const r = /** @type {SVGRectElement} */ (s("rect", { x: left + gj * cw, y: top + gi * ch, width: cw - gap, height: ch - gap, class: "pw-cell", "data-row": i, "data-col": j, role: "gridcell" }));
-    /** @type {Object<string, any>} */
     const d = { ...p.rows[i], ...p.cols[j] };
-    for (const k of ["layer", "head", "pos"]) if (d[k] !== undefined) r.setAttribute(`data-${k}`, String(d[k]));
+    for (const k of /** @type {const} */ (["layer", "head", "pos"])) if (d[k] !== undefined) r.setAttribute(`data-${k}`, String(d[k]));
     rects.push(r);
     flat.push(i * p.cols.length + j);
     cells.append(r);
@@ -1020,7 +1125,7 @@ export function makeHeatmap(ctx, { onSelect, onToggleReceiver }) {
     h("b", {}, "approximate (attribution patching)"),
     h("span", { class: "pw-approx-count" }));
   const staleNote = h("div", { class: "pw-stale pw-hidden" }, "Inputs changed since this heatmap was computed: press Run.");
-  const plot = h("div", { class: "pw-plot" });
+  const plot = h("div", { class: "pw-plot", "data-control": "selected" }); // (a click on a cell selects it)
   const el = h("div", { class: "pw-heatmap-panel" }, caption, legendNote, pairRow, posRow, approxNote, staleNote, ctx.errors.box("general"), plot);
 
   /** @type {Grid|null} */ let grid = null;
@@ -1032,15 +1137,15 @@ export function makeHeatmap(ctx, { onSelect, onToggleReceiver }) {
 
   /** @param {Heatmap} p */
   function drawPairChoice(p) {
-    const n = Number(/** @type {any} */ (p).n_pairs || 1);
+    const n = p.n_pairs ?? 1;
     pairRow.classList.toggle("pw-hidden", n < 2);
     if (n < 2) return;
-    const rows = (p.inputs && /** @type {any} */ (p.inputs).dataset) || [];
+    const rows = p.inputs.dataset || [];
     if (pairSelect.options.length !== n + 1) {
       pairSelect.replaceChildren(h("option", { value: "-1" }, `mean over ${n} pairs (explanations add the standard error)`),
         ...Array.from({ length: n }, (_, k) => h("option", { value: String(k) }, `pair ${k}: ${clip(String((rows[k] || [])[0] || ""), 48)}`)));
     }
-    pairSelect.value = String(/** @type {any} */ (p).pair ?? -1);
+    pairSelect.value = String(p.pair ?? -1);
     root.dataset.pair = pairSelect.value;
   }
 
@@ -1074,9 +1179,8 @@ export function makeHeatmap(ctx, { onSelect, onToggleReceiver }) {
 
   /** Colour the cells from the current values (cheap: runs on every streamed update). */
   function update() {
-    /** @type {Heatmap} */
-    const p = model.get("heatmap") || {};
-    if (!p.rows || !p.rows.length) {
+    const p = heatmapOf(model);
+    if (!p) {
       key = "";
       plot.replaceChildren(h("div", { class: "pw-empty" }, "No heatmap yet: press Run."));
       caption.textContent = "";
@@ -1099,7 +1203,7 @@ export function makeHeatmap(ctx, { onSelect, onToggleReceiver }) {
       if (!Number.isFinite(v)) return;
       if (Number.isFinite(values[i])) filled++; else approx++;
     });
-    const info = (model.get("metric_info") || {})[p.metric];
+    const info = ctx.contract.metrics[p.metric];
     const sc = scale(p.metric, shown, info, p.centre);
     let hatchPath = "";
     g.rects.forEach((r, n) => {
@@ -1132,7 +1236,7 @@ export function makeHeatmap(ctx, { onSelect, onToggleReceiver }) {
     const labels = paintLegend(g.legend, p.metric, sc);
     legendNote.textContent = legendWords(p.metric, sc, info);
     const what = p.path ? p.path.label : p.site;
-    caption.textContent = `${p.direction} \u00b7 ${what} \u00b7 ${METRIC_LABELS[p.metric] || p.metric}` +
+    caption.textContent = `${p.direction} \u00b7 ${what} \u00b7 ${info ? info.label : p.metric}` +
       (p.complete ? "" : ` \u00b7 ${p.done}/${p.total} patches`);
     approxNote.classList.toggle("pw-hidden", approx === 0);
     approxNote.dataset.count = String(approx);
@@ -1157,26 +1261,26 @@ export function makeHeatmap(ctx, { onSelect, onToggleReceiver }) {
   function drawApproxNote() {
     const n = Number(approxNote.dataset.count || 0);
     const it = n === 1 ? "it" : "them";
-    const state = (model.get("heatmap") || {}).state;
+    const state = heatmapOf(model)?.state;
     const next = state === "running" ? `, replaced by the exact value as the sweep reaches ${it}`
       : ` (the exact sweep stopped before reaching ${it}; press Run for exact values)`;
     /** @type {HTMLElement} */ (approxNote.querySelector(".pw-approx-count")).textContent =
       `: ${n} hatched cell${n === 1 ? "" : "s"} show${n === 1 ? "s" : ""} a first-order estimate` + (n ? next : "");
   }
 
+  /** Stale: a sweep field the heatmap records (the contract's sweep_fields; the path view's own
+   * only for a path sweep) is no longer what the model holds. */
   function markStale() {
-    const p = model.get("heatmap") || {};
-    if (!p.inputs) return staleNote.classList.add("pw-hidden");
-    const keys = ["clean", "corrupted", "correct", "incorrect", "direction", "site"];
-    if (p.inputs.site === "path") keys.push("receivers", "receiver_input");
-    const stale = keys.some((k) => p.inputs[k] !== model.get(k)) ||
-      JSON.stringify(p.inputs.dataset || []) !== JSON.stringify(model.get("dataset") || []);
+    const inputs = heatmapOf(model)?.inputs;
+    if (!inputs) return staleNote.classList.add("pw-hidden");
+    const { sweep_fields, path_fields } = ctx.contract;
+    const stale = sweep_fields.some((k) => k in inputs && (inputs.site === "path" || !path_fields.includes(k)) &&
+      JSON.stringify(inputs[k]) !== JSON.stringify(model.get(k)));
     staleNote.classList.toggle("pw-hidden", !stale);
   }
 
   function markReceivers() {
     if (!grid) return;
-    const p = model.get("heatmap") || {};
     const heads = model.get("site") === "path" ? receiverHeads(model.get("receivers")) : [];
     let d = "";
     for (const r of grid.rects) {
@@ -1186,7 +1290,7 @@ export function makeHeatmap(ctx, { onSelect, onToggleReceiver }) {
       d += `M${x} ${y}h${grid.cw - 4}v${grid.ch - 4}h-${grid.cw - 4}z`;
     }
     grid.receivers.setAttribute("d", d);
-    root.dataset.receivers = p.rows ? heads.join(" ") : "";
+    root.dataset.receivers = heatmapOf(model) ? heads.join(" ") : "";
   }
 
   function drawOutline() {
@@ -1204,9 +1308,8 @@ export function makeHeatmap(ctx, { onSelect, onToggleReceiver }) {
   // Tooltip and clicks, delegated from the cells.
   plot.addEventListener("mousemove", (e) => {
     const r = /** @type {Element} */ (e.target);
-    if (!isCell(r)) return tooltip.hide();
-    /** @type {Heatmap} */
-    const p = model.get("heatmap");
+    const p = heatmapOf(model);
+    if (!isCell(r) || !p) return tooltip.hide();
     const row = p.rows[Number(r.dataset.row)], col = p.cols[Number(r.dataset.col)];
     const exact = r.dataset.value !== undefined, guess = r.dataset.estimate;
     const lines = [exact ? `${p.metric} = ${fmt(Number(r.dataset.value), 4)}`
@@ -1347,9 +1450,9 @@ export function makeExplainPanel({ model, save, tooltip }) {
       patternPanel.replaceChildren();
       patternPanel.dataset.layer = String(p.layer ?? "");
       patternPanel.dataset.head = String(p.head ?? "");
-      for (const name of ["clean", "corrupted"]) {
-        if (p[name]) patternPanel.append(patternGrid(name, p[name]));
-        else patternPanel.append(h("div", { class: "pw-muted" }, `${name}: no pattern (fix the prompt first)`));
+      for (const name of /** @type {const} */ (["clean", "corrupted"])) {
+        const view = p[name];
+        patternPanel.append(view ? patternGrid(name, view) : h("div", { class: "pw-muted" }, `${name}: no pattern (fix the prompt first)`));
       }
     },
     noKernel() {
@@ -1362,7 +1465,7 @@ export function makeExplainPanel({ model, save, tooltip }) {
 /**
  * anywidget's entry point: build the parts, subscribe them to the model, draw once.
  * Returns the cleanup anywidget calls when the view goes.
- * @param {{ model: any, el: HTMLElement }} args
+ * @param {{ model: Model, el: HTMLElement }} args
  */
 function render({ model, el }) {
   const ctx = makeContext(model);
@@ -1397,12 +1500,12 @@ function render({ model, el }) {
     status.progressRow, h("div", { class: "pw-main" }, heatmap.el, side.el), ctx.tooltip.el);
 
   const drawStatus = () => controls.setRunning(status.update() === "running");
-  const drawControls = () => { controls.update(); path.update(); heatmap.markStale(); heatmap.markReceivers(); };
+  const drawControls = () => { controls.update(); path.update(); heatmap.markReceivers(); };
   const fields = { ...inputs.fields, receivers: path.field };
-  /** Who redraws on which change, in this order. @type {Array<[string[], Function]>} */
+  /** Who redraws on which change, in this order. @type {Array<[Field[], Function]>} */
   const table = [
-    ...Object.entries(fields).map(([name, f]) => /** @type {[string[], Function]} */ (
-      [[name], () => { f.update(); heatmap.markStale(); }])),
+    ...Object.values(fields).map((f) => /** @type {[Field[], Function]} */ ([[f.name], f.update])),
+    [ctx.contract.sweep_fields, heatmap.markStale],
     [["tokens", "baseline", "correct", "incorrect", "clean", "corrupted"], tokens.update],
     [["direction", "metric", "site", "auto_run", "fast_preview", "receivers", "receiver_input"], drawControls],
     [["dataset"], dataset.update],
