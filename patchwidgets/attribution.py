@@ -62,6 +62,7 @@ backends share (the result type, the gradient groups, the per-site sums) is in
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 import weakref
@@ -174,10 +175,8 @@ def attribution_patch(
     from . import nnsight_backend  # (imports nnsight only for an nnsight model)
 
     if remote or nnsight_backend.is_nnsight_model(model):
-        return nnsight_backend.attribution_patch(
-            model, clean, corrupted, answers, site, direction, metrics, qk_fix=qk_fix, ablation=ablation,
-            noise=noise, noise_positions=noise_positions, noise_seed=noise_seed, layers=layers,
-            positions=positions, heads=heads, neurons=neurons, index=index, remote=remote)
+        arguments = {name: value for name, value in locals().items() if name in _PARAMETERS and name != "model"}
+        return nnsight_backend.attribution_patch(model, arguments)
     request = prepare_request(model, clean, corrupted, answers, direction, metrics, ablation=ablation,
                               noise=noise, noise_positions=noise_positions, noise_seed=noise_seed, gradient=True)
     inputs, metric_fns = request.inputs, request.metric_fns
@@ -239,6 +238,9 @@ def attribution_patch(
     result.stats = {"patches": n_cells * len(sites), "forward_passes": 1 + (source_run is not None),
                     "backward_passes": len(groups), "qk_fix": int(qk_ok), "logits_shortcut": int(shortcut)}
     return result
+
+
+_PARAMETERS = tuple(inspect.signature(attribution_patch).parameters)
 
 
 # ---------------------------------------------------------------------------- AtP* for q and k

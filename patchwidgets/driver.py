@@ -188,6 +188,9 @@ def _grouped(backend: Backend, request: Request, groups: list[slice], measure: M
             run_streaming(part, jobs, measure.rows(rows), progress=False, callback=report_group,
                           cancel=control.cancel)
             _copy(part, values, rows)
+            # Let this group's activations go before the next group records its own: held over
+            # the next group's unpatched runs, two groups would be alive at once.
+            del runs, jobs, part, report_group
     except PatchingCancelled:
         result.done = noops   # (only the no-ops hold every pair's value: the rest is incomplete)
         raise PatchingCancelled(result) from None

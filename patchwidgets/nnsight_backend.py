@@ -536,6 +536,14 @@ def _prepare(model: Any, clean: Prompts, corrupted: Prompts | None, answers: Any
     return _Sweep(info, request, cells, where, *_runs(info, request, remote))
 
 
+def _prepare_from(model: Any, arguments: dict[str, Any], gradient: bool = False) -> _Sweep:
+    """:func:`_prepare` from an entry point's own arguments, by name (its ``locals()``)."""
+    names = ("clean", "corrupted", "answers", "site", "direction", "metrics")
+    options = ("ablation", "noise", "noise_positions", "noise_seed", "layers", "positions", "heads", "neurons",
+               "index", "remote")
+    return _prepare(model, *(arguments[n] for n in names), gradient=gradient, **{n: arguments[n] for n in options})
+
+
 def _runs(info: NNsightModelInfo, request: Any, remote: bool) -> tuple[_Run, _Run]:
     """The target run (patched into) and the source run (the values; the target itself when
     ablated) of ``request``, or of one group of it."""
@@ -568,10 +576,7 @@ def patch(model: Any, arguments: dict[str, Any], control: SweepControl) -> Patch
     ``remote=True`` runs every trace on NDIF (``model.trace(remote=True)``; needs nnsight's
     NDIF API key). Not tested offline: see the module docstring.
     """
-    names = ("clean", "corrupted", "answers", "site", "direction", "metrics")
-    options = ("ablation", "noise", "noise_positions", "noise_seed", "layers", "positions", "heads", "neurons",
-               "index", "remote")
-    sweep = _prepare(model, *(arguments[n] for n in names), **{n: arguments[n] for n in options})
+    sweep = _prepare_from(model, arguments)
     inputs = sweep.request.inputs
     worst = inputs.batch * inputs.seq_len * sweep.info.cfg.n_layers * len(sweep.cells.indices) * len(sweep.cells.sites)
     return run_sweep(NNsightBackend(sweep, control.max_batch_tokens, bool(arguments["remote"])), sweep.request,
@@ -665,28 +670,9 @@ class _NNsightRuns:
                 "fallback_reason": "nnsight backend: every patch runs the whole model"}
 
 
-def attribution_patch(
-    model: Any,
-    clean: Prompts,
-    corrupted: Prompts | None = None,
-    answers: Any = None,
-    site: str = "head_out",
-    direction: str | None = None,
-    metrics: Any = ("logit_diff", "normalized"),
-    *,
-    qk_fix: bool = True,
-    ablation: str | None = None,
-    noise: float = 3.0,
-    noise_positions: Sequence[int] | None = None,
-    noise_seed: int = 0,
-    layers: Sequence[int] | None = None,
-    positions: Sequence[int] | None = None,
-    heads: Sequence[int] | None = None,
-    neurons: Sequence[int] | None = None,
-    index: Sequence[tuple] | None = None,
-    remote: bool = False,
-) -> AttributionResult:
-    """:func:`patchwidgets.attribution_patch` for an nnsight model; same arguments, same result.
+def attribution_patch(model: Any, arguments: dict[str, Any]) -> AttributionResult:
+    """:func:`patchwidgets.attribution_patch` for an nnsight model: ``arguments`` are that call's
+    own, by name; same result.
 
     Two recording traces (as :func:`patch`), then one trace per distinct gradient
     (:func:`~patchwidgets.atp.gradient_groups`: one for ``logit_diff`` and
@@ -700,9 +686,8 @@ def attribution_patch(
     AtP* fix rebuilds the attention pattern from them, and the nnsight backend has no pattern.
     Every other site gives the bridge's estimates (``tests/test_nnsight.py``).
     """
-    sweep = _prepare(model, clean, corrupted, answers, site, direction, metrics, ablation=ablation, noise=noise,
-                     noise_positions=noise_positions, noise_seed=noise_seed, layers=layers, positions=positions,
-                     heads=heads, neurons=neurons, index=index, remote=remote, gradient=True)
+    sweep = _prepare_from(model, arguments, gradient=True)
+    qk_fix = arguments["qk_fix"]
     request, cells, where = sweep.request, sweep.cells, sweep.where
     with torch.no_grad():
         measure, target_logits, target_acts, source_acts = _unpatched(sweep)
