@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol
 
 import torch
 
-from .errors import PatchingCancelled
+from .errors import PatchingCancelled, PatchingInputError
 from .results import PatchResult
 from .streaming import Job, PatchUpdate, run_streaming
 from .sweep import Measure, Request, Unpatched, sweep_stats
@@ -206,14 +206,8 @@ def _copy(part: PatchResult, values: dict[str, torch.Tensor], rows: slice) -> No
 
 def check_cache_budget(max_cache_bytes: Any) -> int:
     """``max_cache_bytes`` as a positive int, or a :class:`~patchwidgets.errors.PatchingInputError`."""
-    from .errors import PatchingInputError
-
     if isinstance(max_cache_bytes, bool) or not isinstance(max_cache_bytes, int) or max_cache_bytes <= 0:
         raise PatchingInputError(f"max_cache_bytes must be a positive number of bytes, got {max_cache_bytes!r}",
                                  "max_cache_bytes")
     return max_cache_bytes
 
-
-def per_position_bytes(sizes: Sequence[int], element_size: int) -> int:
-    """Bytes one position of one pair takes in activations of ``sizes`` elements each."""
-    return int(sum(sizes)) * element_size
