@@ -263,9 +263,14 @@ class PatchingWidget(anywidget.AnyWidget):
         return done
 
     def figure(self, metric: str | None = None):
-        """The current heatmap as a plotly figure (``result.figure``)."""
+        """The current heatmap as a plotly figure (``result.figure``). A metric the last sweep
+        did not compute (a sweep computes the metric on screen and those that come free with
+        it) is shown by switching to it and waiting for its sweep."""
         if self.result is None:
             raise RuntimeError("no sweep has run yet: press Run or call w.run(wait=True)")
+        if metric is not None and metric != self.metric and self.sweeps.lacks(metric):
+            self.metric = metric
+            self.wait()
         return self.result.figure(metric or self.metric)
 
     def select(self, row: int | None = None, col: int | None = None, **index: int) -> str:
@@ -444,6 +449,9 @@ class PatchingWidget(anywidget.AnyWidget):
     def _on_metric(self, change) -> None:
         self.sweeps.errors.pop("metric", None)
         self._run_errors.pop("metric", None)
+        if self.sweeps.lacks(change["new"]):  # computed on demand (widget_jobs.sweep_metrics)
+            self.run()
+            return
         why = self.sweeps.unavailable(change["new"])
         if why:
             self._run_errors["metric"] = why

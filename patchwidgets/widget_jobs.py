@@ -51,6 +51,19 @@ from .widget_payload import heatmap_payload
 _HEAD = re.compile(r"^l?(\d+)(?:[.:]|h)(\d+)$", re.IGNORECASE)
 
 
+#: An estimate first only when the last exact sweep of the site took at least this long (s).
+PREVIEW_PAYS_S = 1.0
+
+
+def sweep_metrics(shown: str) -> list[str]:
+    """The metrics a sweep computes when ``shown`` is on screen: every metric that reads only
+    the answers' logits (they share the unembedding of the answer columns, so showing one costs
+    all of them nothing more) when ``shown`` is one of them; else all of them (the full
+    unembedding is paid anyway). The others are computed when the user asks for them."""
+    cheap = [m for m in BUILTIN_METRICS if METRICS[m].answer_only]
+    return cheap if shown in cheap else list(BUILTIN_METRICS)
+
+
 # --------------------------------------------------------------------------- receivers
 def parse_receivers(text: str, n_layers: int, n_heads: int) -> list[tuple[int, int]] | None:
     """Read the *receivers* field of the path-patching view.
@@ -241,6 +254,7 @@ class Sweeper:
         self.errors: dict[str, str] = {}
         self.dropped: dict[str, str] = {}
         self.preview_skipped = ""
+        self.exact_seconds: dict[str, float] = {}   # site -> how long its last exact sweep took
 
     # ------------------------------------------------------------------ pictures
     def push(self, view: View | None = None) -> bool:
@@ -310,6 +324,9 @@ class Sweeper:
         self.preview_skipped = ""
         if host.fast_preview and inputs["site"] == "path":
             self.preview_skipped = "attribution patching has no estimate for path patching"
+        elif host.fast_preview and not self._preview_pays(inputs["site"]):
+            self.preview_skipped = (f"the last exact {inputs['site']} sweep took under {PREVIEW_PAYS_S:g} s: "
+                                    "an estimate first would only delay it")
         elif host.fast_preview:
             self._estimate(view, cancel)
             self._pause(cancel)
@@ -342,12 +359,12 @@ class Sweeper:
 
         try:
             try:
-                result = sweep(list(BUILTIN_METRICS))
+                result = sweep(sweep_metrics(host.metric))
             except DegenerateNormalizationError as err:
                 if host.metric == "normalized":
                     raise
                 self.dropped["normalized"] = str(err)
-                result = sweep([m for m in BUILTIN_METRICS if m != "normalized"])
+                result = sweep([m for m in sweep_metrics(host.metric) if m != "normalized"])
         except PatchingCancelled as stop:
             if self.waiting():  # replaced by a newer Run: back to the last complete picture
                 if self.complete is not None:
@@ -374,7 +391,21 @@ class Sweeper:
         self.complete = view
         if not self.push(view):  # a metric this sweep had to drop: say so, never a stale picture
             self.errors["metric"] = self.unavailable(host.metric) or f"metric {host.metric!r} is not available"
+        self.exact_seconds[inputs["site"]] = time.perf_counter() - started
         host.finished("done", time.perf_counter() - started)
+
+    def _preview_pays(self, site: str) -> bool:
+        """Whether an estimate first is worth its pass: unless the last exact sweep of this site
+        finished within :data:`PREVIEW_PAYS_S` (then the estimate would only delay the exact
+        picture). Slow motion (``step_delay``) always shows it."""
+        return self.host.step_delay > 0 or self.exact_seconds.get(site, float("inf")) >= PREVIEW_PAYS_S
+
+    def lacks(self, metric: str) -> bool:
+        """Whether the sweep on screen did not compute ``metric`` (and did not drop it): the
+        widget then computes it on demand (:func:`sweep_metrics`)."""
+        view = self.view
+        source = None if view is None else view.result if view.result is not None else view.estimate
+        return source is not None and metric not in source.metrics and metric not in self.dropped
 
     def _estimate(self, view: View, cancel: threading.Event) -> None:
         """Stage 1: paint the attribution-patching estimate of every cell, if AtP can make one.

@@ -21,6 +21,7 @@ import torch
 
 import patchwidgets
 from patchwidgets.metrics import BUILTIN_METRICS
+from patchwidgets.widget_jobs import sweep_metrics
 from patchwidgets.widget import DEFAULT_CLEAN, DEFAULT_CORRUPTED, STATIC, PatchingWidget
 from patchwidgets.errors import PatchingInputError
 from patchwidgets import widget_colour
@@ -140,8 +141,9 @@ def test_result_equals_patch_exactly(widget, model, site, direction):
     result = widget.run(wait=True)
     assert result is not None and widget.status == "done"
     ref = patchwidgets.patch(model, DEFAULT_CLEAN, DEFAULT_CORRUPTED, answers=(" Mary", " John"),
-                             site=site, direction=direction, metrics=list(BUILTIN_METRICS))
-    for metric in BUILTIN_METRICS:
+                             site=site, direction=direction, metrics=sweep_metrics(widget.metric))
+    assert result.metrics == ref.metrics == ["logit_diff", "normalized", "logit"]
+    for metric in ref.metrics:
         assert torch.equal(result.grid(metric), ref.grid(metric)), metric
     table = table_2d(ref, widget.metric)[0]
     assert torch.equal(payload_values(widget.heatmap), table)
@@ -376,9 +378,9 @@ def test_fast_preview_paints_estimate_then_exact(widget, model, site, direction,
     final = seen[-1]
     assert final["complete"] and final["run_id"] == first["run_id"]
     ref = patchwidgets.patch(model, DEFAULT_CLEAN, DEFAULT_CORRUPTED, answers=ANSWERS, site=site,
-                             direction=direction, metrics=list(BUILTIN_METRICS))
+                             direction=direction, metrics=sweep_metrics(metric))
     assert torch.equal(payload_values(final), table_2d(ref, metric)[0])
-    for m in BUILTIN_METRICS:
+    for m in ref.metrics:
         assert torch.equal(result.grid(m), ref.grid(m)), m
 
 
@@ -415,6 +417,7 @@ def test_fast_preview_failure_is_silent(widget, monkeypatch):
 
 def test_estimate_taken_back_when_exact_sweep_rejects_inputs(widget, monkeypatch):
     widget.run(wait=True)
+    monkeypatch.setattr("patchwidgets.widget_jobs.PREVIEW_PAYS_S", 0.0)  # (an estimate on every Run)
     good = dict(widget.heatmap)
 
     def reject(*args, **kwargs):
@@ -471,8 +474,8 @@ def test_path_view_equals_path_patch(widget, model, receivers, receiver_input, h
     assert widget.wait(60) and widget.status == "done" and widget.errors == {}
     ref = patchwidgets.path_patch(model, DEFAULT_CLEAN, DEFAULT_CORRUPTED, answers=ANSWERS, receivers=heads,
                                   receiver_input=receiver_input, direction=direction,
-                                  metrics=list(BUILTIN_METRICS))
-    for m in BUILTIN_METRICS:
+                                  metrics=sweep_metrics(widget.metric))
+    for m in ref.metrics:
         assert torch.equal(widget.result.grid(m), ref.grid(m)), m
     hm = widget.heatmap
     assert hm["site"] == "path" and hm["complete"] and (hm["row_title"], hm["col_title"]) == ("sender layer", "sender head")
@@ -796,7 +799,7 @@ def test_dataset_mean_standard_error_and_one_pair(model):
         result = w.run(wait=True)
         assert result is not None and result.n_pairs == 3
         ref = patchwidgets.patch(model, [p[0] for p in IOI_PAIRS], [p[1] for p in IOI_PAIRS],
-                                 answers=[(p[2], p[3]) for p in IOI_PAIRS], metrics=list(BUILTIN_METRICS))
+                                 answers=[(p[2], p[3]) for p in IOI_PAIRS], metrics=sweep_metrics(w.metric))
         hm = w.heatmap
         assert hm["n_pairs"] == 3 and hm["pair"] == -1
         assert torch.allclose(payload_values(hm), ref.grid("normalized"), atol=1e-6), "the heatmap is the mean"
@@ -919,3 +922,36 @@ def test_heatmap_payload_keys_are_the_contracts(model):
         assert keys <= required | optional, sorted(keys - required - optional)
         seen |= keys
     assert optional <= seen, f"optional keys no payload has: {sorted(optional - seen)}"
+
+
+# --------------------------------------------------------------------------- what a sweep computes (issue 19 §4)
+def test_a_sweep_computes_the_metric_on_screen_and_the_rest_on_demand(widget, model):
+    """The answer-column metrics come together (one unembedding of two columns); a metric that
+    needs the whole vocabulary is computed when asked for, equal to patch()'s."""
+    assert sweep_metrics("normalized") == ["logit_diff", "normalized", "logit"]
+    assert sweep_metrics("kl") == list(BUILTIN_METRICS)
+    first = widget.run(wait=True)
+    assert first.metrics == ["logit_diff", "normalized", "logit"]
+    run_id = widget.heatmap["run_id"]
+    widget.metric = "kl"          # not computed yet: a sweep for it starts by itself
+    assert widget.wait(60) and widget.status == "done"
+    assert widget.heatmap["metric"] == "kl" and widget.heatmap["run_id"] > run_id
+    ref = patchwidgets.patch(model, DEFAULT_CLEAN, DEFAULT_CORRUPTED, answers=ANSWERS, metrics=list(BUILTIN_METRICS))
+    assert torch.equal(payload_values(widget.heatmap), table_2d(ref, "kl")[0])
+    assert set(widget.result.metrics) == set(BUILTIN_METRICS)
+    kl_run = widget.heatmap["run_id"]
+    widget.metric = "logit_diff"  # now on hand: redrawn from the same sweep
+    assert widget.wait(10) and widget.heatmap["metric"] == "logit_diff" and widget.heatmap["run_id"] == kl_run
+
+
+def test_no_estimate_first_when_the_exact_sweep_was_fast(widget):
+    widget.run(wait=True)                      # the first sweep of a site: estimate first
+    assert widget.sweeps.preview_skipped == ""
+    seen = record_heatmaps(widget)
+    widget.run(wait=True)                      # toy-ioi's exact sweep takes well under a second
+    assert "under 1 s" in widget.sweeps.preview_skipped
+    assert all("estimate" not in p for p in seen), "no estimate painted before the exact values"
+    widget.step_delay = 0.01                   # slow motion always shows the estimate
+    seen.clear()
+    widget.run(wait=True)
+    assert widget.sweeps.preview_skipped == "" and "estimate" in seen[0]
