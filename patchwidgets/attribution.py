@@ -73,6 +73,7 @@ import torch
 from .atp import (QK_SITES, AttributionResult, Comparison, attribution_result, compare, differentiated_metric,
                   gradient_groups, site_estimates)
 from .inputs import Prompts
+from .driver import own_arguments
 from .sharing import exclusive
 from .sources import ablation_values
 from .sweep import prepare_request, sweep_cells
@@ -175,8 +176,7 @@ def attribution_patch(
     from . import nnsight_backend  # (imports nnsight only for an nnsight model)
 
     if remote or nnsight_backend.is_nnsight_model(model):
-        arguments = {name: value for name, value in locals().items() if name in _PARAMETERS and name != "model"}
-        return nnsight_backend.attribution_patch(model, arguments)
+        return nnsight_backend.attribution_patch(model, own_arguments(_PARAMETERS, locals()))
     request = prepare_request(model, clean, corrupted, answers, direction, metrics, ablation=ablation,
                               noise=noise, noise_positions=noise_positions, noise_seed=noise_seed, gradient=True)
     inputs, metric_fns = request.inputs, request.metric_fns

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -143,7 +143,7 @@ def run_sweep(backend: Backend, request: Request, control: SweepControl, worst_c
             result.stats = sweep_stats(result, len(jobs) * backend.passes_per_job, groups=1, **runs.report())
             return run_streaming(result, jobs, measure, progress=False, callback=watch.reporting(control.callback),
                                  cancel=control.cancel)
-        return _grouped(backend, request, groups, measure, means, result, todo, watch, control)
+        return _grouped(backend, request, groups, measure, means, result, first_pos, watch, control)
 
 
 def _dataset_baselines(backend: Backend, request: Request, groups: list[slice],
@@ -164,9 +164,12 @@ def _dataset_baselines(backend: Backend, request: Request, groups: list[slice],
 
 
 def _grouped(backend: Backend, request: Request, groups: list[slice], measure: Measure, means: dict | None,
-             result: PatchResult, todo: list[int], watch: SweepWatch, control: SweepControl) -> PatchResult:
-    """Pass 2: each group's unpatched runs and chunks, written into ``result``'s columns."""
+             result: PatchResult, first_pos: list[int | None], watch: SweepWatch,
+             control: SweepControl) -> PatchResult:
+    """Pass 2: each group's unpatched runs and chunks, written into ``result``'s columns. The
+    no-ops (``first_pos`` None) are the whole dataset's, so every group runs the same cells."""
     assert result.done is not None
+    todo = [slot for slot, f in enumerate(first_pos) if f is not None]
     n_total = result.done.numel()
     values = {k: v.view(n_total, -1) for k, v in result.values.items()}   # [cells, pairs] views
     noops = result.done.view(-1).clone()
@@ -179,7 +182,7 @@ def _grouped(backend: Backend, request: Request, groups: list[slice], measure: M
             watch.expect(runs.work(jobs))
             passes += len(jobs) * backend.passes_per_job
             report = runs.report()
-            part = backend.new_result(group_request, measure.rows(rows), backend.first_positions(request))
+            part = backend.new_result(group_request, measure.rows(rows), first_pos)
 
             def report_group(update: PatchUpdate, g=g, part=part, rows=rows) -> Any:
                 _copy(part, values, rows)
@@ -202,6 +205,12 @@ def _grouped(backend: Backend, request: Request, groups: list[slice], measure: M
 def _copy(part: PatchResult, values: dict[str, torch.Tensor], rows: slice) -> None:
     for k, v in part.values.items():
         values[k][:, rows] = v.reshape(values[k].shape[0], -1)
+
+
+def own_arguments(parameters: Sequence[str], local_vars: dict[str, Any]) -> dict[str, Any]:
+    """An entry point's own arguments, by name, from its ``locals()`` (``model`` left out): how
+    it hands its whole call to a backend without listing every argument again."""
+    return {name: local_vars[name] for name in parameters if name in local_vars and name != "model"}
 
 
 def check_cache_budget(max_cache_bytes: Any) -> int:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .driver import DEFAULT_CACHE_BYTES, EngineGroup, SweepControl, check_cache_budget, run_sweep
+from .driver import DEFAULT_CACHE_BYTES, EngineGroup, SweepControl, check_cache_budget, own_arguments, run_sweep
 from .planning import Patch
 from .inputs import Prompts
 from .results import PatchResult
@@ -132,7 +132,7 @@ def patch(
 
     control = SweepControl(max_batch_tokens, check_cache_budget(max_cache_bytes), progress, callback, cancel)
     if remote or nnsight_backend.is_nnsight_model(model):
-        return nnsight_backend.patch(model, sweep_arguments(locals()), control)
+        return nnsight_backend.patch(model, own_arguments(_PATCH_PARAMETERS, locals()), control)
     request = prepare_request(model, clean, corrupted, answers, direction, metrics, ablation=ablation,
                               noise=noise, noise_positions=noise_positions, noise_seed=noise_seed)
     cells = sweep_cells(model, request.inputs, site, layers=layers, positions=positions, heads=heads,
@@ -142,12 +142,6 @@ def patch(
     full_pass = inputs.batch * inputs.seq_len * model.cfg.n_layers
     return run_sweep(EngineBackend(model, cells, columns, max_batch_tokens), request, control,
                      worst_case_work=full_pass * len(cells.sites) * len(cells.indices))
-
-
-def sweep_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
-    """The arguments of :func:`patch` found in ``arguments`` (a call's ``locals()``): how an entry
-    point hands its whole call on to a backend without listing every argument again."""
-    return {name: arguments[name] for name in _PATCH_PARAMETERS if name in arguments and name != "model"}
 
 
 _PATCH_PARAMETERS = tuple(inspect.signature(patch).parameters)

@@ -18,7 +18,7 @@ import torch
 import patchwidgets as pw
 from patchwidgets.errors import PatchingCancelled
 from patchwidgets.grading import ioi_batch
-from patchwidgets.sharing import ModelLock, exclusive, lock_of, waiting_notice
+from patchwidgets.sharing import ModelLock, lock_of
 
 ROUNDS = int(os.environ.get("PATCHWIDGETS_SHARING_ROUNDS", "1"))
 
@@ -277,10 +277,27 @@ def test_widgets_and_notebook_calls_on_one_model(toy_model, pairs, alone):
             assert diff <= 1e-6, f"round {round_}: widget {w.site} differs by {diff}"
 
 
-def test_your_own_passes_can_take_part(toy_model, pairs):
-    """``pw.exclusive(model)`` is public: user code that runs the model itself waits its turn."""
-    clean = pairs[2][0]
-    with exclusive(toy_model), waiting_notice(lambda holder: None):
-        logits = toy_model(clean)
+def test_your_own_passes_can_take_part(toy_model, pairs, alone):
+    """``pw.exclusive(model)`` is public: while user code holds it, a sweep from another thread
+    waits (its first pass comes after the user's block), then gives what it gives alone."""
+    clean, corrupted, answers = pairs[0]
+    events, started = [], threading.Event()
+
+    def sweep():
+        started.set()
+        grid = pw.patch(toy_model, clean, corrupted, answers, site="head_out", direction="noising",
+                        max_batch_tokens=256).grid("normalized")
+        events.append(("sweep done", grid))
+
+    with pw.exclusive(toy_model):
+        t = threading.Thread(target=sweep)
+        t.start()
+        started.wait(10)
+        time.sleep(0.3)                     # (the sweep alone takes well under this on toy-ioi)
+        with torch.no_grad():
+            logits = toy_model(pairs[2][0])  # the user's own pass, hooks and all, undisturbed
+        events.append(("user done", None))
+    t.join(60)
+    assert [name for name, _ in events] == ["user done", "sweep done"]
+    assert float((events[1][1] - alone["patch head_out noising #0"]).abs().max()) <= 1e-6
     assert logits.shape[0] == 1 and torch.isfinite(logits).all()
-    assert pw.exclusive is exclusive

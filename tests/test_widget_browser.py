@@ -41,6 +41,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -152,23 +153,11 @@ class JupyterLab:
         return self
 
     def _wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"JupyterLab exited early:\n{self.server_log()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/status", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise RuntimeError(f"JupyterLab did not start in {timeout}s:\n{self.server_log()}")
+        wait_for_server(self.proc, f"http://127.0.0.1:{self.port}/api/status", timeout, "JupyterLab",
+                        self.server_log)
 
     def server_log(self) -> str:
-        try:
-            return (self.root / "server.log").read_text()[-4000:]
-        except OSError:
-            return ""
+        return log_tail(self.root / "server.log")
 
     def __exit__(self, *exc) -> None:
         stop_process_group(self.proc)
@@ -176,6 +165,30 @@ class JupyterLab:
             self.log.close()
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def wait_for_server(proc: subprocess.Popen, url: str, timeout: float, name: str, log: Callable[[], str]) -> None:
+    """Poll ``url`` until it answers 200 (at most ``timeout`` s); fail with the server's log
+    (``log()``) if the server exits or never answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited early (code {proc.returncode}):\n{log()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{name} did not answer {url} in {timeout}s:\n{log()}")
+
+
+def log_tail(path: Path) -> str:
+    """The last 4,000 characters of a server's log, or nothing if it cannot be read."""
+    try:
+        return path.read_text()[-4000:]
+    except OSError:
+        return ""
 
 
 def stop_process_group(proc: subprocess.Popen | None) -> None:

@@ -36,8 +36,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from typing import Callable
 
@@ -47,7 +45,8 @@ import pytest
 # notebook writer and cell runner (Notebook 7 has the same cells) and its Playwright driver fixture.
 from test_widget_browser import (  # noqa: F401  (playwright_session: a fixture, used by name)
     ARTIFACTS, CHROMIUM, CLEAN, CORRUPTED, REPO, WIDGET_CELL, _free_port, cell_values, launch_browser,
-    playwright_session, run_first_cell, run_id, stop_process_group, write_notebook_root,
+    playwright_session, log_tail, run_first_cell, run_id, stop_process_group, wait_for_server,
+    write_notebook_root,
 )
 
 EXAMPLES = REPO / "examples"
@@ -130,24 +129,11 @@ class HostServer:
         return self
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited early (code {self.proc.returncode}):\n{self.server_log()}")
-            try:
-                with urllib.request.urlopen(self.url + self.ready, timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise RuntimeError(f"{self.name} did not answer {self.url + self.ready} in {self.timeout}s:\n"
-                           f"{self.server_log()}")
+        assert self.proc is not None
+        wait_for_server(self.proc, self.url + self.ready, self.timeout, self.name, self.server_log)
 
     def server_log(self) -> str:
-        try:
-            return self.log_path.read_text()[-4000:]
-        except OSError:
-            return ""
+        return log_tail(self.log_path)
 
     def __exit__(self, *exc) -> None:
         stop_process_group(self.proc)
