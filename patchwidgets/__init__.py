@@ -7,6 +7,8 @@ The public API, in the order a learner meets it::
     result.frame; result.grid("normalized"); result.figure("normalized")
     patchwidgets.path_patch(model, clean, corrupted, answers, receivers=[(2, 3)])   # how heads connect
     patchwidgets.attribution_patch(model, clean, corrupted, answers, site="head_out")  # fast estimate
+    scores = patchwidgets.edge_attribution(model, clean, corrupted, answers, method="eap-ig")  # every edge
+    patchwidgets.faithfulness_curve(model, clean, corrupted, answers, scores=scores, ks=[10, 100, 1000])
     patchwidgets.PatchingWidget(model)         # the interactive widget
 """
 
@@ -44,6 +46,15 @@ _LAZY = {
     "PathPatchResult": ".path_patching",
     "attribution_patch": ".attribution",
     "AttributionResult": ".attribution",
+    "edge_attribution": ".edge_attribution",
+    "EdgeScores": ".edge_attribution",
+    "edge_patch": ".edge_patching",
+    "edge_patches": ".edge_patching",
+    "faithfulness": ".edge_patching",
+    "faithfulness_curve": ".edge_patching",
+    "Graph": ".edges",
+    "Edge": ".edges",
+    "Node": ".edges",
 }
 
 
