@@ -247,6 +247,7 @@ class _Passes:
         self.offset = min(first, int(inputs.answer_pos.min()))
         self.source = senders.all(runs.source_acts)                  # [batch, pos, senders, d_model]
         self.fixed = self.source - senders.all(runs.target_acts)     # source - target, before any patch
+        self.d_model = self.source.shape[-1]
         self.max_batch_tokens = max_batch_tokens
         # The layer each receiver slot reads in (the logits: the last block's output).
         self.slot_layer = torch.tensor([min(s.node.layer, graph.n_layers - 1) for s in graph.slots])
@@ -260,13 +261,13 @@ class _Passes:
         start = {v: int(layers[p].min()) for v, p in enumerate(patched) if p.any()}
         todo = sorted(start, key=start.__getitem__)
         positions = self.seq_len - self.offset
-        row_bytes = positions * len(self.graph.senders) * self.source.shape[-1] * 4   # one row's differences
+        row_bytes = positions * len(self.graph.senders) * self.d_model * 4   # one row's differences
         k_max = max(1, min(self.max_batch_tokens // (self.batch * positions), DELTA_BYTES // (self.batch * row_bytes)))
         for i in range(0, len(todo), k_max):
             chunk = todo[i:i + k_max]
             layer = min(start[v] for v in chunk)
             hooks = self._hooks(patched[chunk].float(), layer)
-            with split_inputs(self.runs.target.model):
+            with torch.no_grad(), split_inputs(self.runs.target.model):
                 logits = self.runs.target.run_pass(layer, self.offset, len(chunk), hooks)
             out[chunk] = logits.reshape(len(chunk), self.batch, -1).to(out.device, out.dtype)
         return out
@@ -274,19 +275,26 @@ class _Passes:
     def _hooks(self, masks: torch.Tensor, start: int) -> list:
         """The hooks of one pass of ``k`` variants resumed at block ``start``: senders of
         ``start`` on record their difference from the source, receivers add their patched
-        edges' differences."""
+        edges' differences.
+
+        The differences live in one buffer ``[k, batch * positions, senders, d_model]``. A
+        receiver's first ``upstream`` senders are a view of it that a batched matrix product
+        reads in place, once for a layer's query, key and value inputs together (their senders
+        are the same): ``[slots, upstream] @ [upstream, d_model]`` for every variant, pair and
+        position, which is already the layout of the receivers' inputs.
+        """
         graph, k, batch = self.graph, masks.shape[0], self.batch
         state: dict[str, torch.Tensor] = {}
-        source, fixed = self.source, self.fixed
+        products: dict[tuple[int, int], torch.Tensor] = {}   # slots -> their inputs' change
+        source, fixed = self.source, self.fixed              # [batch, pos, senders, d_model]
 
         def buffer(n: int, device: torch.device) -> torch.Tensor:
-            """``[k * batch, n, senders, d_model]``: source - now for every sender, over the
-            last ``n`` positions (those the pass computes); before ``start``, nothing has
-            changed yet, so the unpatched difference."""
+            """Source - now for every sender over the last ``n`` positions (those the pass
+            computes); before ``start`` nothing has changed yet: the unpatched difference."""
             if "delta" not in state:
                 before = graph.first_sender(start)
-                delta = torch.empty(k * batch, n, len(graph.senders), fixed.shape[-1], device=device)
-                delta[:, :, :before] = fixed[:, -n:, :before].to(device).repeat(k, 1, 1, 1)
+                delta = torch.empty(k, batch, n, len(graph.senders), fixed.shape[-1], device=device)
+                delta[:, :, :, :before] = fixed[:, -n:, :before].to(device)
                 state["delta"] = delta
             return state["delta"]
 
@@ -295,26 +303,35 @@ class _Passes:
             span = slice(first, first + graph.n_heads)
 
             def hook(z: torch.Tensor, hook) -> None:
-                now = self.senders.heads(layer, z)
-                delta = buffer(z.shape[1], now.device)
-                delta[:, :, span] = source[:, -z.shape[1]:, span].to(now.device).repeat(k, 1, 1, 1) - now
+                n = z.shape[1]
+                now = self.senders.heads(layer, z).view(k, batch, n, graph.n_heads, -1)
+                delta = buffer(n, now.device)
+                torch.sub(source[:, -n:, span].to(now.device), now, out=delta[:, :, :, span])
             return hook
 
         def mlp(layer: int):
             index = graph.first_sender(layer) + graph.n_heads
 
             def hook(out: torch.Tensor, hook) -> None:
-                delta = buffer(out.shape[1], out.device)
-                delta[:, :, index] = source[:, -out.shape[1]:, index].to(out.device).repeat(k, 1, 1) - out.float()
+                n = out.shape[1]
+                delta = buffer(n, out.device)
+                torch.sub(source[:, -n:, index].to(out.device), out.float().view(k, batch, n, -1),
+                          out=delta[:, :, :, index])
             return hook
 
-        def receiver(rh: ReceiverHook, block: torch.Tensor):
+        def receiver(rh: ReceiverHook, group: tuple[int, int], mix: torch.Tensor):
+            """``rh``'s hook. The hooks of one layer's heads share one product, made by
+            whichever fires first: slots ``group`` of the graph, ``mix`` ``[k, slots, upstream]``
+            their masks."""
             def hook(act: torch.Tensor, hook) -> torch.Tensor:
                 n = act.shape[1]
-                delta = buffer(n, act.device)[:, :, :rh.upstream].to(act.device)
-                add = torch.einsum("kbpud,ksu->kbpsd", delta.reshape(k, batch, n, rh.upstream, -1),
-                                   block.to(act.device))
-                add = add.reshape(k * batch, n, rh.n_slots, -1)
+                if group not in products:
+                    delta = buffer(n, act.device)
+                    ups = delta.view(k, batch * n, *delta.shape[3:])[:, :, :rh.upstream]
+                    add = torch.matmul(mix.to(act.device)[:, None], ups)   # [k, batch * n, slots, d_model]
+                    products[group] = add.view(k * batch, n, mix.shape[1], -1)
+                first = rh.first_slot - group[0]
+                add = products[group][:, :, first:first + rh.n_slots]
                 return act + (add if rh.per_head else add[:, :, 0]).to(act.dtype)
             return hook
 
@@ -323,9 +340,15 @@ class _Passes:
             out.append((f"blocks.{layer}.attn.hook_z", heads(layer)))
             if not graph.attn_only:
                 out.append((f"blocks.{layer}.hook_mlp_out", mlp(layer)))
+        groups: dict[tuple[int, int], list[ReceiverHook]] = {}
         for rh in self.hooks:
-            first = graph.first_edge(rh.first_slot)
-            block = masks[:, first:first + rh.n_slots * rh.upstream].reshape(k, rh.n_slots, rh.upstream)
-            if rh.layer >= start and bool(block.any()):
-                out.append((rh.name, receiver(rh, block)))
+            if rh.layer >= start:
+                groups.setdefault((rh.layer, rh.upstream), []).append(rh)
+        for (_, upstream), members in groups.items():
+            group = (min(h.first_slot for h in members), max(h.first_slot + h.n_slots for h in members))
+            first = graph.first_edge(group[0])
+            block = masks[:, first:first + (group[1] - group[0]) * upstream].reshape(k, -1, upstream)
+            if bool(block.any()):
+                mix = block.contiguous()                               # [k, slots, upstream]
+                out += [(rh.name, receiver(rh, group, mix)) for rh in members]
         return out
