@@ -27,8 +27,9 @@ embeddings* (integrated gradients): ``steps`` passes with the residual entering 
 the authors' code, ``hannamw/EAP-IG``). The differences ``a_u^S - a_u^T`` are the two runs'
 own. ``steps=1`` is EAP. A patch that moves a component far (a name mover's query, a whole
 token's representation) is where the gradient at one end misleads and the path average
-helps: on ``toy-ioi``, the Pearson correlation with exact single-edge patching rises from 0.72
-(EAP) to 0.96 (EAP-IG, 5 steps; ``tests/test_edges.py``).
+helps: on ``toy-ioi`` (12 IOI pairs, denoising, logit difference), the Pearson correlation of
+the 50 top-scored edges' scores with exact single-edge patching is 0.78 for EAP and 0.996 for
+EAP-IG with 5 steps (``tests/test_edges.py``).
 
 Scores are the estimated change of the metric's mean over prompt pairs, in the metric's units
 (``normalized``: divided by the dataset's clean-corrupted gap, as in :func:`patchwidgets.patch`).
@@ -59,6 +60,7 @@ from .edges import Edge, Graph
 from .errors import PatchingInputError
 from .inputs import Prompts
 from .metrics import check_normalization, logit_diff
+from .sharing import exclusive
 from .sweep import Measure, Request, prepare_request
 
 __all__ = ["edge_attribution", "EdgeScores", "METHODS"]
@@ -221,7 +223,8 @@ class _Attribution:
         self.offset = int(changed[0]) if len(changed) else inputs.seq_len
         weight = 1.0 / self.n_steps
         with torch.no_grad():
-            source_logits, source_acts = self._forward(source_run.tokens, inputs.answer_pos, self.names, [])
+            source_logits, source_acts = self._forward(source_run.tokens, inputs.answer_pos, self.names, [],
+                                                       forked=False)
         step_done(1)
 
         # The target run itself (the last point of EAP-IG's path) first: its senders' outputs give
@@ -261,11 +264,12 @@ class _Attribution:
             self.source_ld.append(logit_diff(source.float(), ctx.correct, ctx.incorrect).cpu())
 
     def _forward(self, tokens: torch.Tensor, answer_pos: torch.Tensor, names: list[str],
-                 hooks: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One pass with the receivers' inputs forked: answer logits ``[batch, vocab]`` and the
-        activations ``names`` (detached). Only the answer positions are unembedded, where the
-        model has an ``unembed.hook_in``: the metric reads nothing else, and the full
-        unembedding would be a third of GPT-2's forward pass and of its backward pass."""
+                 hooks: list, forked: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One pass (with the receivers' inputs forked, where gradients reach them): answer
+        logits ``[batch, vocab]`` and the activations ``names`` (detached). Only the answer
+        positions are unembedded, where the model has an ``unembed.hook_in``: the metric reads
+        nothing else, and the full unembedding would be a third of GPT-2's forward pass and of
+        its backward pass."""
         acts: dict[str, torch.Tensor] = {}
         answer_pos = answer_pos.to(input_device(self.model))
 
@@ -283,7 +287,7 @@ class _Attribution:
         cut = "unembed.hook_in" in (getattr(self.model, "hook_dict", None) or {})
         if cut:
             fwd.append(("unembed.hook_in", answer_rows))
-        with split_inputs(self.model):
+        with split_inputs(self.model) if forked else exclusive(self.model):
             logits = self.model.run_with_hooks(tokens.to(input_device(self.model)), fwd_hooks=fwd)
         if cut and logits.shape[1] == 1:
             return logits[:, 0], acts
