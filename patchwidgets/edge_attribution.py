@@ -157,6 +157,9 @@ def edge_attribution(
         raise PatchingInputError(f"steps must be a positive integer (EAP-IG uses 5), got {steps!r}", "steps")
     if direction is None:  # (patch's default)
         direction = "denoising"
+    if corrupted is None:
+        raise PatchingInputError("edge_attribution needs a corrupted prompt (one per clean prompt): edges are "
+                                 "scored between two runs; ablations are not supported here", "corrupted")
     request = prepare_request(model, clean, corrupted, answers, direction, metric, gradient=True)
     if len(request.metric_fns) != 1:
         raise PatchingInputError(f"edge_attribution scores one metric at a time, got {list(request.metric_fns)}",

@@ -34,8 +34,10 @@ pass, each owning ``batch`` rows, and a pass resumes at the first layer whose in
 patches and skips the positions before the first one where the prompts differ (every sender's
 output is the same in both runs there). Answer logits only are unembedded. The differences
 ``a_u^source - a_u^now`` are kept for every sender of a pass (``[rows, positions, senders,
-d_model]``, float32), which bounds the rows of one pass: :data:`DELTA_BYTES`. A receiver hook
-adds them with one ``einsum`` over the variants' edge masks.
+d_model]``, float32), which bounds the rows of one pass: :data:`DELTA_BYTES`. The receivers
+of one layer's heads take them with one batched product over the variants' edge masks
+(:meth:`_Passes._hooks`). ``benchmarks/bench_edges.py`` times a 10-point curve against one
+plain forward pass per point.
 """
 
 from __future__ import annotations
@@ -132,6 +134,9 @@ def faithfulness_curve(model: Any, clean: Prompts, corrupted: Prompts | None = N
 def _request(model: Any, clean: Any, corrupted: Any, answers: Any, metric: Any, direction: Any,
              what: str) -> tuple[Request, str]:
     check_model(model, what)
+    if corrupted is None:
+        raise PatchingInputError(f"{what} needs a corrupted prompt (one per clean prompt): edges carry one run's "
+                                 "values into the other; ablations are not supported here", "corrupted")
     request = prepare_request(model, clean, corrupted, answers, "denoising" if direction is None else direction,
                               metric)
     if len(request.metric_fns) != 1:

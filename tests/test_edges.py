@@ -494,6 +494,8 @@ def test_bad_input(model, data, toy_model):
     refused(lambda: ea(model, clean, corrupted, answers, batch_size=0), "batch_size", "positive number")
     refused(lambda: ea(model, clean, corrupted, answers, direction="sideways"), "direction", "direction")
     refused(lambda: ea(model, clean, corrupted, None), "answers", "answers")
+    refused(lambda: ea(model, clean, None, answers), "corrupted", "needs a corrupted prompt")
+    refused(lambda: pw.faithfulness(model, clean, None, answers, circuit=[]), "corrupted", "needs a corrupted")
     refused(lambda: ea(model, clean, corrupted[:, :-1], answers), "corrupted", "same")
     with pytest.raises(IdenticalPromptsError):
         ea(model, clean, clean, answers)
