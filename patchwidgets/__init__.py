@@ -7,7 +7,8 @@ The public API, in the order a learner meets it::
     result.frame; result.grid("normalized"); result.figure("normalized")
     patchwidgets.path_patch(model, clean, corrupted, answers, receivers=[(2, 3)])   # how heads connect
     patchwidgets.attribution_patch(model, clean, corrupted, answers, site="head_out")  # fast estimate
-    patchwidgets.PatchingWidget(model)         # the interactive widget
+    patchwidgets.PatchingWidget(model)         # the interactive widget (site="circuit": the circuit view)
+    patchwidgets.draw_circuit(edge_scores, k=30)  # the strongest edges of a circuit, drawn by layer
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ _LAZY = {
     "ModelNotAvailableError": ".loading",
     "UnknownWordError": ".tokenizer",
     "PatchingWidget": ".widget",
+    "draw_circuit": ".circuit_view",
     "ShortcutWarning": ".engine",
     "path_patch": ".path_patching",
     "PathPatchResult": ".path_patching",
