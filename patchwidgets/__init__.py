@@ -7,8 +7,10 @@ The public API, in the order a learner meets it::
     result.frame; result.grid("normalized"); result.figure("normalized")
     patchwidgets.path_patch(model, clean, corrupted, answers, receivers=[(2, 3)])   # how heads connect
     patchwidgets.attribution_patch(model, clean, corrupted, answers, site="head_out")  # fast estimate
+    scores = patchwidgets.edge_attribution(model, clean, corrupted, answers, method="eap-ig")  # every edge
+    patchwidgets.faithfulness_curve(model, clean, corrupted, answers, scores=scores, ks=[10, 100, 1000])
+    patchwidgets.draw_circuit(scores, k=30)    # the strongest edges, drawn by layer
     patchwidgets.PatchingWidget(model)         # the interactive widget (site="circuit": the circuit view)
-    patchwidgets.draw_circuit(edge_scores, k=30)  # the strongest edges of a circuit, drawn by layer
 """
 
 from __future__ import annotations
@@ -46,6 +48,15 @@ _LAZY = {
     "PathPatchResult": ".path_patching",
     "attribution_patch": ".attribution",
     "AttributionResult": ".attribution",
+    "edge_attribution": ".edge_attribution",
+    "EdgeScores": ".edge_attribution",
+    "edge_patch": ".edge_patching",
+    "edge_patches": ".edge_patching",
+    "faithfulness": ".edge_patching",
+    "faithfulness_curve": ".edge_patching",
+    "Graph": ".edges",
+    "Edge": ".edges",
+    "Node": ".edges",
 }
 
 
