@@ -68,9 +68,13 @@ widget adds a second output, the last heatmap as static HTML with its legend
 the widget's stylesheet hides it wherever the live widget runs.
 
 Keyboard: the heatmap is one tab stop; arrows move, Enter explains a cell, Shift+Enter adds
-or removes a receiver in the path view. Datasets: ``PatchingWidget(model, dataset=[(clean,
-corrupted, correct, incorrect), ...])`` (or the page's list) sweeps every pair; the heatmap
-shows the mean (explanations add its standard error) or, with ``w.pair = k``, one pair.
+or removes a receiver in the path view. The circuit view's graph is one tab stop too: Left and
+Right move to the next weaker or stronger edge, Up and Down follow the circuit (the strongest
+edge out of this edge's receiver, into its sender), Enter patches the edge exactly.
+
+Datasets: ``PatchingWidget(model, dataset=[(clean, corrupted, correct, incorrect), ...])`` (or
+the page's list) sweeps every pair; the heatmap shows the mean (explanations add its standard
+error) or, with ``w.pair = k``, one pair.
 """
 
 from __future__ import annotations

@@ -30,22 +30,15 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from .circuit_view import circuit_payload
+from .edge_attribution import edge_attribution
+from .edge_patching import edge_patch, faithfulness
 from .errors import PatchingCancelled
 from .metrics import METRICS
 from .watch import SweepWatch
 from .widget_contract import CIRCUIT_METHODS
-
-
-def _core() -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
-    """``edge_attribution``, ``faithfulness`` and ``edge_patch`` (imported on first use, so the
-    widget loads without them)."""
-    from .edge_attribution import edge_attribution
-    from .edge_patching import edge_patch, faithfulness
-
-    return edge_attribution, faithfulness, edge_patch
 
 
 class CircuitHost(Protocol):
@@ -145,7 +138,6 @@ class Circuits:
             self.errors["metric"] = (f"edge attribution follows the gradient of the metric, and {metric!r} has none: "
                                      f"pick logit_diff, normalized, logit, logprob, prob or kl for the circuit view")
             return host.finished("error", None)
-        edge_attribution, _, _ = _core()
         clean, corrupted, answers = prompts_of(inputs)
         try:
             with SweepWatch(cancel).watching(host.model):
@@ -196,7 +188,6 @@ class Circuits:
         with self._lock:
             self._checks[kind] = cancel
         host.set_circuit(**{field: {**said, "state": "running", "value": None}})
-        _, faithfulness, edge_patch = _core()
         clean, corrupted, answers = prompts_of(inputs)
         common = dict(metric=inputs["metric"], max_batch_tokens=host.max_batch_tokens)
         try:
