@@ -16,6 +16,10 @@ The public API, in the order a learner meets it::
 from __future__ import annotations
 
 from .display import rounded
+
+# (Imported now, not lazily: the function has its module's name, and importing the module
+# (edge_patching does) would otherwise leave `patchwidgets.edge_attribution` the module.)
+from .edge_attribution import EdgeScores, edge_attribution
 from .errors import (
     AnswerTokenError,
     DegenerateNormalizationError,
@@ -48,8 +52,6 @@ _LAZY = {
     "PathPatchResult": ".path_patching",
     "attribution_patch": ".attribution",
     "AttributionResult": ".attribution",
-    "edge_attribution": ".edge_attribution",
-    "EdgeScores": ".edge_attribution",
     "edge_patch": ".edge_patching",
     "edge_patches": ".edge_patching",
     "faithfulness": ".edge_patching",
@@ -71,6 +73,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "patch", "PatchResult", "PatchUpdate", "site_names", "exclusive", "BUILTIN_METRICS", "rounded", *_LAZY,
+    "edge_attribution", "EdgeScores",
     "PatchingInputError", "EmptyPromptError", "TokenLengthMismatchError", "PromptTooLongError",
     "IdenticalPromptsError", "AnswerTokenError", "UnknownSiteError", "UnknownMetricError",
     "DegenerateNormalizationError", "PatchingCancelled",

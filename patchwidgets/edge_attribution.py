@@ -54,7 +54,7 @@ import torch
 
 from .atp import differentiated_metric, gradient_groups
 from .devices import input_device
-from .edge_hooks import ReceiverHook, Senders, check_model, receiver_hooks, sender_hook_names, split_inputs
+from .edge_hooks import ReceiverHook, Senders, check_model, receiver_hooks, sender_hook_names, split_inputs, verify
 from .edges import Edge, Graph
 from .errors import PatchingInputError
 from .inputs import Prompts
@@ -161,6 +161,7 @@ def edge_attribution(
                                  "metrics")
     name, fn = next(iter(request.metric_fns.items()))
     graph = Graph.from_model(model, qkv)
+    verify(model, graph, request.inputs.clean_tokens[:1])
     n_pairs = request.inputs.batch
     size = n_pairs if batch_size is None else batch_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -208,51 +209,50 @@ class _Attribution:
         self.scores = torch.zeros(graph.n_edges, dtype=torch.float64)
         self.target_ld: list[torch.Tensor] = []
         self.source_ld: list[torch.Tensor] = []
-        self.checked = False
         self.delta: torch.Tensor | None = None   # [batch, pos, n_senders, d_model]: source - target
         self.offset = 0                         # positions before it are the same in both runs
 
     def group(self, request: Request, step_done: Callable[[int], Any]) -> None:
-        """Every pass for one group of pairs: the source, then the target and EAP-IG's points."""
+        """Every pass for one group of pairs: the source, the target, and the rest of EAP-IG's path."""
         inputs = request.inputs
         target_run, source_run = request.runs(self.model)
         assert source_run is not None   # (no ablations: prepare_request was given a corrupted prompt)
         changed = request.changed.nonzero()
         self.offset = int(changed[0]) if len(changed) else inputs.seq_len
+        weight = 1.0 / self.n_steps
         with torch.no_grad():
             source_logits, source_acts = self._forward(source_run.tokens, inputs.answer_pos, self.names, [])
-        source = self.senders.all(source_acts)
         step_done(1)
-        embed_s = source_acts["blocks.0.hook_resid_pre"]
-        del source_acts
 
-        # The target run itself (k = steps) first: its senders' outputs give the differences
-        # every step's gradients are multiplied with, and its logits the metric's baselines.
-        names = self.names if self.checked else [
-            *self.names, *(f"blocks.{l}.hook_resid_pre" for l in range(self.graph.n_layers)),
-            f"blocks.{self.graph.n_layers - 1}.hook_resid_post"]
-        measure: Measure | None = None
-        embed_t: torch.Tensor | None = None
-        for k in range(self.n_steps, 0, -1):
-            alpha = k / self.n_steps
+        # The target run itself (the last point of EAP-IG's path) first: its senders' outputs give
+        # the differences every point's gradient is multiplied with, its logits the baselines.
+        start = _Start(None)
+        with torch.enable_grad():
+            logits, target_acts = self._forward(target_run.tokens, inputs.answer_pos, self.names,
+                                                [(_Start.name, start), *self._gradient_hooks(weight)])
+        self.delta = self.senders.all(source_acts) - self.senders.all(target_acts)
+        measure = request.measure(logits.detach(), source_logits)
+        self._keep_logit_diffs(measure, logits.detach(), source_logits)
+        self._backward(logits, measure, start)
+        step_done(1)
+        embed_s, embed_t = source_acts["blocks.0.hook_resid_pre"], target_acts["blocks.0.hook_resid_pre"]
+        del source_acts, target_acts
+        for k in range(self.n_steps - 1, 0, -1):   # e_S + (k / steps) (e_T - e_S), towards the source
+            start = _Start((embed_s, embed_t, k / self.n_steps))
             with torch.enable_grad():
-                start = _Start(None if k == self.n_steps else (embed_s, embed_t, alpha))
-                logits, acts = self._forward(target_run.tokens, inputs.answer_pos, names if measure is None else [],
-                                             [(_Start.name, start), *self._gradient_hooks(1.0 / self.n_steps)])
-                if measure is None:
-                    embed_t = acts["blocks.0.hook_resid_pre"]
-                    if not self.checked:
-                        self.senders.check(acts, acts[f"blocks.{self.graph.n_layers - 1}.hook_resid_post"])
-                        self.checked = True
-                    self.delta = source.to(embed_t.device) - self.senders.all(acts)
-                    del acts
-                    measure = request.measure(logits.detach(), source_logits)
-                    self._keep_logit_diffs(measure, logits.detach(), source_logits)
-                value = differentiated_metric(self.key, self.request.metric_fns, logits, measure.ctx)
-                assert start.leaf is not None
-                torch.autograd.grad(value.sum(), [start.leaf])   # (fires the receivers' gradient hooks)
+                logits, _ = self._forward(target_run.tokens, inputs.answer_pos, [],
+                                          [(_Start.name, start), *self._gradient_hooks(weight)])
+            self._backward(logits, measure, start)
             step_done(1)
         self.delta = None
+
+    def _backward(self, logits: torch.Tensor, measure: Measure, start: "_Start") -> None:
+        """The backward pass from the metric to the input embeddings: no weight gradients, and
+        the receivers' gradient hooks add the scores on the way."""
+        with torch.enable_grad():
+            value = differentiated_metric(self.key, self.request.metric_fns, logits, measure.ctx)
+            assert start.leaf is not None
+            torch.autograd.grad(value.sum(), [start.leaf])
 
     def _keep_logit_diffs(self, measure: Measure, target: torch.Tensor, source: torch.Tensor) -> None:
         ctx = measure.ctx
@@ -263,18 +263,30 @@ class _Attribution:
     def _forward(self, tokens: torch.Tensor, answer_pos: torch.Tensor, names: list[str],
                  hooks: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One pass with the receivers' inputs forked: answer logits ``[batch, vocab]`` and the
-        activations ``names`` (detached)."""
+        activations ``names`` (detached). Only the answer positions are unembedded, where the
+        model has an ``unembed.hook_in``: the metric reads nothing else, and the full
+        unembedding would be a third of GPT-2's forward pass and of its backward pass."""
         acts: dict[str, torch.Tensor] = {}
+        answer_pos = answer_pos.to(input_device(self.model))
 
         def keep(name: str):
             def hook(act: torch.Tensor, hook) -> None:
                 acts[name] = act.detach()
             return hook
 
+        def answer_rows(resid: torch.Tensor, hook) -> torch.Tensor:   # [batch, pos, d_model] -> [batch, 1, d_model]
+            rows = torch.arange(resid.shape[0], device=resid.device)
+            return resid[rows, answer_pos.to(resid.device)][:, None]
+
         # (recording hooks first: the start hook on blocks.0.hook_resid_pre replaces what they saw)
         fwd = [*((n, keep(n)) for n in names), *hooks]
+        cut = "unembed.hook_in" in (getattr(self.model, "hook_dict", None) or {})
+        if cut:
+            fwd.append(("unembed.hook_in", answer_rows))
         with split_inputs(self.model):
             logits = self.model.run_with_hooks(tokens.to(input_device(self.model)), fwd_hooks=fwd)
+        if cut and logits.shape[1] == 1:
+            return logits[:, 0], acts
         rows = torch.arange(tokens.shape[0], device=logits.device)
         return logits[rows, answer_pos.to(logits.device)], acts
 

@@ -28,19 +28,24 @@ the hooks with the graph's receiver slots each one carries.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
-from .devices import materialized
+from .devices import input_device, materialized
 from .edges import Graph
 from .errors import PatchingInputError
 from .sharing import exclusive
 
-__all__ = ["check_model", "split_inputs", "sender_hook_names", "Senders", "ReceiverHook", "receiver_hooks"]
+__all__ = ["check_model", "split_inputs", "verify", "sender_hook_names", "Senders", "ReceiverHook",
+           "receiver_hooks"]
 
 _FLAGS = ("use_attn_in", "use_split_qkv_input", "use_hook_mlp_in")
+
+# Models on which :func:`verify` passed (a fact about the architecture: checked once).
+_VERIFIED: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def check_model(model: Any, what: str) -> None:
@@ -63,6 +68,66 @@ def check_model(model: Any, what: str) -> None:
         raise PatchingInputError(
             f"{what}: this model's attention ({type(blocks[0].attn).__name__}) has no per-head input forks "
             "(hook_q_input/hook_k_input/hook_v_input), so one head's input cannot be told from another's", "model")
+    try:
+        with split_inputs(model):
+            pass
+    except NotImplementedError as err:   # TransformerLens: an attention class without the fork
+        raise PatchingInputError(f"{what}: this model cannot fork each head's input: {err}", "model") from None
+
+
+def verify(model: Any, graph: Graph, tokens: torch.Tensor) -> None:
+    """Check, once per model, that the graph describes it: on one prompt (``tokens``
+    ``[1, pos]``), with the forks on, every fork carries its receiver's input (a head's q/k/v
+    fork is the residual stream before ``ln1``, the MLP's the stream before ``ln2``), the
+    residual stream is the sum of the senders' outputs (:meth:`Senders.check`), and the logits
+    are those of the model without forks. Raises :class:`PatchingInputError` saying which
+    part does not hold.
+    """
+    if model in _VERIFIED:
+        return
+    n = graph.n_layers
+    streams = [f"blocks.{l}.hook_resid_{r}" for l in range(n) for r in ("pre", "mid")]
+    names = [*sender_hook_names(graph), *streams, f"blocks.{n - 1}.hook_resid_post"]
+    forks = [(h.name, h.layer) for h in receiver_hooks(graph)]
+    acts: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(act: torch.Tensor, hook) -> None:
+            acts[name] = act.detach()
+        return hook
+    tokens = tokens[:1].to(input_device(model))
+    with torch.no_grad():
+        with exclusive(model):
+            plain = model(tokens)
+        with split_inputs(model):
+            forked = model.run_with_hooks(tokens, fwd_hooks=[(name, keep(name)) for name in
+                                                             {*names, *(f for f, _ in forks)}])
+    for name, layer in forks:
+        fork = acts[name]
+        if name.endswith("_input"):
+            stream = acts[f"blocks.{layer}.hook_resid_pre"][:, :, None].expand_as(fork)
+        elif name.endswith("mlp_in"):
+            stream = acts[f"blocks.{layer}.hook_resid_{'pre' if graph.parallel_attn_mlp else 'mid'}"]
+        else:
+            continue   # (the final residual stream is the logits' input by definition)
+        if fork.shape != stream.shape or not _close(fork, stream):
+            raise PatchingInputError(
+                f"{name} does not carry the residual stream its receivers read (before their LayerNorm) on this "
+                f"model ({type(model.blocks[layer]).__name__}): a post-norm block, or an attention whose fork is "
+                "taken after ln1? Its edges cannot be patched or scored", "model")
+    Senders(model, graph).check(acts, acts[f"blocks.{n - 1}.hook_resid_post"])
+    if not _close(forked, plain):
+        raise PatchingInputError(
+            "with each head's input forked (use_split_qkv_input) this model computes different logits "
+            f"(largest difference {float((forked - plain).abs().max()):.3g}), so its edges cannot be scored", "model")
+    with contextlib.suppress(TypeError):   # (a model that cannot be weakly referenced: checked every time)
+        _VERIFIED.add(model)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    b = b.to(a.device)
+    tol = max(1e-4, 64 * torch.finfo(a.dtype).eps) if a.dtype.is_floating_point else 0.0
+    return float((a.float() - b.float()).abs().max()) <= tol * (1.0 + float(b.float().abs().max()))
 
 
 @contextlib.contextmanager
@@ -72,7 +137,7 @@ def split_inputs(model: Any) -> Iterator[None]:
     Holds the model's lock (:func:`patchwidgets.sharing.exclusive`) for the whole time the
     flags are on, so no other caller's pass runs with them, and restores them after.
     """
-    with exclusive(model):
+    with exclusive(model), contextlib.ExitStack() as stack:
         cfg = model.cfg
         before = {f: bool(getattr(cfg, f, False)) for f in _FLAGS}
         try:
@@ -80,12 +145,42 @@ def split_inputs(model: Any) -> Iterator[None]:
                 model.set_use_attn_in(False)
             model.set_use_split_qkv_input(True)
             model.set_use_hook_mlp_in(True)
+            if any(p.device.type == "meta" for p in model.parameters()):
+                _load_offloaded_projections(model, stack)
             yield
         finally:
             model.set_use_split_qkv_input(before["use_split_qkv_input"])
             model.set_use_hook_mlp_in(before["use_hook_mlp_in"])
             if before["use_attn_in"]:
                 model.set_use_attn_in(True)
+
+
+def _load_offloaded_projections(model: Any, stack: contextlib.ExitStack) -> None:
+    """Hooks (removed when ``stack`` closes) that load each attention's offloaded weights for
+    the length of its forward call.
+
+    The forked path projects each head with the q/k/v weights read directly, not through the
+    projections' forward calls, so accelerate never loads an offloaded (``meta``) weight there;
+    :func:`patchwidgets.devices.materialized` does it for the attention's call, as accelerate
+    would for the projections' own calls. One block's attention weights at a time.
+    """
+    loaded: list[contextlib.ExitStack] = []
+
+    def unload_all() -> None:   # (a pass that raised inside an attention)
+        while loaded:
+            loaded.pop().close()
+    stack.callback(unload_all)
+    for block in model.blocks:
+        def enter(module, args, attn=block.attn) -> None:
+            inner = contextlib.ExitStack()
+            inner.enter_context(materialized(attn))
+            loaded.append(inner)
+
+        def leave(module, args, output) -> None:
+            if loaded:
+                loaded.pop().close()
+        for handle in (block.attn.register_forward_pre_hook(enter), block.attn.register_forward_hook(leave)):
+            stack.callback(handle.remove)
 
 
 def sender_hook_names(graph: Graph) -> list[str]:

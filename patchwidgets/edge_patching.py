@@ -47,7 +47,7 @@ import torch
 
 from .driver import DEFAULT_CACHE_BYTES, pair_groups
 from .edge_attribution import EdgeScores
-from .edge_hooks import ReceiverHook, Senders, check_model, receiver_hooks, sender_hook_names, split_inputs
+from .edge_hooks import ReceiverHook, Senders, check_model, receiver_hooks, sender_hook_names, split_inputs, verify
 from .edges import Edge, Graph
 from .errors import DegenerateNormalizationError, PatchingInputError
 from .inputs import Prompts
@@ -217,18 +217,15 @@ def _patched(model: Any, request: Request, graph: Graph, patched: torch.Tensor,
         raise PatchingInputError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r}", "model")
     columns, request = request.answer_columns()
     inputs = request.inputs
-    names = [*sender_hook_names(graph), *(f"blocks.{l}.hook_resid_pre" for l in range(graph.n_layers)),
-             f"blocks.{graph.n_layers - 1}.hook_resid_post"]
-    names = sorted(set(names))
+    verify(model, graph, inputs.clean_tokens[:1])
+    names = sender_hook_names(graph)
     senders = Senders(model, graph)
     hooks = receiver_hooks(graph)
     groups = pair_groups(inputs.batch, cached_bytes_per_pair(model, inputs.seq_len, names), DEFAULT_CACHE_BYTES)
     targets, sources, patched_logits = [], [], []
-    for g, rows in enumerate(groups):
+    for rows in groups:
         group = request.rows(rows)
         runs = run_unpatched(model, group, names, max_batch_tokens, columns)
-        if g == 0:
-            senders.check(runs.target_acts, runs.target_acts[f"blocks.{graph.n_layers - 1}.hook_resid_post"])
         assert runs.source_logits is not None
         targets.append(runs.target_logits)
         sources.append(runs.source_logits)
