@@ -11,7 +11,7 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterEach, beforeAll, describe, expect, it } from "vitest";
 import widget, { makeContext, sendRun } from "../patchwidgets/static/widget.js";
-import { CONTRACT, f32, fakeModel, heatmap } from "./fake_model.js";
+import { CONTRACT, TOY_EDGES, circuit, f32, fakeModel, heatmap } from "./fake_model.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const source = readFileSync(join(here, "..", "patchwidgets", "static", "widget.js"), "utf8");
@@ -35,10 +35,11 @@ function inputsOf(model) {
   return Object.fromEntries(CONTRACT.sweep_fields.map((k) => [k, structuredClone(model.get(k))]));
 }
 
-/** A dataset heatmap (two pairs) whose inputs are the model's: every control of the page is drawn. */
+/** A dataset heatmap (two pairs) and a circuit whose inputs are the model's: every control of the page is drawn. */
 function mount(state = {}) {
   const model = fakeModel({ dataset: [["a b c", "a x c", " b", " x"], ["a b d", "a x d", " b", " x"]], ...state });
   model.py({ heatmap: heatmap("normalized", [0, 0.5, 1, -0.25, 0.1, 2], { inputs: inputsOf(model), n_pairs: 2, pair: -1, se: f32([0, 0, 0, 0, 0, 0]) }) });
+  model.py({ circuit: circuit(TOY_EDGES, { n_edges: 30, inputs: Object.fromEntries(CONTRACT.circuit_fields.map((k) => [k, structuredClone(model.get(k))])) }) });
   const el = document.createElement("div");
   document.body.append(el);
   widget.render({ model, el });
@@ -69,6 +70,11 @@ describe("the contract's fields", () => {
       [...CONTRACT.heatmap_keys, ...CONTRACT.heatmap_optional_keys.map((k) => `[${k}]`)].sort());
   });
 
+  it("the Circuit typedef names every circuit key, and the circuit fields are page fields", () => {
+    expect(typedefProperties("Circuit").sort()).toEqual([...CONTRACT.circuit_keys].sort());
+    for (const k of CONTRACT.circuit_fields) expect(CONTRACT.page_fields, k).toContain(k);
+  });
+
   it("every field the page may set has a control on the page, which sets it", () => {
     for (const name of CONTRACT.page_fields) {
       const { model, root } = mount();
@@ -82,11 +88,14 @@ describe("the contract's fields", () => {
         control.dispatchEvent(new Event("change"));
       } else if (control instanceof HTMLInputElement && control.type === "checkbox") {
         control.click();
+      } else if (control instanceof HTMLInputElement && control.type === "range") { // released at another stop
+        control.value = String(Number(control.value) === 0 ? 1 : 0);
+        control.dispatchEvent(new Event("change"));
       } else if (control instanceof HTMLInputElement) {
         control.value = `${control.value}!`;
         control.dispatchEvent(new Event("change"));
-      } else { // a group: press the choice that is not on (a button, a heatmap cell)
-        const target = control.querySelector("button:not(.pw-on), rect.pw-cell");
+      } else { // a group: press the choice that is not on (a button, a heatmap cell, an edge of the circuit)
+        const target = control.querySelector("button:not(.pw-on), rect.pw-cell, g.pw-edge");
         expect(target, `something to press in the ${name} control`).not.toBeNull();
         target.dispatchEvent(new MouseEvent("click", { bubbles: true }));
       }
@@ -123,6 +132,19 @@ describe("the contract's fields", () => {
     }
   });
 
+  it("a circuit is stale once any circuit field differs from what it was scored with", () => {
+    const { model, root } = mount({ site: "circuit" });
+    const stale = () => !root.querySelector(".pw-circuit-panel .pw-stale").classList.contains("pw-hidden");
+    expect(stale()).toBe(false);
+    for (const name of CONTRACT.circuit_fields) {
+      const value = model.get(name);
+      model.py({ [name]: another(value) });
+      expect(stale(), `stale after ${name} changed`).toBe(true);
+      model.py({ [name]: value });
+      expect(stale(), `fresh again once ${name} is back`).toBe(false);
+    }
+  });
+
   it("a Run carries exactly the run fields edited on the page", () => {
     const model = fakeModel();
     const ctx = makeContext(model);
@@ -150,5 +172,7 @@ describe("the contract's menus and labels", () => {
     expect(groups.map((g) => [g.label, [...g.querySelectorAll("option")].map((o) => [o.value, o.textContent])])).toEqual(CONTRACT.sites);
     const inputs = [...root.querySelectorAll("select[data-control='receiver_input'] option")];
     expect(inputs.map((o) => [o.value, o.textContent])).toEqual(CONTRACT.receiver_inputs);
+    const methods = [...root.querySelectorAll("select[data-control='circuit_method'] option")];
+    expect(methods.map((o) => [o.value, o.textContent])).toEqual(CONTRACT.circuit_methods);
   });
 });

@@ -62,3 +62,32 @@ export const TOY = {
 export function fakeModel(state = {}) {
   return new FakeModel({ ...structuredClone(shared.defaults), contract: CONTRACT, ...TOY, ...state });
 }
+
+/** The nodes of a 2-layer, 2-head model's graph (as Graph.from_model names them). */
+export const CIRCUIT_NODES = [
+  { name: "input", kind: "input", layer: -1, head: null },
+  { name: "a0.h0", kind: "head", layer: 0, head: 0 }, { name: "a0.h1", kind: "head", layer: 0, head: 1 },
+  { name: "m0", kind: "mlp", layer: 0, head: null },
+  { name: "a1.h0", kind: "head", layer: 1, head: 0 }, { name: "a1.h1", kind: "head", layer: 1, head: 1 },
+  { name: "m1", kind: "mlp", layer: 1, head: null },
+  { name: "logits", kind: "logits", layer: 2, head: null },
+];
+
+/**
+ * A `circuit` payload on CIRCUIT_NODES: `edges` as [sender name, receiver name, input, score],
+ * sent in the order given (Python sends them strongest first); n_edges defaults to their number.
+ */
+export function circuit(edges, extra = {}) {
+  const at = new Map(CIRCUIT_NODES.map((n, i) => [n.name, i]));
+  return {
+    run_id: 7, method: "eap-ig", steps: 5, metric: "normalized", direction: "denoising", nodes: CIRCUIT_NODES,
+    edges: edges.map(([s, r, input]) => [at.get(s), at.get(r), input, `${s}->${r}${input === "in" ? "" : `<${input}>`}`]),
+    scores: f32(edges.map((e) => e[3])), n_edges: edges.length, inputs: {}, ...extra,
+  };
+}
+
+/** Eight edges of the toy graph, strongest first (scores of both signs). */
+export const TOY_EDGES = [
+  ["a1.h0", "logits", "in", 0.8], ["a0.h1", "a1.h0", "q", -0.5], ["input", "a0.h1", "v", 0.4], ["m0", "m1", "in", -0.3],
+  ["a0.h0", "a1.h0", "k", 0.2], ["a1.h1", "logits", "in", -0.1], ["input", "m0", "in", 0.05], ["a0.h0", "logits", "in", 0.01],
+];

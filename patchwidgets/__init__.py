@@ -9,7 +9,8 @@ The public API, in the order a learner meets it::
     patchwidgets.attribution_patch(model, clean, corrupted, answers, site="head_out")  # fast estimate
     scores = patchwidgets.edge_attribution(model, clean, corrupted, answers, method="eap-ig")  # every edge
     patchwidgets.faithfulness_curve(model, clean, corrupted, answers, scores=scores, ks=[10, 100, 1000])
-    patchwidgets.PatchingWidget(model)         # the interactive widget
+    patchwidgets.draw_circuit(scores, k=30)    # the strongest edges, drawn by layer
+    patchwidgets.PatchingWidget(model)         # the interactive widget (site="circuit": the circuit view)
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ _LAZY = {
     "ModelNotAvailableError": ".loading",
     "UnknownWordError": ".tokenizer",
     "PatchingWidget": ".widget",
+    "draw_circuit": ".circuit_view",
     "ShortcutWarning": ".engine",
     "path_patch": ".path_patching",
     "PathPatchResult": ".path_patching",

@@ -42,6 +42,14 @@ sender layer x sender head.
 All built-in metrics are computed in the same sweep (they cost nothing extra), so switching
 the metric redraws at once without rerunning.
 
+The component ``"circuit"`` is the circuit view (:mod:`patchwidgets.widget_circuit`): Run scores
+every edge of the model's graph with :func:`patchwidgets.edge_attribution` (``circuit_method``:
+``"eap"`` or ``"eap-ig"``) and draws the strongest ``circuit_k`` by layer; releasing the top-k
+slider (or ``w.circuit_k = k``) computes the kept circuit's exact faithfulness
+(:func:`patchwidgets.faithfulness`) into ``circuit_faithfulness``, and clicking an edge (or
+``w.circuit_edge = name``) its exact :func:`patchwidgets.edge_patch` into ``circuit_edge_patch``.
+``w.circuit_scores`` is the :class:`~patchwidgets.edge_attribution.EdgeScores` on screen.
+
 Errors never escape: anything the core rejects lands in ``errors`` as ``{field: message}``
 and the page shows it next to that field, while the last good heatmap stays.
 
@@ -60,9 +68,13 @@ widget adds a second output, the last heatmap as static HTML with its legend
 the widget's stylesheet hides it wherever the live widget runs.
 
 Keyboard: the heatmap is one tab stop; arrows move, Enter explains a cell, Shift+Enter adds
-or removes a receiver in the path view. Datasets: ``PatchingWidget(model, dataset=[(clean,
-corrupted, correct, incorrect), ...])`` (or the page's list) sweeps every pair; the heatmap
-shows the mean (explanations add its standard error) or, with ``w.pair = k``, one pair.
+or removes a receiver in the path view. The circuit view's graph is one tab stop too: Left and
+Right move to the next weaker or stronger edge, Up and Down follow the circuit (the strongest
+edge out of this edge's receiver, into its sender), Enter patches the edge exactly.
+
+Datasets: ``PatchingWidget(model, dataset=[(clean, corrupted, correct, incorrect), ...])`` (or
+the page's list) sweeps every pair; the heatmap shows the mean (explanations add its standard
+error) or, with ``w.pair = k``, one pair.
 """
 
 from __future__ import annotations
@@ -79,7 +91,19 @@ import traitlets as t
 
 from .inputs import dataset_rows
 from .metrics import ALIASES, BUILTIN_METRICS, METRICS
-from .widget_contract import CONTRACT, CONTROL_FIELDS, INPUT_FIELDS, PAGE_FIELDS, RUN_FIELDS, SHOWN_FIELDS, SWEEP_FIELDS
+from .circuit_view import static_circuit_html
+from .widget_circuit import Circuits
+from .widget_contract import (
+    CIRCUIT_FIELDS,
+    CIRCUIT_METHODS,
+    CONTRACT,
+    CONTROL_FIELDS,
+    INPUT_FIELDS,
+    PAGE_FIELDS,
+    RUN_FIELDS,
+    SHOWN_FIELDS,
+    SWEEP_FIELDS,
+)
 from .widget_jobs import JobRunner, Sweeper, parse_receivers
 from .widget_payload import pattern_payload, static_html
 from .widget_preview import field_of, preview, quiet_load
@@ -114,10 +138,15 @@ class PatchingWidget(anywidget.AnyWidget):
             :func:`patchwidgets.patch`. The heatmap is repainted after each pass, so a smaller
             budget also means more frequent updates (and a cancel that lands sooner) at some
             cost in speed; a toy sweep fits in a single pass at the default.
+        circuit_method, circuit_k, circuit_steps: the circuit view (``site="circuit"``): how
+            edges are scored (``"eap"`` or ``"eap-ig"``, with ``circuit_steps`` interpolation
+            steps), and how many of the strongest are kept (drawn, and checked for faithfulness).
 
     Attributes:
         result: the last :class:`~patchwidgets.results.PatchResult` (partial after a
             cancel: ``result.complete`` is False), or ``None``.
+        circuit_scores: the :class:`~patchwidgets.edge_attribution.EdgeScores` of the circuit
+            view, or ``None``.
     """
 
     _esm = STATIC / "widget.js"
@@ -145,6 +174,12 @@ class PatchingWidget(anywidget.AnyWidget):
     dataset = t.List().tag(sync=True)
     pair = t.Int(-1).tag(sync=True)
     pattern_head = t.Int(0).tag(sync=True)
+    # The circuit view (site "circuit"): how edges are scored, how many of the strongest are kept
+    # (the top-k slider: drawn, and their faithfulness computed), the edge clicked (Edge.name).
+    circuit_method = t.Unicode("eap-ig").tag(sync=True)
+    circuit_k = t.Int(20).tag(sync=True)
+    circuit_edge = t.Unicode("").tag(sync=True)
+    circuit_steps = t.Int(5)                        # EAP-IG's interpolation steps
 
     # Outputs (set by Python only).
     # What the page and Python agree on (fields, metric labels and scales, sites, receiver
@@ -164,6 +199,12 @@ class PatchingWidget(anywidget.AnyWidget):
     heatmap = t.Dict().tag(sync=True)           # see widget_payload.heatmap_payload
     explanation = t.Unicode("").tag(sync=True)
     pattern = t.Dict().tag(sync=True)           # one head's pattern on both prompts
+    circuit = t.Dict().tag(sync=True)           # see circuit_view.circuit_payload
+    # {"k", "value", "state", "run_id", "metric"[, "error"]}: the kept circuit's faithfulness
+    circuit_faithfulness = t.Dict().tag(sync=True)
+    # {"edge", "value", "change", "state", "run_id", "metric"[, "error"]}: the clicked edge patched alone
+    # (value: the metric, as edge_patch gives it; change: from the unpatched target run, what the score estimates)
+    circuit_edge_patch = t.Dict().tag(sync=True)
 
     @classmethod
     def default_state(cls) -> dict[str, Any]:
@@ -194,8 +235,10 @@ class PatchingWidget(anywidget.AnyWidget):
         self._edited_prompt = "corrupted"
         self._patterns: dict[str, Any] = {}
         self._inputs_used: dict[str, str] = {}
-        self._jobs = JobRunner(("preview", "pattern", "sweep"), self._job_failed, on_wait=self._waiting_for)
+        self._jobs = JobRunner(("preview", "pattern", "edge", "faithfulness", "sweep", "circuit"),
+                               self._job_failed, on_wait=self._waiting_for)
         self.sweeps = Sweeper(self, self._sync_lock, lambda: self._jobs.waiting("sweep"))
+        self.circuits = Circuits(self)
         cfg = model.cfg
         name = str(getattr(cfg, "model_name", "") or type(model).__name__)
         super().__init__(
@@ -211,33 +254,48 @@ class PatchingWidget(anywidget.AnyWidget):
         self.observe(self._on_auto_run, names="auto_run")
         self.observe(lambda change: self.sweeps.push(), names="pair")
         self.observe(self._on_dataset, names="dataset")
+        self.observe(self._on_circuit_method, names="circuit_method")
+        self.observe(self._on_circuit_k, names="circuit_k")
+        self.observe(self._on_circuit_edge, names="circuit_edge")
         self.on_msg(self._on_frontend_msg)
         self._preview()  # (on this thread: its one pass waits its turn if the model is busy)
 
     # ------------------------------------------------------------------ public API
     def run(self, wait: bool = False, timeout: float | None = None):
-        """Start a sweep with the current inputs (cancelling one in progress).
+        """Start a sweep with the current inputs (cancelling one in progress); in the circuit
+        view (``site="circuit"``), score the edges instead.
 
-        With ``wait=True``, block until it finishes and return :attr:`result` (``None``
-        if the inputs were rejected: see :attr:`errors`). The page's Run button does the
-        same without waiting.
+        With ``wait=True``, block until it finishes and return :attr:`result` (in the circuit
+        view: :attr:`circuit_scores`; ``None`` if the inputs were rejected: see :attr:`errors`).
+        The page's Run button does the same without waiting.
         """
         self._cancel_timer()
         self.sweeps.stop()
+        self.circuits.stop()
         self.status = "running"
         self._run_id += 1
         run_id = self._run_id
-        self._jobs.submit("sweep", lambda: self.sweeps.run(run_id))
+        circuit = self.site == "circuit"
+        if circuit:
+            self._jobs.discard("sweep")
+            self._jobs.submit("circuit", lambda: self.circuits.run(run_id))
+        else:
+            self._jobs.discard("circuit")
+            self._jobs.submit("sweep", lambda: self.sweeps.run(run_id))
         if wait:
             self.wait(timeout)
-            return self.result if self.status == "done" else None
+            if self.status != "done":
+                return None
+            return self.circuit_scores if circuit else self.result
         return None
 
     def cancel(self) -> None:
         """Stop the running sweep after its current chunk (the Cancel button)."""
         self._cancel_timer()
         self._jobs.discard("sweep")
+        self._jobs.discard("circuit")
         self.sweeps.stop()
+        self.circuits.stop()
         if self._jobs.idle() and self.status == "running":
             self.status = "cancelled"
 
@@ -290,6 +348,7 @@ class PatchingWidget(anywidget.AnyWidget):
         if hasattr(self, "sweeps"):  # (not when the constructor refused its arguments: nothing started)
             self._cancel_timer()
             self.sweeps.stop()
+            self.circuits.stop()
             self._jobs.close()
         super().close()
 
@@ -305,6 +364,21 @@ class PatchingWidget(anywidget.AnyWidget):
             raise t.TraitError(f"unknown metric {proposal['value']!r}.{hint} "
                                f"The widget offers: {', '.join(BUILTIN_METRICS)}.")
         return name
+
+    @t.validate("circuit_method")
+    def _valid_circuit_method(self, proposal):
+        methods = dict(CIRCUIT_METHODS)
+        name = str(proposal["value"]).lower().replace("_", "-")
+        if name not in methods:
+            raise t.TraitError(f"unknown circuit_method {proposal['value']!r}: the circuit view scores edges "
+                               f"with {' or '.join(repr(m) for m in methods)}")
+        return name
+
+    @t.validate("circuit_k")
+    def _valid_circuit_k(self, proposal):
+        if proposal["value"] < 0:
+            raise t.TraitError(f"circuit_k is the number of edges kept, at least 0; got {proposal['value']}")
+        return proposal["value"]
 
     @t.validate("dataset")
     def _valid_dataset(self, proposal):
@@ -349,8 +423,17 @@ class PatchingWidget(anywidget.AnyWidget):
         bundle = super()._repr_mimebundle_(**kwargs)
         data, meta = bundle if isinstance(bundle, tuple) else (bundle, {})
         data = dict(data)
-        data["text/html"] = static_html(self.heatmap, f"PatchingWidget ({self.model_name})")
+        data["text/html"] = self._static_pictures()
         return data, meta
+
+    def _static_pictures(self) -> str:
+        """The heatmap as static HTML and, once there is one, the circuit (the one on screen first)."""
+        title = f"PatchingWidget ({self.model_name})"
+        pictures = [static_html(self.heatmap, title)]
+        if self.circuit:
+            circuit = static_circuit_html(self.circuit, f"{title}: circuit", self.circuit_k, self.circuit_faithfulness)
+            pictures.insert(0 if self.site == "circuit" else 1, circuit)
+        return "".join(pictures)
 
     # ------------------------------------------------------------------ export (nbconvert, GitHub)
     # A notebook that carries widget state exports the widget as a script that loads the
@@ -370,15 +453,16 @@ class PatchingWidget(anywidget.AnyWidget):
     def export_html(self) -> str:
         """The last heatmap as self-contained HTML, as exported notebooks show it."""
         return (f'<div class="pw-static-export" data-run-id="{self.heatmap.get("run_id", "")}">'
-                f'{static_html(self.heatmap, f"PatchingWidget ({self.model_name})")}</div>')
+                f'{self._static_pictures()}</div>')
 
     def _export_bundle(self) -> dict:
         return {"text/html": self.export_html(),
                 "text/plain": f"PatchingWidget heatmap (static copy): {self.heatmap.get('metric', 'none yet')}"}
 
     def _export_state(self) -> tuple:
-        hm = self.heatmap or {}
-        return hm.get("run_id"), hm.get("metric"), hm.get("state"), hm.get("done")
+        hm, faith = self.heatmap or {}, self.circuit_faithfulness or {}
+        return (hm.get("run_id"), hm.get("metric"), hm.get("state"), hm.get("done"), self.site,
+                (self.circuit or {}).get("run_id"), self.circuit_k, faith.get("k"), faith.get("value"))
 
     def _refresh_export(self) -> None:
         """Update the static copy if the heatmap changed since it was drawn (and was displayed)."""
@@ -413,13 +497,14 @@ class PatchingWidget(anywidget.AnyWidget):
             self._follow[name] = not change["new"]
         else:
             self._edited_prompt = name
-        self._run_errors, self.sweeps.errors = {}, {}
+        self._run_errors, self.sweeps.errors, self.circuits.errors = {}, {}, {}
         self._jobs.submit("preview", self._preview)
         self._schedule_auto_run()
 
     def _on_control(self, change) -> None:
         self._run_errors.pop(change["name"], None)
         self.sweeps.errors.pop(change["name"], None)
+        self.circuits.errors.pop(change["name"], None)
         if change["name"] in ("receivers", "site"):
             self._check_receivers()
         self._set_errors()
@@ -448,7 +533,12 @@ class PatchingWidget(anywidget.AnyWidget):
 
     def _on_metric(self, change) -> None:
         self.sweeps.errors.pop("metric", None)
+        self.circuits.errors.pop("metric", None)
         self._run_errors.pop("metric", None)
+        if self.site == "circuit":  # (the circuit's scores are for one metric: it goes stale, Run rescores)
+            self._set_errors()
+            self._schedule_auto_run()
+            return
         if self.sweeps.lacks(change["new"]):  # computed on demand (widget_jobs.sweep_metrics)
             self.run()
             return
@@ -472,6 +562,22 @@ class PatchingWidget(anywidget.AnyWidget):
         if "head" in cell and "layer" in cell:
             with self.hold_sync():
                 self.pattern_layer, self.pattern_head = int(cell["layer"]), int(cell["head"])
+
+    def _on_circuit_method(self, change) -> None:
+        self.circuits.errors.pop("circuit_method", None)
+        self._set_errors()
+        if self.site == "circuit":
+            self._schedule_auto_run()
+
+    def _on_circuit_k(self, change) -> None:
+        """The top-k slider was released (or ``circuit_k`` set): the kept circuit's faithfulness."""
+        self.circuits.supersede("faithfulness")
+        self._jobs.submit("faithfulness", self.circuits.faithfulness)
+
+    def _on_circuit_edge(self, change) -> None:
+        """An edge was clicked (or ``circuit_edge`` set): its exact edge patch."""
+        self.circuits.supersede("edge")
+        self._jobs.submit("edge", self.circuits.edge_patch)
 
     def _on_pattern_choice(self, change) -> None:
         self._jobs.submit("pattern", self._send_pattern)
@@ -526,7 +632,7 @@ class PatchingWidget(anywidget.AnyWidget):
         return self._preview_errors
 
     def _set_errors(self) -> None:
-        self.errors = {**self.blocking_errors(), **self.sweeps.errors, **self._run_errors}
+        self.errors = {**self.blocking_errors(), **self.sweeps.errors, **self.circuits.errors, **self._run_errors}
 
     def field_of(self, err: BaseException) -> str:
         return field_of(err, {name: getattr(self, name) for name in INPUT_FIELDS})
@@ -534,7 +640,7 @@ class PatchingWidget(anywidget.AnyWidget):
     def _job_failed(self, kind: str, err: BaseException) -> None:
         self._run_errors["general"] = f"Internal error in the {kind} job: {type(err).__name__}: {err}"
         self._set_errors()
-        if kind == "sweep":
+        if kind in ("sweep", "circuit"):
             self.status = "error"
 
     # ------------------------------------------------------------------ SweepHost (for self.sweeps)
@@ -585,12 +691,27 @@ class PatchingWidget(anywidget.AnyWidget):
             if elapsed is not None:
                 self.elapsed = round(elapsed, 4)
             self._set_errors()
-            if not self._jobs.waiting("sweep"):  # a newer sweep keeps "running"
+            if not self._jobs.waiting("sweep") and not self._jobs.waiting("circuit"):  # a newer run keeps "running"
                 self.status = status
         self._refresh_export()
 
     def service(self) -> None:
         self._jobs.service(("preview", "pattern"))
+
+    # ------------------------------------------------------------------ CircuitHost (for self.circuits)
+    @property
+    def circuit_scores(self):
+        """The :class:`~patchwidgets.edge_attribution.EdgeScores` of the circuit view, or None."""
+        return self.circuits.scores
+
+    def circuit_inputs(self) -> dict:
+        return {name: getattr(self, name) for name in CIRCUIT_FIELDS}
+
+    def set_circuit(self, **traits: Any) -> None:
+        with self.hold_sync():
+            for name, value in traits.items():
+                setattr(self, name, value)
+        self._refresh_export()
 
     # ------------------------------------------------------------------ jobs (job thread)
     def _preview(self) -> None:

@@ -16,7 +16,11 @@ listed here, and reaches the page once, as the ``contract`` traitlet (:data:`CON
   component menu offers (:data:`SITE_GROUPS`), the receiver inputs of the path view
   (:data:`RECEIVER_INPUTS`);
 * the keys of the ``heatmap`` payload (:data:`HEATMAP_KEYS`, :data:`HEATMAP_OPTIONAL_KEYS`;
-  built by :func:`patchwidgets.widget_payload.heatmap_payload`).
+  built by :func:`patchwidgets.widget_payload.heatmap_payload`);
+* the circuit view (the ``"circuit"`` component): what its job reads (:data:`CIRCUIT_FIELDS`,
+  recorded in the payload's ``inputs`` for the stale check), the methods its menu offers
+  (:data:`CIRCUIT_METHODS`) and the keys of the ``circuit`` payload (:data:`CIRCUIT_KEYS`;
+  built by :func:`patchwidgets.circuit_view.circuit_payload`).
 
 The page reads these from the model instead of keeping copies, and its unit tests
 (``js/fake_model.js``) start from ``tests/shared/widget_contract.json``, which
@@ -48,17 +52,23 @@ PATH_FIELDS = ("receivers", "receiver_input")
 CONTROL_FIELDS = ("direction", "site", *PATH_FIELDS)
 #: What a sweep reads from the widget when it starts; the heatmap payload's ``inputs``.
 SWEEP_FIELDS = (*INPUT_FIELDS, *CONTROL_FIELDS, "dataset")
+#: What the circuit view's job reads (``site == "circuit"``): the prompts, answers and dataset, the
+#: direction, the metric the edges are scored on and the scoring method; the ``circuit`` payload's
+#: ``inputs``. (Not sweep fields: a heatmap does not go stale when the method changes.)
+CIRCUIT_FIELDS = (*INPUT_FIELDS, "direction", "metric", "dataset", "circuit_method")
 #: What a Run message from the page may set (each value checked by its traitlet; others are ignored).
-RUN_FIELDS = (*INPUT_FIELDS, *CONTROL_FIELDS, "metric")
+RUN_FIELDS = (*INPUT_FIELDS, *CONTROL_FIELDS, "metric", "circuit_method", "circuit_k")
 #: Every traitlet the page may set: the sweep's inputs, then choices no sweep reads (the metric
-#: shown, the cell clicked, the head whose pattern is shown, the pair shown, two checkboxes).
+#: shown, the cell clicked, the head whose pattern is shown, the pair shown, two checkboxes), then
+#: the circuit view's (its scoring method, the number of edges kept, the edge clicked).
 PAGE_FIELDS = (*SWEEP_FIELDS, "metric", "fast_preview", "auto_run", "pair", "selected",
-               "pattern_layer", "pattern_head")
+               "pattern_layer", "pattern_head", "circuit_method", "circuit_k", "circuit_edge")
 #: Set when the widget is made; the page reads them once.
 STATIC_FIELDS = ("contract", "model_name", "model_info")
 #: Every traitlet only Python sets: the page draws them.
 SHOWN_FIELDS = (*STATIC_FIELDS, "tokens", "baseline", "errors", "status", "progress", "waiting_for",
-                "elapsed", "heatmap", "explanation", "pattern")
+                "elapsed", "heatmap", "explanation", "pattern", "circuit", "circuit_faithfulness",
+                "circuit_edge_patch")
 
 # --------------------------------------------------------------------------- what the menus offer
 #: The sites the widget offers, grouped as in its component menu: ``(value, label)``.
@@ -87,8 +97,20 @@ SITE_GROUPS: list[tuple[str, list[tuple[str, str]]]] = [
     ("Paths between heads (sender layer x sender head)", [
         ("path", "path patching: senders \u2192 receivers"),
     ]),
+    ("Circuits (every edge between components)", [
+        ("circuit", "circuit: edge attribution (EAP / EAP-IG)"),
+    ]),
 ]
 WIDGET_SITES = [value for _, options in SITE_GROUPS for value, _ in options]
+#: The components a heatmap sweep draws (every one but the circuit view).
+SWEEP_SITES = [value for value in WIDGET_SITES if value != "circuit"]
+
+#: The edge-scoring methods of the circuit view, ``(value, label)``
+#: (:func:`patchwidgets.edge_attribution`'s ``method``).
+CIRCUIT_METHODS: tuple[tuple[str, str], ...] = (
+    ("eap", "EAP: attribution patching of edges (1 backward pass)"),
+    ("eap-ig", "EAP-IG: integrated gradients (5 steps)"),
+)
 
 #: The receiver inputs the path view offers, ``(value, label)`` (the core takes any combination of q, k, v).
 RECEIVER_INPUTS: tuple[tuple[str, str], ...] = (
@@ -114,6 +136,11 @@ HEATMAP_KEYS = ("run_id", "site", "metric", "direction", "rows", "cols", "row_ti
 #: ``estimate``, ``estimate_method`` (the fast preview).
 HEATMAP_OPTIONAL_KEYS = ("path", "n_pairs", "pair", "se", "estimate", "estimate_method")
 
+# --------------------------------------------------------------------------- the circuit payload
+#: Keys of every ``circuit`` payload (``{}`` means "no circuit yet"; built by
+#: :func:`patchwidgets.circuit_view.circuit_payload`).
+CIRCUIT_KEYS = ("run_id", "method", "steps", "metric", "direction", "nodes", "edges", "scores", "n_edges", "inputs")
+
 # --------------------------------------------------------------------------- what the page receives
 #: The ``contract`` traitlet: all of the above, as JSON.
 CONTRACT: dict[str, Any] = {
@@ -128,6 +155,9 @@ CONTRACT: dict[str, Any] = {
     "receiver_inputs": [list(option) for option in RECEIVER_INPUTS],
     "heatmap_keys": list(HEATMAP_KEYS),
     "heatmap_optional_keys": list(HEATMAP_OPTIONAL_KEYS),
+    "circuit_fields": list(CIRCUIT_FIELDS),
+    "circuit_methods": [list(option) for option in CIRCUIT_METHODS],
+    "circuit_keys": list(CIRCUIT_KEYS),
 }
 
 SHARED_FILE = "tests/shared/widget_contract.json"

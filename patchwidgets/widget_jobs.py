@@ -45,7 +45,7 @@ from .metrics import BUILTIN_METRICS, METRICS
 from .patching import patch
 from .path_patching import path_patch
 from .sharing import waiting_notice
-from .widget_contract import WIDGET_SITES
+from .widget_contract import SWEEP_SITES
 from .widget_payload import heatmap_payload
 
 _HEAD = re.compile(r"^l?(\d+)(?:[.:]|h)(\d+)$", re.IGNORECASE)
@@ -304,8 +304,8 @@ class Sweeper:
         started = time.perf_counter()
         if host.blocking_errors():  # what the preview found (same words before and after Run)
             return host.finished("error", None)
-        if inputs["site"] not in WIDGET_SITES:
-            self.errors["site"] = (f"the widget shows these sites: {', '.join(WIDGET_SITES)}; "
+        if inputs["site"] not in SWEEP_SITES:
+            self.errors["site"] = (f"the widget shows these sites: {', '.join(SWEEP_SITES)}; "
                                    f"use patchwidgets.patch() for {inputs['site']!r}")
             return host.finished("error", None)
         receivers = None

@@ -869,9 +869,11 @@ def test_sweep_reads_and_payload_records_exactly_the_sweep_fields(widget):
     assert list(widget.heatmap["inputs"]) == list(contract.SWEEP_FIELDS)
 
 
-#: A new value for each run field, all valid together (a path sweep into head 3.1's keys).
+#: A new value for each run field, all valid together (a path sweep into head 3.1's keys; the circuit
+#: view's method and k go with it, for when the circuit component is chosen).
 RUN_VALUES = {"clean": DEFAULT_CORRUPTED, "corrupted": DEFAULT_CLEAN, "correct": " John", "incorrect": " Mary",
-              "direction": "noising", "site": "path", "receivers": "3.1", "receiver_input": "k", "metric": "logit_diff"}
+              "direction": "noising", "site": "path", "receivers": "3.1", "receiver_input": "k", "metric": "logit_diff",
+              "circuit_method": "eap", "circuit_k": 7}
 
 
 def test_run_message_sets_exactly_the_run_fields(widget):

@@ -20,8 +20,9 @@
 // Layout of this file: pure helpers (numbers, colours, grid views; shared with Python through
 // tests/shared/widget_cases.json), then the view's parts, one factory each (makeInputs,
 // makeTokens, makeControls, makePathPanel, makeDataset, makeKernelLink, makeStatus,
-// makeHeatmap, makeExplainPanel) built on one shared context (makeContext), then `render`,
-// which wires them together and subscribes them to the model.
+// makeHeatmap, makeCircuitPanel and makeCircuit (the circuit view, with its own pure helpers),
+// makeExplainPanel) built on one shared context (makeContext), then `render`, which wires them
+// together and subscribes them to the model.
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 
@@ -56,6 +57,9 @@ const SVG_NS = "http://www.w3.org/2000/svg";
  * @property {Array<[string, string]>} receiver_inputs the path view's receiver inputs: [value, label]
  * @property {string[]} heatmap_keys keys of every heatmap payload
  * @property {string[]} heatmap_optional_keys keys some payloads add
+ * @property {Field[]} circuit_fields what a circuit job reads: a circuit whose `inputs` differ from them is stale
+ * @property {Array<[string, string]>} circuit_methods the circuit view's edge-scoring methods: [value, label]
+ * @property {string[]} circuit_keys keys of every circuit payload
  */
 /**
  * One row or column of the heatmap: the indices of its cells, a short label, and for a
@@ -118,6 +122,9 @@ const SVG_NS = "http://www.w3.org/2000/svg";
  * @property {{row?: number, col?: number}} selected
  * @property {number} pattern_layer
  * @property {number} pattern_head
+ * @property {string} circuit_method "eap" or "eap-ig"
+ * @property {number} circuit_k edges kept in the circuit view (the strongest by |score|)
+ * @property {string} circuit_edge the edge clicked in the circuit view (its name), or ""
  * @property {Contract} contract
  * @property {string} model_name
  * @property {{n_layers: number, n_heads: number}} model_info
@@ -131,6 +138,9 @@ const SVG_NS = "http://www.w3.org/2000/svg";
  * @property {Heatmap|{rows?: undefined}} heatmap {} before the first sweep
  * @property {string} explanation
  * @property {{layer?: number, head?: number, error?: string, clean?: PatternView, corrupted?: PatternView}} pattern
+ * @property {Circuit|{nodes?: undefined}} circuit {} before the first circuit
+ * @property {CircuitCheck} circuit_faithfulness the kept circuit's faithfulness, exact
+ * @property {CircuitCheck} circuit_edge_patch the clicked edge patched alone, exact
  */
 /** @typedef {keyof State} Field */
 /** The text traitlets (prompts, answers, receivers, ...). @typedef {{[K in Field]: State[K] extends string ? K : never}[Field]} TextName */
@@ -684,10 +694,10 @@ export function makeControls(ctx, { onRun }) {
       metricSelect.value = model.get("metric");
       siteSelect.value = model.get("site");
       autoBox.checked = !!model.get("auto_run");
-      const path = model.get("site") === "path";
+      const noPreview = model.get("site") === "path" || model.get("site") === "circuit";
       previewBox.checked = !!model.get("fast_preview");
-      previewBox.disabled = path; // AtP has no estimate for path patching
-      previewLabel.classList.toggle("pw-disabled", path);
+      previewBox.disabled = noPreview; // AtP has no estimate for path patching (the circuit view is scored by gradients anyway)
+      previewLabel.classList.toggle("pw-disabled", noPreview);
     },
     setRunning(running) { cancelButton.disabled = !running; },
   };
@@ -873,6 +883,14 @@ export function makeStatus({ model, root }) {
   const progress = /** @type {HTMLProgressElement} */ (h("progress", { class: "pw-progress", max: "1", value: "0" }));
   const progressText = h("span", { class: "pw-progress-text" });
   const progressRow = h("div", { class: "pw-progress-row" }, progress, progressText);
+  /** The progress line of the circuit view: scoring runs as a few passes, so no count of patches. @param {string} status */
+  function circuitText(status) {
+    const p = circuitOf(model);
+    const waiting = String(model.get("waiting_for") || "");
+    return status === "running" ? `scoring every edge with ${String(model.get("circuit_method")).toUpperCase()}\u2026${waiting ? ` ${waiting}` : ""}`
+      : status === "done" && p ? `${p.n_edges} edges scored in ${fmt(model.get("elapsed"), 2)} s`
+      : status === "cancelled" ? "cancelled: the circuit shown is the previous one" : "";
+  }
   /** What a cancel left: counted from the picture itself, or nothing started. */
   function cancelledText() {
     const p = heatmapOf(model);
@@ -889,7 +907,10 @@ export function makeStatus({ model, root }) {
       progress.value = total ? done / total : status === "done" ? 1 : 0;
       progress.classList.toggle("pw-hidden", !running && status !== "cancelled");
       const waiting = String(model.get("waiting_for") || "");
-      progressText.textContent = running && waiting ? `${done}/${total} patches, ${waiting}`
+      const circuit = model.get("site") === "circuit";
+      if (circuit && running) progress.removeAttribute("value"); // (indeterminate: a few passes, no count)
+      progressText.textContent = circuit ? circuitText(status)
+        : running && waiting ? `${done}/${total} patches, ${waiting}`
         : running ? `${done}/${total} patches`
         : status === "done" ? `${total} patches in ${fmt(model.get("elapsed"), 2)} s`
         : status === "cancelled" ? cancelledText() : "";
@@ -1367,6 +1388,507 @@ export function makeHeatmap(ctx, { onSelect, onToggleReceiver }) {
   return { el, update, relayout, markStale, markReceivers, drawOutline, drawApproxNote };
 }
 
+// ------------------------------------------------------------ circuit view
+// The component "circuit" (patchwidgets/widget_circuit.py): every edge of the model's graph
+// scored by edge attribution (EAP or EAP-IG), the strongest drawn by layer. The rules below are
+// patchwidgets/circuit_view.py's (layout, top k, colour and width, curves), checked against the
+// same cases (tests/shared/widget_cases.json, circuit_*), so the exported picture and the page agree.
+
+/**
+ * A node of the graph (circuit_view.circuit_payload): the input embeddings, a head, an MLP or the logits.
+ * @typedef {{name: string, kind: string, layer: number, head: number|null}} CircuitNode
+ */
+/**
+ * The `circuit` traitlet (patchwidgets/circuit_view.py circuit_payload): the graph's nodes and its
+ * strongest edges by |score|, strongest first. Its keys are the contract's circuit_keys.
+ * @typedef {Object} Circuit
+ * @property {number} run_id the job that made it
+ * @property {string} method "eap" or "eap-ig"
+ * @property {number} steps EAP-IG's interpolation steps (1 for EAP)
+ * @property {string} metric the metric the edges are scored on
+ * @property {string} direction
+ * @property {CircuitNode[]} nodes every node of the graph
+ * @property {Array<[number, number, string, string]>} edges [sender, receiver, input, name], node indices, strongest first
+ * @property {DataView} scores float32, one per edge, same order
+ * @property {number} n_edges every edge of the graph (the slider's range)
+ * @property {Partial<State>} inputs the circuit fields as the job read them
+ */
+/**
+ * An exact check of the circuit on screen (circuit_faithfulness, circuit_edge_patch).
+ * `value` is the faithfulness, or the metric with the edge patched (what patchwidgets.edge_patch gives); an edge's
+ * `change` is that minus the unpatched target run's value: what its score estimates.
+ * @typedef {{run_id?: number, k?: number, edge?: string, value?: number|null, change?: number, state?: string, metric?: string, error?: string}} CircuitCheck
+ */
+
+/** A score or change with its sign: "+0.123", "-0.5". @param {number|null|undefined} v */
+export const signed = (v) => (v !== null && v !== undefined && v > 0 ? "+" : "") + fmt(v, 4);
+
+/** Where each input of a head enters it, as a fraction of the node's width from its middle. @type {Object<string, number>} */
+export const INPUT_OFFSET = { q: -0.3, k: 0, v: 0.3, in: 0 };
+/** @type {Object<string, string>} */
+const INPUT_WORDS = { q: "query", k: "key", v: "value", in: "input" };
+
+/** The circuit payload, or null before the first one. @param {Model} model @returns {Circuit|null} */
+export function circuitOf(model) {
+  const p = model.get("circuit");
+  return p && Array.isArray(p.nodes) && p.nodes.length ? /** @type {Circuit} */ (p) : null;
+}
+
+/** A node's row, bottom to top: the input, per layer its heads then its MLP, the logits. @param {CircuitNode} n */
+export function circuitRowKey(n) {
+  if (n.kind === "input") return -1;
+  if (n.kind === "logits") return Infinity;
+  return 2 * n.layer + (n.kind === "mlp" ? 1 : 0);
+}
+
+/**
+ * Each node's place in the unit square ([x, y], y = 0 at the top), its row (0 = the bottom one)
+ * and the number of rows: the input at the bottom, the logits at the top, a row per layer's heads
+ * and one per layer's MLP between; a row of m nodes (ordered by head) puts node i at (i + 0.5) / m.
+ * @param {CircuitNode[]} nodes
+ * @returns {{places: Array<[number, number]>, rows: number[], nRows: number}}
+ */
+export function circuitLayout(nodes) {
+  const keys = [...new Set(nodes.map(circuitRowKey))].sort((a, b) => a - b);
+  const rowOf = new Map(keys.map((k, r) => [k, r]));
+  const nRows = keys.length;
+  const rows = nodes.map((n) => /** @type {number} */ (rowOf.get(circuitRowKey(n))));
+  /** @type {Array<[number, number]>} */
+  const places = nodes.map(() => [0, 0]);
+  for (let r = 0; r < nRows; r++) {
+    const members = nodes.map((_, i) => i).filter((i) => rows[i] === r);
+    members.sort((a, b) => ((nodes[a].head ?? -1) - (nodes[b].head ?? -1)) || a - b);
+    members.forEach((i, j) => { places[i] = [(j + 0.5) / members.length, 1 - (r + 0.5) / nRows]; });
+  }
+  return { places, rows, nRows };
+}
+
+/**
+ * The indices of the k largest |score|s, largest first (ties: lower index first; NaN last).
+ * @param {ArrayLike<number>} scores @param {number} k @returns {number[]}
+ */
+export function topEdges(scores, k) {
+  const size = (/** @type {number} */ i) => (Number.isFinite(scores[i]) ? Math.abs(scores[i]) : -1);
+  const order = Array.from({ length: scores.length }, (_, i) => i);
+  order.sort((a, b) => size(b) - size(a) || a - b);
+  return order.slice(0, Math.max(0, Math.floor(k)));
+}
+
+/**
+ * An edge's width (1 to 6 px), colour (the diverging rule around 0 on -maxAbs..maxAbs: blue for a
+ * positive score, red for a negative one; null when missing) and opacity (0.25 + 0.75 alpha, so a
+ * drawn edge never vanishes), as circuit_view.edge_style.
+ * @param {number} score @param {number} maxAbs
+ * @returns {{width: number, rgba: RGBA|null, opacity: number}}
+ */
+export function edgeStyle(score, maxAbs) {
+  const top = maxAbs > 0 && Number.isFinite(maxAbs) ? maxAbs : 1;
+  const rgba = colour(score, -top, top, "diverging", 0);
+  if (!rgba) return { width: 1, rgba: null, opacity: 0.25 };
+  const strength = Math.min(1, Math.abs(score) / top);
+  return { width: Math.round((1 + 5 * strength) * 100) / 100, rgba, opacity: round3(0.25 + 0.75 * rgba[3]) };
+}
+
+/**
+ * The cubic of an edge from `start` (the sender's top, px) to `end` (the receiver's bottom), `span`
+ * rows up, between nodes `nodeW` px wide: [x1, y1, c1x, c1y, c2x, c2y, x2, y2]. It leaves and enters
+ * vertically; an edge that skips rows bows right by 0.7 nodeW + 6 px per row skipped (at most 80),
+ * clear of the aligned nodes it passes (as circuit_view.edge_curve).
+ * @param {[number, number]} start @param {[number, number]} end @param {number} span @param {number} nodeW
+ * @returns {number[]}
+ */
+export function edgeCurve(start, end, span, nodeW) {
+  const [x1, y1] = start, [x2, y2] = end;
+  const dy = (y1 - y2) * 0.45;
+  const bow = span > 1 ? Math.min(80, 0.7 * nodeW + 6 * (span - 1)) : 0;
+  return [x1, y1, x1 + bow, y1 - dy, x2 + bow, y2 + dy, x2, y2];
+}
+
+/**
+ * The plot area of a graph `width` px wide (as circuit_view.box_for): rows 26 to 56 px apart,
+ * nodes as wide as the fullest row allows (at most 46 px).
+ * @param {CircuitNode[]} nodes @param {number} nRows @param {number} width
+ */
+export function circuitBox(nodes, nRows, width) {
+  /** @type {Map<number, number>} */
+  const perRow = new Map();
+  for (const n of nodes) perRow.set(circuitRowKey(n), (perRow.get(circuitRowKey(n)) ?? 0) + 1);
+  const widest = Math.max(1, ...perRow.values());
+  const gap = Math.max(26, Math.min(56, 720 / Math.max(1, nRows)));
+  const nodeW = Math.max(8, Math.min(46, (0.8 * width) / widest));
+  return { left: 8, top: 8, width, height: gap * nRows, nodeW, nodeH: Math.min(18, 0.55 * gap) };
+}
+
+/**
+ * The slider's stops for a graph of `n` edges: every k up to 10, then 12, 15, 20, 25, 30, 40,
+ * 50, 60, 80, 100, ... (about ten per decade), and n itself: fine steps where circuits are small,
+ * and every size reachable on a GPT-2-sized graph (32,491 edges) in about 45 stops.
+ * @param {number} n @returns {number[]}
+ */
+export function kSteps(n) {
+  if (n <= 0) return [0];
+  const steps = [];
+  for (let k = 1; k <= Math.min(n, 10); k++) steps.push(k);
+  for (let e = 1; 10 ** e < n; e++) {
+    for (const m of [1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8]) {
+      const v = Math.round(m * 10 ** e);
+      if (v > 10 && v < n) steps.push(v);
+    }
+  }
+  if (steps[steps.length - 1] !== n) steps.push(n);
+  return steps;
+}
+
+/** The stop of `steps` for k: the first at least k (the last for a k past them). @param {number[]} steps @param {number} k */
+export function stepIndex(steps, k) {
+  const i = steps.findIndex((v) => v >= k);
+  return i < 0 ? steps.length - 1 : i;
+}
+
+/**
+ * Keyboard moves between the drawn edges (`edges`: [sender, receiver] node indices, strongest
+ * first) from edge n: ArrowRight / ArrowLeft the next weaker / stronger edge, ArrowUp the
+ * strongest edge leaving this edge's receiver (follow the flow up), ArrowDown the strongest edge
+ * entering its sender (down), Home / End the strongest / weakest. Returns the edge to move to (n
+ * itself when there is none that way), or null for a key that is not a move.
+ * @param {Array<[number, number]>} edges @param {number} n @param {string} key
+ * @returns {number|null}
+ */
+export function edgeMove(edges, n, key) {
+  const last = edges.length - 1;
+  const [sender, receiver] = edges[n];
+  const find = (/** @type {(e: [number, number]) => boolean} */ test) => { const i = edges.findIndex(test); return i < 0 ? n : i; };
+  switch (key) {
+    case "ArrowRight": return Math.min(last, n + 1);
+    case "ArrowLeft": return Math.max(0, n - 1);
+    case "Home": return 0;
+    case "End": return last;
+    case "ArrowUp": return find((e) => e[0] === receiver);
+    case "ArrowDown": return find((e) => e[1] === sender);
+    default: return null;
+  }
+}
+
+/** What a node's box says: "0.1", "0.kv1" (a key-value head), "MLP 0", "input", "logits". @param {CircuitNode} n */
+export function nodeLabel(n) {
+  if (n.kind === "head") return `${n.layer}.${n.head}`;
+  if (n.kind === "kv_head") return `${n.layer}.kv${n.head}`;
+  if (n.kind === "mlp") return `MLP ${n.layer}`;
+  return n.kind === "input" ? "input" : "logits";
+}
+
+/** A node in words: "head 0.1", "key-value head 0.1", "MLP 0", "the input embeddings", "the logits". @param {CircuitNode} n */
+export function nodeWords(n) {
+  if (n.kind === "head") return `head ${n.layer}.${n.head}`;
+  if (n.kind === "kv_head") return `key-value head ${n.layer}.${n.head}`;
+  if (n.kind === "mlp") return `MLP ${n.layer}`;
+  return n.kind === "input" ? "the input embeddings" : "the logits";
+}
+
+/** An edge in words: "head 0.1 → head 2.3 (query)". @param {CircuitNode} s @param {CircuitNode} r @param {string} input */
+export function edgeWords(s, r, input) {
+  return `${nodeWords(s)} \u2192 ${nodeWords(r)}${r.kind === "head" || r.kind === "kv_head" ? ` (${INPUT_WORDS[input] ?? input})` : ""}`;
+}
+
+/**
+ * @typedef {Object} CircuitGraph
+ * @property {SVGSVGElement} svg
+ * @property {SVGGElement[]} edges the drawn edges, strongest first (each a .pw-edge group: line and hit area)
+ * @property {number[]} index each drawn edge's index in the payload's edges
+ * @property {Legend} legend
+ */
+
+/**
+ * Build the SVG of the `k` strongest edges of `p` for a widget `width` px wide: edges (weakest
+ * drawn first, so the strongest lie on top), then the nodes (the ones no drawn edge touches
+ * faded), then the legend. Each edge is a group (.pw-edge, a roving tab stop) holding its visible
+ * line and a wide transparent hit area, named for screen readers with its words and score.
+ * @param {Circuit} p @param {number} k @param {number} width
+ * @returns {CircuitGraph}
+ */
+export function buildCircuit(p, k, width) {
+  const scores = floats(p.scores);
+  const legendW = 96;
+  const { places, rows, nRows } = circuitLayout(p.nodes);
+  const box = circuitBox(p.nodes, nRows, Math.max(240, width - legendW - 24));
+  const at = (/** @type {number} */ i) => [box.left + places[i][0] * box.width, box.top + places[i][1] * box.height];
+  const svgW = box.left * 2 + box.width + legendW, svgH = box.top * 2 + box.height;
+  const svg = /** @type {SVGSVGElement} */ (s("svg", {
+    width: svgW, height: svgH, class: "pw-circuit-graph", role: "group",
+    "aria-label": `circuit of ${p.method.toUpperCase()} edge scores: arrow keys move between edges, Enter patches one exactly`,
+  }));
+  const maxAbs = Array.from(scores).reduce((m, v) => (Number.isFinite(v) ? Math.max(m, Math.abs(v)) : m), 0);
+  const drawn = topEdges(scores, Math.min(k, p.edges.length));
+  const edgeLayer = s("g", { class: "pw-edges" });
+  /** @type {SVGGElement[]} */
+  const groups = [];
+  drawn.forEach((i, rank) => {
+    const [si, ri, input, name] = p.edges[i];
+    const [sx, sy] = at(si), [rx, ry] = at(ri);
+    const c = edgeCurve([sx, sy - box.nodeH / 2], [rx + (INPUT_OFFSET[input] ?? 0) * box.nodeW, ry + box.nodeH / 2], rows[ri] - rows[si], box.nodeW);
+    const d = `M${c[0].toFixed(1)} ${c[1].toFixed(1)}C${c.slice(2).map((v) => v.toFixed(1)).join(" ")}`;
+    const st = edgeStyle(scores[i], maxAbs);
+    const g = /** @type {SVGGElement} */ (s("g", {
+      class: "pw-edge", role: "button", tabindex: rank === 0 ? 0 : -1, "data-edge": name, "data-rank": rank,
+      "data-index": i, "data-score": scores[i], "data-sender": p.nodes[si].name, "data-receiver": p.nodes[ri].name, "data-input": input,
+      "aria-label": `${edgeWords(p.nodes[si], p.nodes[ri], input)}: score ${fmt(scores[i], 3)}`,
+    }));
+    g.append(
+      s("path", { d, class: "pw-edge-line", fill: "none", stroke: st.rgba ? `rgb(${st.rgba[0]},${st.rgba[1]},${st.rgba[2]})` : "#999", "stroke-width": st.width, "stroke-opacity": st.opacity }),
+      s("path", { d, class: "pw-edge-hit", fill: "none" }));
+    groups.push(g);
+  });
+  edgeLayer.append(...[...groups].reverse());
+  const used = new Set(drawn.flatMap((i) => [p.edges[i][0], p.edges[i][1]]));
+  const nodeLayer = s("g", { class: "pw-nodes" });
+  p.nodes.forEach((n, i) => {
+    const [x, y] = at(i);
+    const g = s("g", { class: used.has(i) ? "pw-node" : "pw-node pw-node-idle", "data-node": n.name });
+    g.append(s("rect", { x: x - box.nodeW / 2, y: y - box.nodeH / 2, width: box.nodeW, height: box.nodeH, rx: 3 }));
+    const label = nodeLabel(n);
+    if (5.5 * label.length <= box.nodeW) {
+      const t = s("text", { x, y, "text-anchor": "middle", "dominant-baseline": "central", class: "pw-node-label" });
+      t.textContent = label;
+      g.append(t);
+    }
+    nodeLayer.append(g);
+  });
+  svg.append(edgeLayer, nodeLayer);
+  const { legend } = buildLegend(svg, box.left * 2 + box.width + 8, box.top + 16, Math.max(100, Math.min(box.height - 24, 200)));
+  paintLegend(legend, "score", scale("score", [-maxAbs, maxAbs], undefined, null));
+  return { svg, edges: groups, index: drawn, legend };
+}
+
+/**
+ * @typedef {Object} CircuitPanelPart
+ * @property {HTMLElement} el the circuit view's settings (shown for the "circuit" component): the scoring method
+ * @property {() => void} update
+ */
+
+/**
+ * The circuit view's row of settings, shown for the "circuit" component (as the path view's is).
+ * @param {Ctx} ctx
+ * @returns {CircuitPanelPart}
+ */
+export function makeCircuitPanel(ctx) {
+  const { model, save } = ctx;
+  const methodSelect = /** @type {HTMLSelectElement} */ (h("select", { class: "pw-select", "data-control": "circuit_method", "aria-label": "edge scoring method" }));
+  for (const [value, label] of ctx.contract.circuit_methods) methodSelect.append(h("option", { value }, label));
+  methodSelect.addEventListener("change", () => save("circuit_method", methodSelect.value));
+  const el = h("div", { class: "pw-path pw-hidden", "data-panel": "circuit" },
+    h("label", { class: "pw-control" }, h("span", { class: "pw-label" }, "Edge scores"), methodSelect, ctx.errors.box("circuit_method")),
+    h("div", { class: "pw-path-help" },
+      "Run scores every edge of the model (input, heads, MLPs, logits; a head's query, key and value inputs apart) by how much ",
+      "patching it alone would move the metric, to first order (EAP) or integrated along the way from the corrupted to the clean run (EAP-IG). ",
+      "Keep the strongest with the slider: releasing it computes the kept circuit's exact faithfulness; click an edge for its exact patch."));
+  return {
+    el,
+    update() {
+      el.classList.toggle("pw-hidden", model.get("site") !== "circuit");
+      methodSelect.value = model.get("circuit_method");
+    },
+  };
+}
+
+/**
+ * @typedef {Object} CircuitPart
+ * @property {HTMLElement} el the view: caption, legend note, top-k slider with the faithfulness, the edge clicked, the graph
+ * @property {() => void} update draw the `circuit` payload with the slider's k (rebuilding the SVG)
+ * @property {() => void} updateChecks show `circuit_faithfulness` and `circuit_edge_patch`
+ * @property {() => void} markStale say so when the inputs no longer match the circuit's
+ * @property {() => void} relayout rebuild for a new width
+ */
+
+/**
+ * The circuit view. The slider's stops are kSteps(n_edges); moving it redraws the top k at once,
+ * and releasing it (or an arrow key on it) saves `circuit_k`, which makes Python compute the kept
+ * circuit's faithfulness. Hover an edge for its score; click it, or Tab to the graph (one tab
+ * stop), move with the arrows (edgeMove) and press Enter, to call `onSelectEdge(name)`.
+ * @param {Ctx} ctx @param {{onSelectEdge: (name: string) => void}} callbacks
+ * @returns {CircuitPart}
+ */
+export function makeCircuit(ctx, { onSelectEdge }) {
+  const { model, root, save, tooltip } = ctx;
+  const caption = h("div", { class: "pw-caption" });
+  const legendNote = h("div", { class: "pw-legend-note" });
+  const slider = /** @type {HTMLInputElement} */ (h("input", { type: "range", class: "pw-k-slider", min: "0", max: "0", step: "1", value: "0", "data-control": "circuit_k", "aria-label": "edges kept: the strongest k" }));
+  const readout = h("span", { class: "pw-k-readout" });
+  const faith = h("span", { class: "pw-faithfulness", "aria-live": "polite" });
+  const kRow = h("div", { class: "pw-k-row" }, h("label", { class: "pw-position" }, h("span", { class: "pw-label" }, "Edges kept "), slider, readout), faith);
+  const staleNote = h("div", { class: "pw-stale pw-hidden" }, "Inputs changed since these edges were scored: press Run.");
+  const info = h("div", { class: "pw-edge-info", "aria-live": "polite" });
+  const plot = h("div", { class: "pw-plot pw-circuit-plot", "data-control": "circuit_edge" });
+  const el = h("div", { class: "pw-circuit-panel pw-hidden", "data-panel": "circuit-view" }, caption, legendNote, kRow, staleNote, info, plot);
+
+  /** @type {CircuitGraph|null} */ let graph = null;
+  let key = "", steps = [0], active = 0;
+  /** @type {number|null} */ let localK = null; // the slider's k while it moves (null: the model's)
+  /** @type {Map<string, {value: number, change: number}>} */ let exact = new Map(); // exact edge patches seen for this run
+  let exactRun = -1;
+
+  const kShown = () => localK ?? model.get("circuit_k");
+  slider.addEventListener("input", () => { localK = steps[Number(slider.value)]; draw(); });
+  slider.addEventListener("change", () => {
+    const k = steps[Number(slider.value)];
+    localK = null;
+    if (k !== model.get("circuit_k")) save("circuit_k", k);
+    else draw();
+  });
+
+  function update() {
+    const p = circuitOf(model);
+    if (!p) {
+      key = "";
+      graph = null;
+      plot.replaceChildren(h("div", { class: "pw-empty" }, "No circuit yet: press Run to score every edge."));
+      caption.textContent = legendNote.textContent = readout.textContent = "";
+      slider.disabled = true;
+      delete root.dataset.circuitRun;
+      updateChecks();
+      return;
+    }
+    if (p.run_id !== exactRun) { exact = new Map(); exactRun = p.run_id; }
+    steps = kSteps(p.n_edges);
+    slider.max = String(steps.length - 1);
+    slider.disabled = false;
+    const method = p.method.toUpperCase() + (p.method === "eap-ig" ? ` (${p.steps} steps)` : "");
+    caption.textContent = `${p.direction} \u00b7 circuit \u00b7 ${method} edge scores of ${p.metric} \u00b7 ${p.n_edges} edges`;
+    legendNote.textContent = `edge score = ${p.method.toUpperCase()}'s estimate of how much patching the edge alone changes ${p.metric}: ` +
+      "blue raises it, red lowers it; width and strength grow with |score|.";
+    draw();
+    markStale();
+  }
+
+  /** Draw the k strongest edges (k: the slider's while it moves, else the model's). */
+  function draw() {
+    const p = circuitOf(model);
+    if (!p) return;
+    const k = Math.min(kShown(), p.n_edges);
+    if (localK === null) slider.value = String(stepIndex(steps, k));
+    const drawnN = Math.min(k, p.edges.length);
+    readout.textContent = `${k} of ${p.n_edges}` + (drawnN < k ? ` (the ${drawnN} strongest drawn)` : "");
+    slider.setAttribute("aria-valuetext", `${k} of ${p.n_edges} edges`);
+    const width = root.clientWidth || 800;
+    const layout = `${p.run_id}|${k}|${Math.round(width / 40)}`;
+    if (layout !== key || !graph) {
+      const activeName = graph?.edges[active]?.dataset.edge;
+      const hadFocus = !!graph && graph.svg.contains(document.activeElement);
+      const next = buildCircuit(p, k, Math.max(360, width));
+      plot.replaceChildren(next.svg);
+      const again = next.edges.findIndex((g) => g.dataset.edge === activeName);
+      active = again >= 0 ? again : 0;
+      next.edges.forEach((g, n) => g.setAttribute("tabindex", n === active ? "0" : "-1"));
+      graph = next;
+      key = layout;
+      if (hadFocus && next.edges[active]) next.edges[active].focus();
+    }
+    Object.assign(root.dataset, { circuitRun: String(p.run_id), circuitK: String(k), circuitDrawn: String(graph.edges.length) });
+    drawSelection();
+    updateChecks();
+  }
+
+  /** Mark the edge clicked (circuit_edge) and say what is known of it. */
+  function drawSelection() {
+    if (!graph) return;
+    const name = model.get("circuit_edge");
+    for (const g of graph.edges) g.classList.toggle("pw-edge-selected", g.dataset.edge === name);
+  }
+
+  /** Faithfulness of the kept circuit, and the clicked edge's exact patch, for the circuit on screen. */
+  function updateChecks() {
+    const p = circuitOf(model);
+    /** @type {CircuitCheck} */ const f = model.get("circuit_faithfulness") || {};
+    /** @type {CircuitCheck} */ const e = model.get("circuit_edge_patch") || {};
+    const k = p ? Math.min(kShown(), p.n_edges) : 0;
+    const fits = p && f.run_id === p.run_id && f.k === k;
+    faith.textContent = !p ? "" : !fits ? (localK !== null ? "release to compute the faithfulness" : "")
+      : f.state === "running" ? `faithfulness of these ${k} edges: computing\u2026`
+      : f.state === "done" ? `faithfulness of these ${k} edges: ` : f.state === "error" ? `faithfulness: ${f.error ?? "failed"}`
+      : f.state === "cancelled" ? "faithfulness: cancelled" : "";
+    if (fits && f.state === "done") faith.append(h("b", {}, fmt(f.value, 3)));
+    faith.dataset.state = fits ? String(f.state ?? "") : "";
+    if (fits && f.state === "done" && f.value !== null && f.value !== undefined) { faith.dataset.value = String(f.value); root.dataset.faithfulness = String(f.value); root.dataset.faithfulnessK = String(k); }
+    else { delete faith.dataset.value; delete root.dataset.faithfulness; delete root.dataset.faithfulnessK; }
+
+    const name = model.get("circuit_edge");
+    const i = p ? p.edges.findIndex((x) => x[3] === name) : -1;
+    if (p && e.run_id === p.run_id && e.state === "done" && typeof e.value === "number" && typeof e.change === "number" && e.edge) {
+      exact.set(e.edge, { value: e.value, change: e.change });
+    }
+    delete root.dataset.edgePatch;
+    delete root.dataset.edgeChange;
+    if (!p || i < 0) {
+      info.textContent = p ? "Click an edge (or Tab to the graph, move with the arrow keys, press Enter) for its exact edge patch." : "";
+      delete info.dataset.edge;
+      return;
+    }
+    const [si, ri, input] = p.edges[i];
+    const score = floats(p.scores)[i];
+    info.replaceChildren(h("b", {}, edgeWords(p.nodes[si], p.nodes[ri], input)), `: score ${signed(score)} (${p.method.toUpperCase()} estimate)`);
+    info.dataset.edge = name;
+    const mine = e.run_id === p.run_id && e.edge === name;
+    if (mine && e.state === "running") info.append(" \u00b7 exact edge patch: computing\u2026");
+    else if (mine && e.state === "error") info.append(` \u00b7 exact edge patch failed: ${e.error ?? ""}`);
+    else if (exact.has(name)) {
+      const x = /** @type {{value: number, change: number}} */ (exact.get(name));
+      info.append(" \u00b7 exact: ", h("b", { "data-change": String(x.change) }, signed(x.change)),
+        ` when patched alone (${p.metric} `, h("span", { "data-exact": String(x.value) }, fmt(x.value, 4)), ")");
+      Object.assign(root.dataset, { edgePatch: String(x.value), edgeChange: String(x.change) });
+    }
+  }
+
+  /** Stale: a circuit field (the contract's circuit_fields) is no longer what the circuit was scored with. */
+  function markStale() {
+    const inputs = circuitOf(model)?.inputs;
+    const stale = !!inputs && ctx.contract.circuit_fields.some((k) => k in inputs && JSON.stringify(inputs[k]) !== JSON.stringify(model.get(k)));
+    staleNote.classList.toggle("pw-hidden", !stale);
+  }
+
+  /** The drawn edge an event is about, or null. @param {EventTarget|null} t */
+  const edgeOf = (t) => (t instanceof Element ? /** @type {SVGGElement|null} */ (t.closest("g.pw-edge")) : null);
+  /** Make `g` the graph's one tab stop. @param {SVGGElement} g @param {boolean} focus */
+  function setActive(g, focus) {
+    if (!graph) return;
+    for (const other of graph.edges) if (other !== g) other.setAttribute("tabindex", "-1");
+    g.setAttribute("tabindex", "0");
+    active = graph.edges.indexOf(g);
+    if (focus) g.focus();
+  }
+  /** @param {SVGGElement} g */
+  function activate(g) {
+    setActive(g, false);
+    onSelectEdge(String(g.dataset.edge));
+    drawSelection();
+  }
+  plot.addEventListener("mousemove", (e) => {
+    const g = edgeOf(e.target);
+    const p = circuitOf(model);
+    if (!g || !p) return tooltip.hide();
+    const i = Number(g.dataset.index);
+    const [si, ri, input, name] = p.edges[i];
+    const lines = [edgeWords(p.nodes[si], p.nodes[ri], input), `score ${fmt(Number(g.dataset.score), 4)} (${p.method.toUpperCase()} estimate of the change in ${p.metric})`];
+    const x = exact.get(name);
+    if (x) lines.push(`exact change when patched alone: ${signed(x.change)} (${p.metric} ${fmt(x.value, 4)})`);
+    lines.push(`rank ${Number(g.dataset.rank) + 1} by |score|; click for the exact edge patch`);
+    tooltip.show(e, lines);
+  });
+  plot.addEventListener("mouseleave", () => tooltip.hide());
+  plot.addEventListener("click", (e) => { const g = edgeOf(e.target); if (g) activate(g); });
+  plot.addEventListener("keydown", (e) => {
+    const g = edgeOf(e.target);
+    if (!g || !graph) return;
+    const links = graph.index.map((i) => /** @type {[number, number]} */ ([circuitOf(model)?.edges[i][0] ?? -1, circuitOf(model)?.edges[i][1] ?? -1]));
+    const next = edgeMove(links, graph.edges.indexOf(g), e.key);
+    if (next !== null) setActive(graph.edges[next], true);
+    else if (e.key === "Enter" || e.key === " ") activate(g);
+    else return;
+    e.preventDefault();
+    e.stopPropagation();
+  });
+
+  return { el, update, updateChecks: () => { drawSelection(); updateChecks(); }, markStale, relayout() { key = ""; draw(); } };
+}
+
 // ------------------------------------------------------------ explanation + attention patterns
 /**
  * @typedef {Object} ExplainPart
@@ -1476,7 +1998,7 @@ function render({ model, el }) {
   // but let Ctrl/Cmd combinations such as Ctrl+S (save) through.
   root.addEventListener("keydown", (e) => {
     const t = /** @type {Element} */ (e.target);
-    if (!e.ctrlKey && !e.metaKey && t.matches("input, select, button, .pw-cell")) e.stopPropagation();
+    if (!e.ctrlKey && !e.metaKey && t.matches("input, select, button, .pw-cell, .pw-edge")) e.stopPropagation();
   });
 
   const run = () => { sendRun(ctx); kernel.expect("a Run"); };
@@ -1495,28 +2017,47 @@ function render({ model, el }) {
     },
     onToggleReceiver: path.toggleReceiver,
   });
+  const circuitPanel = makeCircuitPanel(ctx);
+  const circuit = makeCircuit(ctx, {
+    onSelectEdge(name) {
+      ctx.save("circuit_edge", name);
+      if (!kernel.seen()) kernel.expect("an exact edge patch");
+    },
+  });
   heatmap.el.prepend(kernel.note);
-  root.append(status.header, ...inputs.els, ...tokens.els, controls.el, path.el, dataset.el, controls.reminder,
-    status.progressRow, h("div", { class: "pw-main" }, heatmap.el, side.el), ctx.tooltip.el);
+  root.append(status.header, ...inputs.els, ...tokens.els, controls.el, path.el, circuitPanel.el, dataset.el, controls.reminder,
+    status.progressRow, h("div", { class: "pw-main" }, heatmap.el, side.el, circuit.el), ctx.tooltip.el);
 
   const drawStatus = () => controls.setRunning(status.update() === "running");
-  const drawControls = () => { controls.update(); path.update(); heatmap.markReceivers(); };
+  /** The circuit component swaps the heatmap and its side panel for the circuit view (and back). */
+  const drawView = () => {
+    const on = model.get("site") === "circuit";
+    const was = !circuit.el.classList.contains("pw-hidden");
+    for (const part of [heatmap.el, side.el]) part.classList.toggle("pw-hidden", on);
+    circuit.el.classList.toggle("pw-hidden", !on);
+    root.dataset.view = on ? "circuit" : "heatmap";
+    if (on && !was) circuit.relayout();
+  };
+  const drawControls = () => { controls.update(); path.update(); circuitPanel.update(); drawView(); heatmap.markReceivers(); };
   const fields = { ...inputs.fields, receivers: path.field };
   /** Who redraws on which change, in this order. @type {Array<[Field[], Function]>} */
   const table = [
     ...Object.values(fields).map((f) => /** @type {[Field[], Function]} */ ([[f.name], f.update])),
     [ctx.contract.sweep_fields, heatmap.markStale],
     [["tokens", "baseline", "correct", "incorrect", "clean", "corrupted"], tokens.update],
-    [["direction", "metric", "site", "auto_run", "fast_preview", "receivers", "receiver_input"], drawControls],
+    [["direction", "metric", "site", "auto_run", "fast_preview", "receivers", "receiver_input", "circuit_method"], drawControls],
     [["dataset"], dataset.update],
-    [["status", "progress", "heatmap", "tokens", "errors", "explanation"], () => kernel.heard()],
-    [["status", "progress", "elapsed", "heatmap", "waiting_for"], drawStatus],
+    [["status", "progress", "heatmap", "tokens", "errors", "explanation", "circuit", "circuit_faithfulness", "circuit_edge_patch"], () => kernel.heard()],
+    [["status", "progress", "elapsed", "heatmap", "waiting_for", "site", "circuit"], drawStatus],
     [["errors"], ctx.errors.update],
     [["heatmap"], heatmap.update],
     [["status", "heatmap"], heatmap.drawApproxNote],
     [["selected"], heatmap.drawOutline],
     [["explanation"], side.updateExplanation],
     [["pattern", "pattern_layer", "pattern_head"], side.updatePattern],
+    [["circuit", "circuit_k"], circuit.update],
+    [ctx.contract.circuit_fields, circuit.markStale],
+    [["circuit_faithfulness", "circuit_edge_patch", "circuit_edge"], circuit.updateChecks],
   ];
   /** @type {Array<() => void>} */
   const cleanups = [];
@@ -1528,11 +2069,11 @@ function render({ model, el }) {
   on("msg:custom", kernel.heard);
   try { model.send({ type: "hello" }); } catch (e) { /* no comm at all: kernel.expect reports it */ }
 
-  tokens.update(); drawControls(); drawStatus(); ctx.errors.update(); heatmap.update(); side.updatePattern(); dataset.update();
+  tokens.update(); drawControls(); drawStatus(); ctx.errors.update(); heatmap.update(); side.updatePattern(); dataset.update(); circuit.update();
   side.updateExplanation();
   let rootWidth = 0, patternWidth = 0;
   const resize = new ResizeObserver(() => {
-    if (Math.abs(root.clientWidth - rootWidth) > 40) { rootWidth = root.clientWidth; heatmap.relayout(); }
+    if (Math.abs(root.clientWidth - rootWidth) > 40) { rootWidth = root.clientWidth; heatmap.relayout(); circuit.relayout(); }
     if (Math.abs(side.patterns.clientWidth - patternWidth) > 40) { patternWidth = side.patterns.clientWidth; side.updatePattern(); }
   });
   resize.observe(root);
