@@ -58,8 +58,8 @@ from typing import Iterable, Mapping, Sequence
 __all__ = [
     "NAMES", "PLACES", "OBJECTS", "FACTS", "HOUSE_FACTS", "CITIES",
     "IOI_TEMPLATES", "IOI_TRAIN_TEMPLATES", "IOI_HELDOUT_TEMPLATES",
-    "FACT_PHRASINGS", "HOUSE_PHRASINGS", "FILLER_TEMPLATES",
-    "heldout_name_pairs", "ioi_prompts", "fact_prompts",
+    "FACT_PHRASINGS", "HOUSE_PHRASINGS", "FILLER_TEMPLATES", "FILLER_SLOTS",
+    "heldout_name_pairs", "ioi_prompts", "fact_prompts", "fact_sentences",
     "training_corpus", "coverage_sentences",
 ]
 
@@ -225,7 +225,7 @@ FILLER_TEMPLATES: list[str] = [
     "{NAME} wanted {FOOD} {TIME}.",
 ]
 
-_FILLER_SLOTS: dict[str, Sequence[str]] = {
+FILLER_SLOTS: dict[str, Sequence[str]] = {
     "NAME": NAMES, "NAME2": NAMES, "PLACE": PLACES, "OBJECT": OBJECTS,
     "ANIMAL": _ANIMALS, "ADJ": _ADJECTIVES, "MOOD": _MOODS,
     "ACTION": _ACTIONS, "TIME": _TIMES, "FOOD": _FOODS, "FOOD2": _FOODS,
@@ -306,13 +306,18 @@ def ioi_prompts(n: int, *, split: str = "test", seed: int = 0,
          "correct":   " Mary",     # the IO name, with its leading space
          "incorrect": " John",     # the S name
          "template":  "When {A} and {B} went to the {PLACE}, {S} gave {OBJECT} to {IO}.",
-         "order":     "ABBA"}       # or "BABA"; the two alternate
+         "order":     "ABBA",       # or "BABA"; the two alternate
+         "abc":       "When Kate and Tom went to the store, Paul gave a drink to"}
 
     The corrupted prompt replaces the second mention of S with IO (the
     "S2 flip"), which has the same number of tokens as the clean prompt and
     flips which name is the right answer: on it the model should prefer
     ``incorrect``. The logit difference ``logit(correct) - logit(incorrect)``
     is therefore positive on clean and negative on corrupted prompts.
+
+    ``abc`` is Wang et al.'s *ABC* corruption: the same sentence with three different
+    names in the places of IO, S1 and S2, so no name is repeated and nothing says which to
+    copy; the usual reference distribution for path patching and mean ablation in IOI.
 
     Args:
         n: number of prompts.
@@ -327,6 +332,7 @@ def ioi_prompts(n: int, *, split: str = "test", seed: int = 0,
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     rng = random.Random(f"ioi-{split}-{seed}")
+    abc_rng = random.Random(f"ioi-abc-{split}-{seed}")
     heldout = heldout_name_pairs()
     heldout_list = sorted(heldout, key=sorted)
     items = []
@@ -345,9 +351,13 @@ def ioi_prompts(n: int, *, split: str = "test", seed: int = 0,
         _check_ioi_template(template)
         clean = _ioi_sentence(template, io, s, order, place, obj)[: -len(answer)]
         corrupted = _ioi_sentence(template, io, s, order, place, obj, s2=io)[: -len(answer)]
+        # ABC: the same sentence with IO, S1 and S2 three different names (Wang et al.'s
+        # p_ABC). Its own RNG, so that adding it changed none of the prompts above.
+        x, y, z = abc_rng.sample(NAMES, 3)
+        abc = template.format(A=x, B=y, S=z, IO=io, PLACE=place, OBJECT=obj)[: -len(answer)]
         items.append({"clean": clean, "corrupted": corrupted,
                       "correct": " " + io, "incorrect": " " + s,
-                      "template": template, "order": order})
+                      "template": template, "order": order, "abc": abc})
     return items
 
 
@@ -379,6 +389,11 @@ def _fact_items() -> list[dict]:
     return items
 
 
+def fact_sentences(split: str = "train") -> list[str]:
+    """Whole fact sentences ("The Colosseum is in Rome.") of one split."""
+    return [item["sentence"] for item in _fact_items() if item["split"] == split]
+
+
 def fact_prompts(split: str = "test") -> list[dict]:
     """Factual-recall prompts: ``{"prompt": "The Colosseum is in", "answer": " Rome"}``.
 
@@ -402,7 +417,7 @@ def fact_prompts(split: str = "test") -> list[dict]:
 
 def _filler_sentence(rng: random.Random) -> str:
     template = rng.choice(FILLER_TEMPLATES)
-    values = {slot: rng.choice(_FILLER_SLOTS[slot]) for slot in _slots(template)}
+    values = {slot: rng.choice(FILLER_SLOTS[slot]) for slot in _slots(template)}
     while "NAME2" in values and values["NAME2"] == values["NAME"]:
         values["NAME2"] = rng.choice(NAMES)
     return template.format(**values)
@@ -460,7 +475,7 @@ def coverage_sentences() -> list[str]:
         out.extend(_coverage_for(template, ioi_choices))
     out.extend(item["sentence"] for item in _fact_items())
     for template in FILLER_TEMPLATES:
-        out.extend(_coverage_for(template, _FILLER_SLOTS))
+        out.extend(_coverage_for(template, FILLER_SLOTS))
     return list(dict.fromkeys(out))
 
 
