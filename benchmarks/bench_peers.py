@@ -9,10 +9,18 @@ peak memory (RSS) in fresh processes.
 What it measures
 ----------------
 Model: random weights with GPT-2 small's shape (12 layers, 12 heads, d_model 768, vocab
-50257), or with ``--tiny`` 2 layers, 4 heads, d_model 64, vocab 512.
+50257), or with ``--tiny`` 2 layers, 4 heads, d_model 64, vocab 512. ``--model toy-ioi-deep``
+(or ``toy-ioi``) runs the same sweeps on a bundled trained model instead: the bridge is
+``pw.load_model(name)`` (float32), nnsight loads the model's folder itself
+(``nnsight.TransformersModel(path, dtype=torch.float32)``, as a user would), and the prompts are
+real IOI sentences (below). On ``toy-ioi-deep`` (6 layers x 8 heads, d_model 256, vocab 412,
+128 positions) the sweeps are 6 x 15, 6 x 8 and 6 x 15 x 8 patches.
 
 Cases (``--cases``): ``1x15`` is one prompt pair of 15 tokens, ``8x15`` is 8 pairs; clean and
-corrupted prompts differ at position 10 only (the IOI shape: the S2 name).
+corrupted prompts differ at position 10 only (the IOI shape: the S2 name). On the random
+models the tokens are random; on a bundled model they are the first held-out IOI prompts
+(``datasets.ioi_prompts(split="test")``) that are 15 tokens long with the S2 name at position
+10, their S2-flip corruption, and the IO and S names as the answers.
 
 Sweeps (``--sweeps``), with the grid layout of transformer_lens.patching:
     resid_pre         [layer, pos]         12 x 15      =  180 patches
@@ -87,9 +95,11 @@ Run
     pip install -e ".[bench]"                               # nnsight
     python benchmarks/bench_peers.py                        # full size: many minutes, idle machine
     python benchmarks/bench_peers.py --tiny --repeats 1     # 2-layer model, under a minute
+    python benchmarks/bench_peers.py --model toy-ioi-deep   # the bundled 6-layer IOI model
     options: --repeats N (median of N runs, default 3), --peer-repeats N (runs of transformer_lens
              and nnsight, default --repeats), --threads N (torch threads; 1 with --tiny),
-             --cases 1x15 8x15, --sweeps resid_pre head_out head_out_by_pos, --no-memory
+             --cases 1x15 8x15, --sweeps resid_pre head_out head_out_by_pos, --no-memory,
+             --model gpt2-shaped|toy-ioi|toy-ioi-deep
     The README's table: --cases 1x15 --repeats 3 --peer-repeats 1, then
     --cases 8x15 --sweeps resid_pre head_out --repeats 3 --peer-repeats 1 --no-memory.
 
@@ -143,6 +153,7 @@ from patchwidgets.loading import model_path
 TOLERANCE = 1e-4
 SEQ_LEN, DIFF_POS = 15, 10
 CASES = {"1x15": 1, "8x15": 8}  # name -> prompt pairs
+MODELS = ("gpt2-shaped", "toy-ioi", "toy-ioi-deep")  # gpt2-shaped: random weights (--tiny: smaller)
 SWEEPS = ("resid_pre", "head_out", "head_out_by_pos")
 TL_SWEEPS = {
     "resid_pre": tlp.get_act_patch_resid_pre,
@@ -193,6 +204,26 @@ def build_models(tiny: bool, with_hf_copy: bool = True) -> tuple[TransformerBrid
     return bridge, hf_copy
 
 
+def build_bundled(name: str, with_nnsight: bool = True):
+    """A bundled model as the bridge (``pw.load_model``) and as nnsight loads it from its folder.
+
+    nnsight is given the folder, not the bridge's HF model: booting a bridge rebuilds the HF
+    model it wraps in place. ``dtype=torch.float32`` because the checkpoint is stored in
+    float16 and transformers would otherwise keep that dtype; ``dispatch=True`` loads the
+    weights now rather than inside the first timed trace.
+    """
+    bridge = pw.load_model(name, device="cpu", dtype=torch.float32)
+    bridge.eval()
+    if not with_nnsight:
+        return bridge, None
+    from nnsight import TransformersModel
+
+    path = str(model_path(name))
+    lm = TransformersModel(path, tokenizer=AutoTokenizer.from_pretrained(path), task="text-generation",
+                           dtype=torch.float32, dispatch=True)
+    return bridge, lm
+
+
 def shape_of(bridge: TransformerBridge) -> Shape:
     cfg = bridge.cfg
     return Shape(cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_mlp, cfg.d_vocab)
@@ -233,6 +264,31 @@ def make_case(name: str, n_pairs: int, seq_len: int, diff_pos: int, d_vocab: int
     correct = torch.randint(0, d_vocab, (n_pairs,), generator=g)
     incorrect = (correct + torch.randint(1, d_vocab, (n_pairs,), generator=g)) % d_vocab
     return Case(name, clean, corrupted, correct, incorrect, diff_pos)
+
+
+def make_ioi_case(name: str, n_pairs: int, seq_len: int, diff_pos: int, bridge: TransformerBridge) -> Case:
+    """``n_pairs`` held-out IOI prompts of ``seq_len`` tokens whose S2 name is at ``diff_pos``.
+
+    ``ioi_prompts`` mixes templates, places and objects of different token lengths; the sweeps
+    read the logits at the last position of a ``[pairs, pos]`` batch, so only prompts of the
+    exact shape are kept (no padding), in the dataset's own order.
+    """
+    from patchwidgets.datasets import ioi_prompts
+
+    clean, corrupted, correct, incorrect = [], [], [], []
+    for item in ioi_prompts(32 * n_pairs + 64, split="test"):
+        c, d = bridge.to_tokens(item["clean"])[0], bridge.to_tokens(item["corrupted"])[0]
+        if len(c) != seq_len or len(d) != seq_len or (c != d).nonzero().flatten().tolist() != [diff_pos]:
+            continue
+        clean.append(c)
+        corrupted.append(d)
+        correct.append(int(bridge.to_tokens(item["correct"], prepend_bos=False)[0, 0]))
+        incorrect.append(int(bridge.to_tokens(item["incorrect"], prepend_bos=False)[0, 0]))
+        if len(clean) == n_pairs:
+            return Case(name, torch.stack(clean).cpu(), torch.stack(corrupted).cpu(), torch.tensor(correct),
+                        torch.tensor(incorrect), diff_pos)
+    raise RuntimeError(f"only {len(clean)} IOI prompts of {seq_len} tokens with S2 at position {diff_pos}; "
+                       f"{n_pairs} needed")
 
 
 def logit_diff(final: torch.Tensor, case: Case) -> torch.Tensor:
@@ -451,10 +507,16 @@ def reset_rss_peak() -> bool:
         return False
 
 
-def child_main(spec: str, tiny: bool) -> int:
-    """Run one patchwidgets sweep and print the RSS high-water marks as JSON."""
+def child_main(spec: str, tiny: bool, model: str = "gpt2-shaped") -> int:
+    """Run one patchwidgets sweep and print the RSS high-water marks as JSON.
+
+    On a bundled model the tokens are random too (the IOI prompts are not 20 tokens long).
+    """
     n_pairs, seq_len, max_batch_tokens = map(int, spec.split(":"))
-    bridge, _ = build_models(tiny, with_hf_copy=False)  # no copy: it would count as sweep memory
+    if model == "gpt2-shaped":
+        bridge, _ = build_models(tiny, with_hf_copy=False)  # no copy: it would count as sweep memory
+    else:
+        bridge, _ = build_bundled(model, with_nnsight=False)
     case = make_case("memory", n_pairs, seq_len, seq_len * 3 // 4, shape_of(bridge).d_vocab)
     gc.collect()
     reset = reset_rss_peak()
@@ -471,7 +533,7 @@ def measure_memory(args) -> list[dict]:
     children = []
     for n_pairs, seq_len, max_batch_tokens in MEMORY_RUNS:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{n_pairs}:{seq_len}:{max_batch_tokens}",
-               "--threads", str(args.threads)] + (["--tiny"] if args.tiny else [])
+               "--threads", str(args.threads), "--model", args.model] + (["--tiny"] if args.tiny else [])
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         children.append(((n_pairs, seq_len, max_batch_tokens), proc))
     rows = []
@@ -514,8 +576,13 @@ def parse_args(argv=None):
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--sweeps", nargs="+", choices=SWEEPS, default=list(SWEEPS))
     parser.add_argument("--tiny", action="store_true", help="2 layers, d_model 64, vocab 512: tests the script")
+    parser.add_argument("--model", choices=MODELS, default="gpt2-shaped",
+                        help="gpt2-shaped: random weights (the default); toy-ioi, toy-ioi-deep: a bundled "
+                             "trained model on IOI prompts")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # PAIRS:TOKENS:MAX_BATCH_TOKENS
     args = parser.parse_args(argv)
+    if args.tiny and args.model != "gpt2-shaped":
+        parser.error(f"--tiny shrinks the random model; it cannot be used with --model {args.model}")
     if args.peer_repeats is None:
         args.peer_repeats = args.repeats
     if args.threads is None:
@@ -530,7 +597,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     if args.child:
-        return child_main(args.child, args.tiny)
+        return child_main(args.child, args.tiny, args.model)
 
     try:
         import nnsight
@@ -538,8 +605,11 @@ def main(argv=None) -> int:
         print('nnsight is missing: pip install -e ".[bench]"', file=sys.stderr)
         return 2
 
-    bridge, hf_copy = build_models(args.tiny)
-    lm = wrap_nnsight(hf_copy)
+    if args.model == "gpt2-shaped":
+        bridge, hf_copy = build_models(args.tiny)
+        lm = wrap_nnsight(hf_copy)
+    else:
+        bridge, lm = build_bundled(args.model)
     shape = shape_of(bridge)
     peak = matmul_peak()
     tools = {
@@ -548,13 +618,19 @@ def main(argv=None) -> int:
         "nnsight-last": lambda case, sweep: run_nnsight(lm, shape, case, sweep, last_only=True),
         "patchwidgets": lambda case, sweep: run_patchwidgets(bridge, case, sweep),
     }
-    print(f"model: {'tiny' if args.tiny else 'GPT-2-small'} shape, random weights: {shape.n_layers} layers, "
-          f"{shape.n_heads} heads, d_model {shape.d_model}, vocab {shape.d_vocab}")
+    dims = f"{shape.n_layers} layers, {shape.n_heads} heads, d_model {shape.d_model}, vocab {shape.d_vocab}"
+    if args.model == "gpt2-shaped":
+        print(f"model: {'tiny' if args.tiny else 'GPT-2-small'} shape, random weights: {dims}")
+    else:
+        print(f"model: {args.model} (bundled, trained), {dims}; held-out IOI prompts, S2 flip")
     print(f"threads {args.threads}, repeats {args.repeats} (peers {args.peer_repeats}), float32 matmul peak {peak / 1e9:.1f} GFLOP/s, "
           f"nnsight {nnsight.__version__}, torch {torch.__version__}")
 
     failed = False
-    cases = {name: make_case(name, CASES[name], SEQ_LEN, DIFF_POS, shape.d_vocab) for name in args.cases}
+    if args.model == "gpt2-shaped":
+        cases = {name: make_case(name, CASES[name], SEQ_LEN, DIFF_POS, shape.d_vocab) for name in args.cases}
+    else:
+        cases = {name: make_ioi_case(name, CASES[name], SEQ_LEN, DIFF_POS, bridge) for name in args.cases}
     warm_up(bridge, lm, next(iter(cases.values())))
     print("\n" + TIMING_HEADER)
     for case in cases.values():
