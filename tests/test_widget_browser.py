@@ -983,3 +983,84 @@ def test_exported_notebook_shows_last_heatmap_offline(tmp_path, playwright_sessi
         assert any("http" in url for url in blocked) or "cdn" not in text, "(no network was used)"
     finally:
         browser.close()
+
+
+# --------------------------------------------------------------------------- toy-ioi-deep
+#: Wang et al.'s direct-effect view in the widget: held-out IOI prompts, each against its ABC
+#: sentence (three different names, so nothing says which to copy), noising each head's path to
+#: the logits. A name mover's path carries the IO's name, so its cell drops the logit difference.
+DEEP_PAIRS = 8
+DEEP_CELL = f"""\
+import os
+os.environ["HF_HUB_OFFLINE"] = "1"
+import patchwidgets
+from patchwidgets.datasets import ioi_prompts
+rows = [[p["clean"], p["abc"], p["correct"], p["incorrect"]] for p in ioi_prompts({DEEP_PAIRS}, split="test")]
+w = patchwidgets.PatchingWidget("toy-ioi-deep", dataset=rows, site="path", direction="noising", metric="logit_diff")
+w"""
+
+
+@pytest.fixture(scope="module")
+def deep_page(playwright_session):
+    with JupyterLab([DEEP_CELL], notebook="widget_deep.ipynb") as lab:
+        browser = launch_browser(playwright_session)
+        try:
+            pg = browser.new_page(viewport={"width": 1400, "height": 1400})
+            pg.lab = lab
+            open_widget(pg, lab)
+            yield pg
+        finally:
+            browser.close()
+
+
+def test_toy_ioi_deep_name_movers_in_the_path_view(deep_page):
+    """The bundled 6-layer model in the widget: 6 x 8 sender heads, the page's values those of
+    ``path_patch`` computed here, name mover 3.7 the strongest head after layer 0, and its
+    attention pattern (clicked) going from the last token to the indirect object. The
+    screenshot is docs/widget-toy-ioi-deep.png."""
+    import patchwidgets
+    from patchwidgets.datasets import ioi_prompts
+
+    page = deep_page
+    before = run_id(page)
+    page.click("button[data-action='run']")
+    wait_for_run(page, before, timeout_ms=300_000)
+    svg = "svg.pw-heatmap"
+    assert (page.get_attribute(svg, "data-rows"), page.get_attribute(svg, "data-cols")) == ("6", "8")
+    assert "path: senders -> logits" in page.inner_text(".pw-caption")
+
+    items = ioi_prompts(DEEP_PAIRS, split="test")
+    model = patchwidgets.load_model("toy-ioi-deep")
+    ref = patchwidgets.path_patch(model, [p["clean"] for p in items], [p["abc"] for p in items],
+                                  answers=[(p["correct"], p["incorrect"]) for p in items], receivers=None,
+                                  direction="noising", metrics=["logit_diff"]).grid("logit_diff")
+    cells = cell_values(page)
+    assert len(cells) == 6 * 8
+    for c in cells:
+        assert c["value"] == pytest.approx(float(ref[c["layer"], c["head"]]), abs=1e-4), c
+    # Lowest logit difference after the ABC patch = the largest drop; layer 0's END->S2 head
+    # 0.1 is larger still, so the name movers are looked for after layer 0.
+    later = [c for c in cells if c["layer"] > 0]
+    assert (lambda c: (c["layer"], c["head"]))(min(later, key=lambda c: c["value"])) == (3, 7)
+
+    page.click("rect.pw-cell[data-layer='3'][data-head='7']")
+    page.wait_for_function("() => document.querySelector('.pw-explanation').textContent.includes('head 3.7')")
+    page.wait_for_selector(".pw-patterns[data-layer='3'][data-head='7'] svg.pw-pattern[data-prompt='clean']")
+    # The first pair's clean prompt (ABBA): the last row (END) puts most of its weight on the IO.
+    # (Measured on 64 held-out prompts, 3.7 attends END -> the *first* name, 0.98 on the IO in
+    # ABBA prompts and 0.95 on S1 in BABA ones; 3.2 does the same with the second name, so each
+    # averages ~0.5 on the IO. The picture is of an ABBA prompt.)
+    assert items[0]["order"] == "ABBA"
+    clean = model.to_tokens(items[0]["clean"])[0]
+    io = int((clean == model.to_single_token(items[0]["correct"])).nonzero()[0])
+    n = len(clean)
+    weights = page.eval_on_selector_all(
+        "svg.pw-pattern[data-prompt='clean'] rect.pw-pcell", "els => els.map(e => Number(e.dataset.weight))")
+    assert len(weights) == n * n
+    end_row = weights[-n:]
+    assert max(range(n), key=lambda k: end_row[k]) == io, end_row
+    page.mouse.move(0, 0)  # no tooltip over the heatmap in the picture
+    page.wait_for_timeout(300)
+    shot(page, "24-toy-ioi-deep-name-movers.png")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator(".pw-patterns").screenshot(path=str(ARTIFACTS / "24-toy-ioi-deep-pattern.png"))
