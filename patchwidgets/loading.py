@@ -325,6 +325,7 @@ def _load_nnsight(name: str, options: dict, kwargs: dict) -> Any:
     """An ``nnsight.TransformersModel`` of ``name``, built lazily, its tokenizer given
     explicitly (the module docstring says why)."""
     nnsight = _import_nnsight()
+    import torch
     from transformers import AutoTokenizer
 
     bundled = name in list_models()
@@ -333,6 +334,12 @@ def _load_nnsight(name: str, options: dict, kwargs: dict) -> Any:
     offline = bundled or (not local and _hub_unreachable())
     hub = {k: kwargs[k] for k in _HUB_OPTIONS if k in kwargs}
     tokenizer = kwargs.pop("tokenizer", None)
+    if bundled and "dtype" not in options:
+        # A bundled checkpoint may be stored in half precision only to keep the package small
+        # (toy-ioi-deep is float16 on disk); it is meant to run in float32, as its bridge does.
+        # transformers' "auto" would keep float16, so nnsight's grids would differ from the
+        # bridge's by ~1e-3 on a CPU, and toy-ioi (float32 on disk) would behave otherwise.
+        options = {**options, "dtype": torch.float32}
     try:
         with _hub_offline_mode() if offline else contextlib.nullcontext():
             if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
@@ -399,7 +406,9 @@ def load_model(
             their strict word-level tokenizer here too. ``device``, ``dtype``, ``device_map``,
             ``max_memory`` and ``offload_folder`` are passed to nnsight (Hugging Face's
             ``from_pretrained`` applies them when the weights load); ``dtype=None`` keeps the
-            checkpoint's own dtype (transformers' ``"auto"``) rather than float32.
+            checkpoint's own dtype (transformers' ``"auto"``) rather than float32, except
+            for bundled models, which run in float32 whatever their dtype on disk (as
+            their bridge does).
             ``n_devices`` is TransformerLens' and is refused (use ``device_map="auto"``).
         dtype: ``torch.float32`` (default), ``torch.bfloat16`` or ``torch.float16`` (or their
             names, ``"bfloat16"``...): the dtype of the weights and of every activation. Sweeps

@@ -373,6 +373,28 @@ def test_load_model_nnsight_matches_bridge(toy, site):
     assert lm.dispatched and {p.device.type for p in lm._module.parameters()} == {"cpu"}
 
 
+def test_load_model_nnsight_half_precision_checkpoint_runs_in_float32():
+    """toy-ioi-deep is stored in float16 (to keep the package small): built for nnsight without
+    a dtype it runs in float32 like its bridge, and gives the bridge's grids (in float16 on a
+    CPU the head_out logit differences are off by ~4e-3)."""
+    from patchwidgets.datasets import ioi_prompts
+
+    if "toy-ioi-deep" not in pw.list_models():
+        pytest.skip("the toy-ioi-deep checkpoint is not bundled")
+    assert '"dtype": "float16"' in (model_path("toy-ioi-deep") / "config.json").read_text()
+    bridge = pw.load_model("toy-ioi-deep", device="cpu")
+    lm = pw.load_model("toy-ioi-deep", backend="nnsight", device="cpu")
+    items = ioi_prompts(4, split="test")
+    clean, corrupted = [p["clean"] for p in items], [p["corrupted"] for p in items]
+    answers = [(p["correct"], p["incorrect"]) for p in items]
+    expected = pw.patch(bridge, clean, corrupted, answers, site="head_out", metrics=["logit_diff"])
+    got = pw.patch(lm, clean, corrupted, answers, site="head_out", metrics=["logit_diff"])
+    assert {p.dtype for p in lm._module.parameters()} == {torch.float32}
+    _assert_same(expected, got, atol=1e-4)
+    half = pw.load_model("toy-ioi-deep", backend="nnsight", device="cpu", dtype="float16")
+    assert {p.dtype for p in half._module.parameters()} == {torch.float16}, "an explicit dtype is kept"
+
+
 def test_load_model_nnsight_options():
     lm = pw.load_model("toy-ioi", backend="nnsight", device="cpu", dtype="bfloat16")
     assert _lazy(lm) and {p.dtype for p in lm._module.parameters()} == {torch.bfloat16}
