@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
         "duplicate_token": circuit.duplicate_token,
         "induction": circuit.induction,
         "backup": circuit.backup,
+        "unclassified": circuit.unclassified,
     }
     report = {
         "model": args.model, "prompts": args.prompts, "seed": args.seed,

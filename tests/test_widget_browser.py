@@ -988,7 +988,8 @@ def test_exported_notebook_shows_last_heatmap_offline(tmp_path, playwright_sessi
 # --------------------------------------------------------------------------- toy-ioi-deep
 #: Wang et al.'s direct-effect view in the widget: held-out IOI prompts, each against its ABC
 #: sentence (three different names, so nothing says which to copy), noising each head's path to
-#: the logits. A name mover's path carries the IO's name, so its cell drops the logit difference.
+#: the logits. A head whose path carries a name (here the copy heads of layer 3, see the model
+#: card) drops the logit difference when it carries the ABC sentence's name instead.
 DEEP_PAIRS = 8
 DEEP_CELL = f"""\
 import os
@@ -1013,10 +1014,11 @@ def deep_page(playwright_session):
             browser.close()
 
 
-def test_toy_ioi_deep_name_movers_in_the_path_view(deep_page):
+def test_toy_ioi_deep_copy_heads_in_the_path_view(deep_page):
     """The bundled 6-layer model in the widget: 6 x 8 sender heads, the page's values those of
-    ``path_patch`` computed here, name mover 3.7 the strongest head after layer 0, and its
-    attention pattern (clicked) going from the last token to the indirect object. The
+    ``path_patch`` computed here, copy head 3.7 the strongest head after layer 0, and its
+    attention pattern (clicked) going from the last token to the first name, here the indirect
+    object (3.7 copies by position, not role: the model card says why it is no name mover). The
     screenshot is docs/widget-toy-ioi-deep.png."""
     import patchwidgets
     from patchwidgets.datasets import ioi_prompts
@@ -1039,7 +1041,7 @@ def test_toy_ioi_deep_name_movers_in_the_path_view(deep_page):
     for c in cells:
         assert c["value"] == pytest.approx(float(ref[c["layer"], c["head"]]), abs=1e-4), c
     # Lowest logit difference after the ABC patch = the largest drop; layer 0's END->S2 head
-    # 0.1 is larger still, so the name movers are looked for after layer 0.
+    # 0.1 is larger still, so the copy heads are looked for after layer 0.
     later = [c for c in cells if c["layer"] > 0]
     assert (lambda c: (c["layer"], c["head"]))(min(later, key=lambda c: c["value"])) == (3, 7)
 
