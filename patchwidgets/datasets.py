@@ -60,7 +60,7 @@ __all__ = [
     "IOI_TEMPLATES", "IOI_TRAIN_TEMPLATES", "IOI_HELDOUT_TEMPLATES",
     "FACT_PHRASINGS", "HOUSE_PHRASINGS", "FILLER_TEMPLATES", "FILLER_SLOTS",
     "heldout_name_pairs", "ioi_prompts", "fact_prompts", "fact_sentences",
-    "training_corpus", "coverage_sentences",
+    "training_corpus", "coverage_sentences", "coverage_for",
 ]
 
 # --------------------------------------------------------------------------
@@ -447,7 +447,7 @@ def training_corpus(n_sentences: int, seed: int = 0) -> list[str]:
     return sentences
 
 
-def _coverage_for(template: str, choices: Mapping[str, Sequence[str]]) -> Iterable[str]:
+def coverage_for(template: str, choices: Mapping[str, Sequence[str]]) -> Iterable[str]:
     """Render ``template`` so each slot takes each of its values at least once."""
     slots = _slots(template)
     base = {slot: choices[slot][0] for slot in slots}
@@ -472,10 +472,10 @@ def coverage_sentences() -> list[str]:
     ioi_choices = {"A": NAMES, "B": NAMES, "S": NAMES, "IO": NAMES,
                    "PLACE": PLACES, "OBJECT": OBJECTS}
     for template in IOI_TEMPLATES:
-        out.extend(_coverage_for(template, ioi_choices))
+        out.extend(coverage_for(template, ioi_choices))
     out.extend(item["sentence"] for item in _fact_items())
     for template in FILLER_TEMPLATES:
-        out.extend(_coverage_for(template, FILLER_SLOTS))
+        out.extend(coverage_for(template, FILLER_SLOTS))
     return list(dict.fromkeys(out))
 
 

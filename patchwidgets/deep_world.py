@@ -196,22 +196,13 @@ def training_documents(n: int, seed: int = 0) -> list[str]:
     return [document(rng, heldout, facts) for _ in range(n)]
 
 
-def _coverage_for(template: str, choices: Mapping[str, Sequence[str]]) -> Iterable[str]:
-    slots = _slots(template)
-    base = {slot: choices[slot][0] for slot in slots}
-    yield template.format(**base)
-    for slot in dict.fromkeys(slots):
-        for value in choices[slot]:
-            yield template.format(**{**base, slot: value})
-
-
 def coverage_sentences() -> list[str]:
     """Every word form of the deep corpus (the toy corpus's included)."""
     out = list(datasets.coverage_sentences())
     choices = {**_SLOTS, "A": NAMES, "B": NAMES, "S": NAMES, "IO": NAMES, "X": NAMES, "Y": NAMES,
                "GAP": [""]}
     for template in DEEP_IOI_TEMPLATES + COPY_TEMPLATES:
-        out.extend(_coverage_for(template, choices))
+        out.extend(datasets.coverage_for(template, choices))
     out.append("They said" + "".join(" " + word for word in LIST_WORDS) + ". Then they said.")
     # Documents are joined by spaces, so every sentence also starts after one.
     out.extend([" " + sentence for sentence in out])

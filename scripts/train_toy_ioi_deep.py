@@ -43,8 +43,8 @@ for path in (REPO_ROOT, REPO_ROOT / "scripts"):
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from patchwidgets import deep_world  # noqa: E402
-from patchwidgets.tokenizer import build_tokenizer, save_tokenizer  # noqa: E402
-from train_toy_models import evaluate, learning_rate  # noqa: E402
+from patchwidgets.tokenizer import build_tokenizer  # noqa: E402
+from train_toy_models import evaluate, learning_rate, save  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "patchwidgets" / "models" / "toy-ioi-deep"
 
@@ -173,15 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps({k: v for k, v in results.items() if k != "reference_prompts"}, indent=1),
           flush=True)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     if not args.float32:
         model.half()
-    model.save_pretrained(str(args.out), safe_serialization=True)
-    save_tokenizer(tokenizer, args.out)
-    (args.out / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    for path in args.out.iterdir():  # save_pretrained may write owner-only files
-        if path.is_file() and path.name != "MODEL_CARD.md":
-            path.chmod(0o644)
+    save(model, tokenizer, results, args.out)
     print(f"saved to {args.out} ({time.time() - start:.1f}s total)", flush=True)
     return results
 

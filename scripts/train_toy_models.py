@@ -158,6 +158,17 @@ def evaluate(model, tokenizer, n_ioi: int) -> dict:
     return results
 
 
+def save(model, tokenizer, results: dict, out: Path) -> None:
+    """The checkpoint, tokenizer and ``eval_results.json`` (the model card is left alone)."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    save_tokenizer(tokenizer, out)
+    (out / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    for path in out.iterdir():  # save_pretrained may write owner-only files
+        if path.is_file() and path.suffix != ".md":
+            path.chmod(0o644)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -203,13 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(results, indent=2), flush=True)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(args.out), safe_serialization=True)
-    save_tokenizer(tokenizer, args.out)
-    (args.out / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    for path in args.out.iterdir():  # save_pretrained may write owner-only files
-        if path.is_file() and path.name != "MODEL_CARD.md":
-            path.chmod(0o644)
+    save(model, tokenizer, results, args.out)
     print(f"saved to {args.out} ({time.time() - start:.1f}s total)", flush=True)
     return results
 

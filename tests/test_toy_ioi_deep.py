@@ -163,3 +163,26 @@ def test_faithfulness(model, items, circuit, card):
     assert kept >= 0.8, kept
     assert abs(ioi_circuit.faithfulness(model, items, [], means)) < 0.2
     assert abs(kept - card["faithfulness"]) < 0.1  # the card's figure, on its own 200 prompts
+
+
+def test_training_script_smoke(tmp_path):
+    """The recipe runs, and its vocabulary (rebuilt from code) is the shipped one: otherwise
+    the checkpoint no longer fits ``patchwidgets.deep_world``."""
+    import importlib.util
+    from pathlib import Path
+
+    script_path = Path(__file__).resolve().parents[1] / "scripts" / "train_toy_ioi_deep.py"
+    spec = importlib.util.spec_from_file_location("train_toy_ioi_deep", script_path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    try:
+        results = script.main(["--steps", "2", "--out", str(tmp_path), "--eval-prompts", "8", "--log-every", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    bundled = json.loads((model_path(NAME) / "tokenizer.json").read_text())
+    rebuilt = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert rebuilt["model"]["vocab"] == bundled["model"]["vocab"]
+    assert results["training"]["parameters"] == 4_877_312
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["n_positions"] == 128 and config["dtype"] == "float16"
