@@ -43,19 +43,16 @@ import torch  # noqa: E402
 
 def gpt2_small_shaped_bridge(seed: int = 0):
     """A randomly initialised GPT-2 small as a TransformerBridge, without touching the network."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel
     from transformer_lens.model_bridge import TransformerBridge
 
-    from patchwidgets.datasets import coverage_sentences
-    from patchwidgets.tokenizer import build_tokenizer, save_tokenizer
+    from patchwidgets.gpt2_tokenizer import gpt2_tokenizer
 
     torch.manual_seed(seed)
     hf_model = GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257)).eval()
-    # Any tokenizer will do (we pass token ids); the bridge re-reads it from disk while booting.
-    with tempfile.TemporaryDirectory() as tmp:
-        save_tokenizer(build_tokenizer(coverage_sentences()), tmp)
-        tokenizer = AutoTokenizer.from_pretrained(tmp)
-        bridge = TransformerBridge.boot_transformers("gpt2", hf_model=hf_model, tokenizer=tokenizer)
+    # We pass token ids; the model's tokenizer is GPT-2's own, as its vocabulary.
+    with tempfile.TemporaryDirectory() as tmp:  # (the bridge reloads the tokenizer from disk while booting)
+        bridge = TransformerBridge.boot_transformers("gpt2", hf_model=hf_model, tokenizer=gpt2_tokenizer(directory=tmp))
     bridge.eval()
     return bridge
 

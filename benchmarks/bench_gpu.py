@@ -71,7 +71,8 @@ def build(name: str, tiny: bool, device: str):
     copies = [copy.deepcopy(hf) for _ in range(2)]  # the boot rebuilds a model's modules in place
     bridges = []
     for target, model in ((device, hf), ("cpu", copies[0])):
-        bridge = TransformerBridge.boot_transformers(arch, hf_model=model.to(target), tokenizer=peers.tokenizer())
+        bridge = TransformerBridge.boot_transformers(arch, hf_model=model.to(target),
+                                                     tokenizer=peers.tokenizer(model.config.vocab_size))
         bridges.append(bridge.eval())
     return bridges[0], bridges[1], copies[1].to(device), is_gpt2
 

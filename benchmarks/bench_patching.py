@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,19 +23,19 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens' per-patch progres
 import torch
 from transformer_lens import patching as tlp
 from transformer_lens.model_bridge import TransformerBridge
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import patchwidgets as pw
-from patchwidgets.loading import model_path
+from patchwidgets.gpt2_tokenizer import gpt2_tokenizer
 
 
 def build_model() -> TransformerBridge:
     torch.manual_seed(0)
     config = GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)
     hf_model = GPT2LMHeadModel(config).eval()
-    # Any tokenizer will do: the benchmark feeds token ids.
-    tokenizer = AutoTokenizer.from_pretrained(model_path("toy-ioi"))
-    model = TransformerBridge.boot_transformers("gpt2", hf_model=hf_model, tokenizer=tokenizer)
+    # The benchmark feeds token ids; the model's tokenizer is GPT-2's own, as its vocabulary.
+    with tempfile.TemporaryDirectory() as tmp:  # (the bridge reloads the tokenizer from disk while booting)
+        model = TransformerBridge.boot_transformers("gpt2", hf_model=hf_model, tokenizer=gpt2_tokenizer(directory=tmp))
     model.eval()
     return model
 

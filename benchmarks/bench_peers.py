@@ -134,6 +134,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -161,6 +162,7 @@ TL_SWEEPS = {
     "head_out_by_pos": tlp.get_act_patch_attn_head_out_by_pos,
 }
 NNSIGHT_TRACE_TOKENS = 4096  # rows x positions per nnsight trace: patchwidgets' default budget
+GPT2_VOCAB = 50257
 MEMORY_RUNS = [(8, 20, 1024), (64, 20, 1024), (64, 20, 16384)]  # pairs, tokens, max_batch_tokens
 
 
@@ -184,12 +186,18 @@ def gpt2_config(tiny: bool) -> GPT2Config:
         # Special token ids inside the small vocabulary, or transformers warns on every load.
         return GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=512, n_positions=64,
                           bos_token_id=511, eos_token_id=511)
-    return GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)
+    return GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=GPT2_VOCAB, n_positions=1024)
 
 
-def tokenizer():
-    # Any tokenizer will do: every tool is fed token ids. A fresh one per tool, because
+def tokenizer(vocab_size: int | None = None):
+    # Every tool is fed token ids, so the tokenizer only has to fit the model: GPT-2's own for a
+    # model of GPT-2's vocabulary, the toy-ioi one otherwise. A fresh one per tool, because
     # nnsight sets its tokenizer's padding side and pad token.
+    if vocab_size == GPT2_VOCAB:
+        from patchwidgets.gpt2_tokenizer import gpt2_tokenizer
+
+        # Saved and loaded back: the bridge reloads its tokenizer from where it was loaded.
+        return gpt2_tokenizer(directory=tempfile.mkdtemp(prefix="gpt2-tokenizer-"))
     return AutoTokenizer.from_pretrained(model_path("toy-ioi"))
 
 
@@ -199,7 +207,8 @@ def build_models(tiny: bool, with_hf_copy: bool = True) -> tuple[TransformerBrid
     hf_model = GPT2LMHeadModel(gpt2_config(tiny)).eval()
     # Copied before the boot: the bridge rebuilds hf_model's submodules in place.
     hf_copy = copy.deepcopy(hf_model) if with_hf_copy else None
-    bridge = TransformerBridge.boot_transformers("gpt2", hf_model=hf_model, tokenizer=tokenizer())
+    bridge = TransformerBridge.boot_transformers("gpt2", hf_model=hf_model,
+                                                 tokenizer=tokenizer(hf_model.config.vocab_size))
     bridge.eval()
     return bridge, hf_copy
 
@@ -238,7 +247,7 @@ def wrap_nnsight(hf_model: GPT2LMHeadModel):
     """
     from nnsight import TransformersModel
 
-    return TransformersModel(hf_model, tokenizer=tokenizer(), task="text-generation")
+    return TransformersModel(hf_model, tokenizer=tokenizer(hf_model.config.vocab_size), task="text-generation")
 
 
 @dataclass

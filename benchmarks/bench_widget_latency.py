@@ -11,8 +11,8 @@ Models (``--model``):
 
 * ``toy-ioi``: the bundled 4-layer model;
 * ``gpt2-shaped``: a randomly initialised model with GPT-2 small's shape (12 layers, 12 heads,
-  d_model 768, vocabulary 50257) and the toy-ioi word tokenizer, so the same 15-token prompts
-  work (the weights do not matter for timing).
+  d_model 768, vocabulary 50257) and GPT-2's own tokenizer, on which the IOI prompt is 15
+  tokens as on toy-ioi (the weights do not matter for timing).
 
 Usage (from the repository root)::
 
@@ -38,7 +38,7 @@ from test_widget_browser import (  # noqa: E402
     WIDGET_CELL, JupyterLab, gpt2_shaped_cell, launch_browser, missing_requirement, open_widget,
 )
 
-GPT2_SHAPED_CELL = gpt2_shaped_cell(n_embd=768, vocab=50257)
+GPT2_SHAPED_CELL = gpt2_shaped_cell(n_embd=768)
 TARGETS_MS = {("toy-ioi", "resid_pre"): 150, ("gpt2-shaped", "resid_pre"): 500,      # issue 19
               ("gpt2-shaped", "head_out_by_pos"): 2500}
 

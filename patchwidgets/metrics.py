@@ -26,7 +26,11 @@ Notation, for one prompt pair, with ``c`` the correct and ``i`` the incorrect an
 ``accuracy``    1.0 if ``c`` is the top prediction else 0.0 (discrete: flips or not).
 ``kl``          ``KL(clean || patched)`` over the whole vocabulary at the answer
                  position: the clean run's distribution is the reference in both
-                 directions (0 = the patched run predicts exactly like the clean run).
+                 directions (0 = the patched run predicts exactly like the clean run:
+                 fully restored when denoising, nothing broken when noising). The clean
+                 run is the behaviour being explained, and the reference against which
+                 circuit discovery (Conmy et al. 2023) scores a circuit; the course (02,
+                 05) and its checks use this same definition.
 ==============  =====================================================================
 
 A custom metric is any callable ``fn(logits)`` or ``fn(logits, correct, incorrect)`` with

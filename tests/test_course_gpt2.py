@@ -1,14 +1,13 @@
-"""The course runs on a GPT-2-shaped model with a subword tokenizer, not only on toy-ioi.
+"""The course runs on a GPT-2-shaped model with GPT-2's own tokenizer, not only on toy-ioi.
 
 Every notebook's first code cell loads ``toy-ioi``; a learner changes that one line to load
 ``"gpt2"``. GPT-2 cannot be downloaded here, so this test does the next best thing: it builds
-a **random-weight GPT-2** (``GPT2LMHeadModel``) with GPT-2 small's 12 heads per layer (but 6
-layers, a small ``d_model`` and a small vocabulary, to stay fast) and a **byte-level BPE tokenizer** like
-GPT-2's, trained here with the ``tokenizers`` library on the course's own synthetic sentences,
-leaving out the landmark facts. Names and most cities are single tokens, as in GPT-2, and
-landmarks are split into several tokens (" Colosseum" is seven), as in GPT-2 (where it is
-four). No GPT-2 vocabulary ships offline with ``transformers``, ``tokenizers`` or ``tiktoken``,
-hence the trained one.
+a **random-weight GPT-2** (``GPT2LMHeadModel``) with GPT-2 small's 12 heads per layer and its
+50,257-token vocabulary (but 6 layers and a small ``d_model``, to stay fast) and **GPT-2's own
+tokenizer** (``patchwidgets.gpt2_tokenizer``: the real vocabulary and merges, shipped with the
+package). Names are single tokens and landmarks several (" Colosseum" is four), as the notebooks
+say; ``test_the_notebooks_claims_about_gpt2_tokens`` reads those claims from the notebooks'
+prose and checks each one on the tokenizer.
 
 Each notebook then runs top to bottom in a kernel, its model line pointed at that model
 folder, and must execute without an error. This catches hard-coded positions and heads, answers
@@ -42,33 +41,20 @@ CHECK_CALL = re.compile(r"\bgrading\.check_\w+\s*\(")
 # GPT-2 small has 12 heads in each of 12 layers; 6 layers keep the whole run near three minutes on
 # one CPU thread and still put heads and layers where toy-ioi (4 layers x 8 heads) has none.
 GPT2_SMALL_SHAPE = {"n_layer": 6, "n_head": 12}
-SMALL = {"n_embd": 96, "n_positions": 64, "vocab_size": 1100}
-
-
-def _training_text() -> list[str]:
-    from patchwidgets import datasets
-
-    landmark_words = {word for landmark, _ in datasets.FACTS for word in landmark.split()}
-    text = datasets.training_corpus(3000) + datasets.coverage_sentences()
-    return [s for s in text if not any(word in s for word in landmark_words)]
+SMALL = {"n_embd": 96, "n_positions": 64}
+NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7}
 
 
 def build_gpt2_like(folder: Path) -> Path:
-    """A random-weight GPT2LMHeadModel and a byte-level BPE tokenizer, saved as an HF checkpoint."""
+    """A random-weight GPT2LMHeadModel with GPT-2's tokenizer, saved as an HF checkpoint."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(_training_text(), trainers.BpeTrainer(
-        vocab_size=SMALL["vocab_size"], special_tokens=["<|endoftext|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                  unk_token="<|endoftext|>")
+    from patchwidgets.gpt2_tokenizer import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer(model_max_length=SMALL["n_positions"])
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=SMALL["n_positions"], n_embd=SMALL["n_embd"],
-                        bos_token_id=0, eos_token_id=0, initializer_range=0.1, **GPT2_SMALL_SHAPE)
+                        initializer_range=0.1, **GPT2_SMALL_SHAPE)  # bos/eos: 50256, as GPT-2's
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -80,16 +66,47 @@ def gpt2_like(tmp_path_factory) -> Path:
     return build_gpt2_like(tmp_path_factory.mktemp("gpt2-like"))
 
 
-def test_the_tokenizer_splits_words_like_gpt2(gpt2_like):
+def test_the_saved_tokenizer_is_gpt2s(gpt2_like):
+    """What the notebooks load from the folder is GPT-2's tokenizer (ids checked against OpenAI's
+    algorithm in tests/test_gpt2_tokenizer.py), with the names single tokens as in GPT-2."""
     from transformers import AutoTokenizer
 
     from patchwidgets import datasets
 
     tokenizer = AutoTokenizer.from_pretrained(gpt2_like)
+    assert tokenizer("When Mary and John")["input_ids"] == [2215, 5335, 290, 1757]
+    assert all(len(tokenizer(" " + name)["input_ids"]) == 1 for name in datasets.NAMES)
+
+
+def _prose(path: Path) -> str:
+    return "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "markdown")
+
+
+#: Claims about how GPT-2 tokenizes a word: '" Colosseum" is four tokens', 'GPT-2's four " Colosseum" tokens'.
+TOKEN_CLAIMS = [re.compile(r'"( [^"]+)" is (\w+) tokens?'), re.compile(r"GPT-2's (\w+) \"( [^\"]+)\" tokens")]
+
+
+def test_the_notebooks_claims_about_gpt2_tokens():
+    """Every "<word> is N tokens" in the course's prose holds for GPT-2's tokenizer, and so do the
+    general claims (GPT-2 splits most landmarks; the names are single tokens)."""
+    from patchwidgets import datasets
+    from patchwidgets.gpt2_tokenizer import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
     n_tokens = lambda text: len(tokenizer(text)["input_ids"])  # noqa: E731
-    assert n_tokens(" Colosseum") > 1 and n_tokens(" Eiffel Tower") > 2
+    claims = []
+    for path in NOTEBOOKS:
+        text = _prose(path)
+        claims += [(path.name, word, count) for word, count in TOKEN_CLAIMS[0].findall(text)]
+        claims += [(path.name, word, count) for count, word in TOKEN_CLAIMS[1].findall(text)]
+    assert claims, "no claim about GPT-2's tokens found: the patterns no longer match the prose"
+    for where, word, count in claims:
+        assert n_tokens(word) == NUMBERS.get(count, count), f"{where}: {word!r} is not {count} tokens in GPT-2"
+    six = _prose(ROOT / "solutions" / "06_corrupted_prompts.ipynb")
+    assert "GPT-2 splits most of them" in six and "In GPT-2 most landmarks are several tokens long" in six
+    landmarks = [n_tokens(" " + landmark) for landmark, _ in datasets.FACTS]
+    assert sum(n > 1 for n in landmarks) > len(landmarks) / 2
     assert all(n_tokens(" " + name) == 1 for name in datasets.NAMES)
-    assert sum(n_tokens(" " + city) == 1 for city in datasets.CITIES) >= 8
 
 
 def pointed_at(nb, model_dir: Path):

@@ -76,3 +76,23 @@ def test_the_check_catches_a_stale_number():
     ])
     values = computed_numbers(nb)
     assert [x for _, x in quoted_numbers(nb) if not backed(x, values)] == ["0.87"]
+
+
+#: A KL measured from any run but the clean one, written as a definition (the mistakes the checks
+#: name, such as "KL(patched || clean)", have the clean run second and are not matched).
+OTHER_KL = re.compile(r"KL\((source|corrupted|target)[^|)]*\|\|")
+
+
+def test_one_definition_of_kl_everywhere():
+    """The course, the package and the README define KL one way: KL(clean || patched), the clean
+    run the reference in both directions. (Notebook 05 and its check once used KL(source || patched),
+    which differs from notebook 02's when noising.)"""
+    texts = {str(p.relative_to(ROOT)): "\n".join(c.source for c in nbformat.read(p, as_version=4).cells)
+             for d in ("solutions", "exercises", "tutorials") for p in sorted((ROOT / d).glob("*.ipynb"))}
+    texts.update({str(p.relative_to(ROOT)): p.read_text() for p in sorted((ROOT / "patchwidgets").rglob("*.py"))})
+    texts["README.md"] = (ROOT / "README.md").read_text()
+    found = [f"{where}: {m.group(0)}" for where, text in texts.items() for m in OTHER_KL.finditer(text)]
+    assert not found, "KL defined from another run than the clean one: " + ", ".join(found)
+    assert OTHER_KL.search("kl is KL(source || patched)") and not OTHER_KL.search("KL(patched || clean)")
+    assert "KL(clean || patched)" in texts["solutions/02_metrics.ipynb"]
+    assert "KL(clean || patched)" in texts["solutions/05_noising_denoising.ipynb"]

@@ -191,7 +191,7 @@ def test_right_answer_passes_among_the_cheats(cheats):
 @pytest.fixture(scope="module")
 def renamed_copy(tmp_path_factory):
     """exercises/03 saved as homework.ipynb, every check cell deleted, the last exercise's cell
-    deleted too; one exercise right, one with a classic mistake (resid_post)."""
+    deleted too; one exercise right, one with a classic mistake (resid_post), one left a stub."""
     nb = nbformat.read(ROOT / "exercises" / "03_residual_stream.ipynb", as_version=4)
     kept = []
     for cell in nb.cells:
@@ -219,8 +219,8 @@ def renamed_copy(tmp_path_factory):
 def test_renamed_copy_without_check_cells_lists_every_exercise(renamed_copy):
     path, report = renamed_copy
     assert report.course_notebook == "03_residual_stream" and report.found_by == "metadata"
-    assert statuses(report) == {"patch_position": "passed", "get_act_patch_resid_pre": "failed",
-                                "get_act_patch_block_every": "missing"}
+    assert statuses(report) == {"patch_position": "passed", "patched_run": "not attempted",
+                                "get_act_patch_resid_pre": "failed", "get_act_patch_block_every": "missing"}
     assert report.other_errors == []
     assert nbformat.read(path, as_version=4).metadata["patchwidgets"]["notebook"] == "03_residual_stream"
 
@@ -233,7 +233,7 @@ def test_table_and_json_keep_the_whole_diagnosis(renamed_copy, capsys):
     table = cli.format_report(report)
     for line in detail.splitlines():
         assert line in table
-    assert "Score: 1/3 passed (1 failed, 1 missing)" in table
+    assert "Score: 1/4 passed (1 failed, 1 not attempted, 1 missing)" in table
 
 
 # ------------------------------------------------------------------------------- time limits
@@ -352,7 +352,7 @@ def test_shipped_exercise_notebook_runs_and_grades_not_attempted(path, capsys):
 def test_solution_notebook_grades_all_passed(capsys):
     assert cli.main(["grade", str(ROOT / "solutions" / "03_residual_stream.ipynb")]) == 0
     out = capsys.readouterr().out
-    assert "Score: 3/3 passed" in out and "found by file name" in out
+    assert "Score: 4/4 passed" in out and "found by file name" in out
 
 
 def test_copied_solution_passes_under_any_name(tmp_path, capsys):

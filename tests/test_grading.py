@@ -119,6 +119,36 @@ def test_patch_head_vector(capsys):
     fails(grading.check_patch_head_vector, position_axis, "head 2 at every position")
 
 
+def patched_run(model, corrupted_tokens, source_cache, name, position, key=None, positions=None, tokens=None,
+                returns=True):
+    """A hand-written patched_run (03); the keywords make the usual mistakes."""
+    def paste(act, hook):
+        source = source_cache[hook.name if key == "hook.name" else name]
+        if not returns:
+            act = act.clone()
+        act[:, position if positions is None else positions] = source[:, position if positions is None else positions]
+        return act if returns else None
+
+    return model.run_with_hooks(corrupted_tokens if tokens is None else tokens, fwd_hooks=[(name, paste)])
+
+
+def test_patched_run(setup, capsys):
+    """The TransformerLens 4 trap: hook.name is canonical, a names_filter cache keeps the registered name."""
+    passes(grading.check_patched_run, patched_run, capsys)
+    fails(grading.check_patched_run, functools.partial(patched_run, key="hook.name"),
+          "filtered to 'blocks.1.hook_resid_pre'", r"looked up 'blocks\.1\.hook_in'", "canonical name",
+          "Index the cache with `name`")
+    fails(grading.check_patched_run, functools.partial(patched_run, positions=slice(None)), "pastes every position")
+    fails(grading.check_patched_run, functools.partial(patched_run, returns=False), "changed nothing")
+    fails(grading.check_patched_run, functools.partial(patched_run, tokens=setup.batch.clean_tokens),
+          "runs the clean tokens")
+    fails(grading.check_patched_run, lambda m, t, c, n, p: patched_run(m, t, c, n, p)[:, -1], r"shape \(4, 15, \d+\)")
+    fails(grading.check_patched_run, lambda m, t, c, n, p: patched_run(m, t, c, n, p + 1 if p < 14 else p - 1),
+          "differ from the expected patched run")
+    with pytest.raises(NotImplementedError):
+        grading.check_patched_run(stub)
+
+
 # ------------------------------------------------------------------------------- sweeps
 
 def library(setup, site, direction="denoising"):
@@ -247,8 +277,16 @@ def test_classify_component(capsys):
     fails(grading.check_classify_component, swapped, "sufficiency")
 
 
-def kl_patch(model, components, direction="denoising", reverse=False, absolute=False, first_only=False):
-    """A hand-written patch_with_kl; the keywords make the usual mistakes."""
+def kl_02(clean_logits, patched_logits):
+    """Notebook 02's kl: KL(clean || patched) for each row, [batch, vocab] x 2 -> [batch]."""
+    p, q = clean_logits.log_softmax(-1), patched_logits.log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def kl_patch(model, components, direction="denoising", reverse=False, absolute=False, first_only=False,
+             from_source=False, kl=kl_02):
+    """A hand-written patch_with_kl whose KL is ``kl`` (notebook 02's by default); the keywords make
+    the usual mistakes."""
     clean, corrupted = grading.GATE_CLEAN, grading.GATE_CORRUPTED
     target, source = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
     source_logits, cache = model.run_with_cache(source)
@@ -256,20 +294,59 @@ def kl_patch(model, components, direction="denoising", reverse=False, absolute=F
     patched = model.run_with_hooks(target, fwd_hooks=hooks)
     ld = lambda logits: float(logits[0, -1, 1] - logits[0, -1, 0])  # noqa: E731
     normalized = (ld(patched) - ld(model(target))) / (ld(source_logits) - ld(model(target)))
-    p, q = source_logits[0, -1].log_softmax(-1), patched[0, -1].log_softmax(-1)
-    if reverse:
-        p, q = q, p
-    return {"normalized": abs(normalized) if absolute else normalized, "kl": float((p.exp() * (p - q)).sum())}
+    reference = source_logits if from_source else model(clean)
+    p, q = (patched, reference) if reverse else (reference, patched)
+    return {"normalized": abs(normalized) if absolute else normalized, "kl": float(kl(p[:, -1], q[:, -1])[0])}
 
 
 def test_patch_with_kl(capsys):
     passes(grading.check_patch_with_kl, kl_patch, capsys)
-    fails(grading.check_patch_with_kl, functools.partial(kl_patch, reverse=True), r"KL\(patched \|\| source\)")
+    fails(grading.check_patch_with_kl, functools.partial(kl_patch, reverse=True), r"KL\(patched \|\| clean\)")
+    fails(grading.check_patch_with_kl, functools.partial(kl_patch, from_source=True), "noising",
+          "KL from the corrupted run", "reference in both directions")
     fails(grading.check_patch_with_kl, functools.partial(kl_patch, absolute=True), "patching B", "absolute value")
     fails(grading.check_patch_with_kl, functools.partial(kl_patch, first_only=True), "only A")
     fails(grading.check_patch_with_kl, lambda m, c, d="denoising": 0.5, "return a dict")
     with pytest.raises(NotImplementedError):
         grading.check_patch_with_kl(stub)
+
+
+def test_one_kl_in_02_05_and_the_library(capsys):
+    """Notebooks 02 and 05 and ``patch(metrics="kl")`` define KL the same way (KL(clean || patched)
+    in both directions): a learner who takes 02's ``kl`` into 05 passes 05's check, the library's
+    KL of each gate patch is the one 05's check expects, and a KL that passes one check but not
+    the other does not exist. (They once disagreed when noising: 05 measured from the source.)"""
+    from patchwidgets import patch
+    from patchwidgets.grading import check_gates
+
+    passes(grading.check_kl, kl_02, capsys)
+    passes(grading.check_patch_with_kl, kl_patch, capsys)
+
+    def kl_from_source(p_logits, q_logits):  # what 05 used to ask for, written as 02's function
+        return kl_02(p_logits, q_logits)
+
+    fails(grading.check_patch_with_kl, functools.partial(kl_patch, from_source=True, kl=kl_from_source))
+    for gate in ("negative", "and"):
+        model = check_gates.gate_model(gate)
+        for direction in ("denoising", "noising"):
+            for component in "AB":
+                library = patch(model, grading.GATE_CLEAN, grading.GATE_CORRUPTED, answers=(1, 0),
+                                site=f"hook_{component.lower()}", index=[(0,)], direction=direction,
+                                metrics="kl", progress=False)
+                expected = check_gates._gate_patch(model, [component], direction)["kl"]
+                assert float(library.grid("kl")[0]) == pytest.approx(expected, abs=1e-5), (gate, direction, component)
+                assert kl_patch(model, [component], direction)["kl"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_the_negative_gate_prefers_the_answer_when_clean():
+    """A negative component is measured against a clean run that prefers the answer (it was once
+    a coin flip: C = A - 0.5 B gave a clean logit difference of 0)."""
+    from patchwidgets.grading import check_gates
+
+    for gate in ("and", "or", "negative", "backup"):
+        logits = check_gates.gate_model(gate, 0.7)(grading.GATE_CLEAN)[0, -1]
+        assert float(logits[1] - logits[0]) == pytest.approx(2.0), gate
+        assert float(logits.softmax(-1)[1]) > 0.85
 
 
 def ablate(model, tokens, head, ablation, metric, over=(0,), whole_layer=False):

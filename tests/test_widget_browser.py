@@ -722,22 +722,24 @@ def test_cancel_right_after_run_says_what_it_holds(page):
 
 
 # --------------------------------------------------------------------------- pictures (§2)
-def gpt2_shaped_cell(n_embd: int = 96, vocab: int = 366, **widget_args: str) -> str:
+def gpt2_shaped_cell(n_embd: int = 96, **widget_args: str) -> str:
     """A notebook cell that displays a widget on a random model shaped like GPT-2 small where
-    the view is concerned: 12 layers x 12 heads (``n_embd`` and ``vocab`` set its cost), with
-    the toy-ioi word tokenizer for string prompts. Also used by bench_widget_latency.py."""
+    the view is concerned: 12 layers x 12 heads (``n_embd`` sets its cost), with GPT-2's own
+    tokenizer and vocabulary (``patchwidgets.gpt2_tokenizer``), so the IOI prompt is GPT-2's 15
+    tokens. Also used by bench_widget_latency.py."""
     args = "".join(f", {k}={v!r}" for k, v in widget_args.items())
     return f"""\
-import os
+import os, tempfile
 os.environ["HF_HUB_OFFLINE"] = "1"
 import torch
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 from transformer_lens.model_bridge import TransformerBridge
 import patchwidgets
-from patchwidgets.loading import model_path
+from patchwidgets.gpt2_tokenizer import gpt2_tokenizer
 torch.manual_seed(0)
-hf = GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=12, n_embd={n_embd}, vocab_size={vocab}, n_positions=1024)).eval()
-model = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=AutoTokenizer.from_pretrained(model_path("toy-ioi")))
+hf = GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=12, n_embd={n_embd}, vocab_size=50257, n_positions=1024)).eval()
+with tempfile.TemporaryDirectory() as tmp:  # (the bridge reloads its tokenizer from disk while booting)
+    model = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=gpt2_tokenizer(directory=tmp))
 model.eval()
 w = patchwidgets.PatchingWidget(model, metric="logit_diff", correct=" Mary", incorrect=" John"{args})
 w"""

@@ -51,6 +51,7 @@ from .check_metrics import (  # noqa: F401
 )
 from .check_sweeps import (  # noqa: F401
     check_patch_position,
+    check_patched_run,
     check_get_act_patch_resid_pre,
     check_get_act_patch_block_every,
     check_patch_head_vector,
@@ -98,7 +99,7 @@ __all__ = [
     "check_logit_diff", "check_normalized_metric", "check_noising_metric", "check_logprob",
     "check_prob", "check_rank", "check_kl",
     # 03_residual_stream
-    "check_patch_position", "check_get_act_patch_resid_pre", "check_get_act_patch_block_every",
+    "check_patch_position", "check_patched_run", "check_get_act_patch_resid_pre", "check_get_act_patch_block_every",
     # 04_attention_heads
     "check_patch_head_vector", "check_get_act_patch_head_out", "check_get_act_patch_head_out_by_pos",
     "check_get_act_patch_head_every", "check_mean_attention",

@@ -21,7 +21,7 @@ PASS_MARK = "✅"
 #: uses this to list exercises whose self-check cell was deleted.
 EXERCISES: dict[str, list[str]] = {
     "02_metrics": ["logit_diff", "normalized_metric", "noising_metric", "logprob", "prob", "rank", "kl"],
-    "03_residual_stream": ["patch_position", "get_act_patch_resid_pre", "get_act_patch_block_every"],
+    "03_residual_stream": ["patch_position", "patched_run", "get_act_patch_resid_pre", "get_act_patch_block_every"],
     "04_attention_heads": ["patch_head_vector", "get_act_patch_head_out", "get_act_patch_head_out_by_pos",
                            "get_act_patch_head_every", "mean_attention"],
     "05_noising_denoising": ["or_gate", "gate_predictions", "patch_gate_components", "classify_component",

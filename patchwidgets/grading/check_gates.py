@@ -136,10 +136,11 @@ def gate_model(gate: str = "and", backup: float = 0.0):
     Input: ``[batch, 2]`` tokens, each 0 (feature off) or 1 (feature on). ``A`` reads token 0,
     ``B`` reads token 1 and ``C`` combines them with ``gate`` (``"and"``: ``A * B``;
     ``"or"``: ``max(A, B)``; ``"backup"``: a main component ``A`` plus a backup ``B`` that
-    only steps in, with strength ``backup``, when ``A`` is off; ``"negative"``: ``A - 0.5 B``,
+    only steps in, with strength ``backup``, when ``A`` is off; ``"negative"``: ``1.5 A - 0.5 B``,
     a negative component ``B`` that pushes against the answer). The logits are
     ``[batch, 2, 2]`` with the last position's logit difference ``yes - no`` = ``4 C - 2``:
-    +2 on the clean input ``[1, 1]`` and -2 on the corrupted input ``[0, 0]``.
+    +2 on the clean input ``[1, 1]`` and -2 on the corrupted input ``[0, 0]``, for every gate
+    (so the clean run always prefers "yes").
 
     Hooks: ``hook_a``, ``hook_b``, ``hook_c`` (each ``[batch, 1]``), so
     ``patchwidgets.patch(model, clean, corrupted, site="hook_a", index=[(0,)])`` patches A.
@@ -168,7 +169,7 @@ def gate_model(gate: str = "and", backup: float = 0.0):
             elif gate == "backup":
                 c = torch.clamp(a + backup * (1 - a) * b, max=1.0)
             elif gate == "negative":
-                c = a - 0.5 * b
+                c = 1.5 * a - 0.5 * b
             else:
                 raise ValueError(f"unknown gate {gate!r}")
             c = self.hook_c(c)
@@ -200,7 +201,10 @@ def _gate_effects(model: Any, direction: str) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
-    """``KL(p || q)`` between the last position's output distributions of two one-prompt runs."""
+    """``KL(p || q)`` between the last position's output distributions of two one-prompt runs.
+
+    The course's KL is ``KL(clean || patched)`` in both directions (notebook 02, and
+    ``patchwidgets.metrics``): the clean run is the reference, whichever run is patched."""
     p, q = p_logits[0, -1].double().log_softmax(-1), q_logits[0, -1].double().log_softmax(-1)
     return float((p.exp() * (p - q)).sum())
 
@@ -211,6 +215,7 @@ def _gate_patch(model: Any, components: list[str], direction: str) -> dict[str, 
     with torch.no_grad():
         source_logits, cache = model.run_with_cache(source)
         target_logits = model(target)
+        clean_logits, corrupted_logits = model(GATE_CLEAN), model(GATE_CORRUPTED)
 
         def run(names: list[str]) -> torch.Tensor:
             hooks = [(f"hook_{c.lower()}", lambda act, hook: cache[hook.name]) for c in names]
@@ -224,17 +229,18 @@ def _gate_patch(model: Any, components: list[str], direction: str) -> dict[str, 
     def normalized(logits: torch.Tensor) -> float:
         return (ld(logits) - ld(target_logits)) / (ld(source_logits) - ld(target_logits))
 
-    raw = float((source_logits[0, -1].softmax(-1) * (source_logits[0, -1] - patched[0, -1])).sum())
+    raw = float((clean_logits[0, -1].softmax(-1) * (clean_logits[0, -1] - patched[0, -1])).sum())
     return {
-        "normalized": normalized(patched), "kl": _kl(source_logits, patched),
+        "normalized": normalized(patched), "kl": _kl(clean_logits, patched),
         "wrong kl": [
-            (_kl(patched, source_logits), "that is KL(patched || source): the average must be taken over the "
-             "source run's distribution, sum p_source * (log p_source - log p_patched)"),
-            (_kl(target_logits, patched), "that is the KL from the run being patched (the target); measure "
-             "how far the patched run is from the run the values come from (the source)"),
+            (_kl(patched, clean_logits), "that is KL(patched || clean): the average must be taken over the "
+             "clean run's distribution, sum p_clean * (log p_clean - log p_patched)"),
+            (_kl(corrupted_logits, patched), "that is the KL from the corrupted run; the clean run is the "
+             "reference in both directions (notebook 02), also when noising, where the values come from the "
+             "corrupted run"),
             (raw, "that uses raw logits where log-probabilities belong: take log_softmax of both runs first"),
         ],
-        "first only": (normalized(first_only), _kl(source_logits, first_only)),
+        "first only": (normalized(first_only), _kl(clean_logits, first_only)),
     }
 
 
@@ -259,8 +265,9 @@ def check_patch_with_kl(patch_with_kl: Callable) -> None:
 
     ``model`` is a :func:`gate_model`; the components in the list (``["A", "B"]``) are patched
     together. ``normalized`` is the signed normalised logit difference (0 = the run being
-    patched, 1 = the run the values come from) and ``kl`` is ``KL(source || patched)`` of the
-    last position's output distributions.
+    patched, 1 = the run the values come from) and ``kl`` is ``KL(clean || patched)`` of the
+    last position's output distributions: notebook 02's definition, the clean run the reference in
+    both directions.
     """
     name = "patch_with_kl"
     cases = [("negative", ["A"], "denoising"), ("negative", ["B"], "denoising"), ("negative", ["A", "B"], "denoising"),
@@ -269,7 +276,7 @@ def check_patch_with_kl(patch_with_kl: Callable) -> None:
         model = gate_model(gate)
         got_norm, got_kl = _two_numbers(name, call_learner(name, patch_with_kl, model, list(components), direction))
         ref = _gate_patch(model, components, direction)
-        where = f"{gate.upper()} gate ({'C = A - 0.5 B' if gate == 'negative' else 'C = A * B'}), {direction}, " \
+        where = f"{gate.upper()} gate ({'C = 1.5 A - 0.5 B' if gate == 'negative' else 'C = A * B'}), {direction}, " \
                 f"patching {' and '.join(components)} together"
         if len(components) > 1 and math.isclose(got_norm, ref["first only"][0], abs_tol=ATOL) and \
                 not math.isclose(got_norm, ref["normalized"], abs_tol=ATOL):
@@ -288,7 +295,7 @@ def check_patch_with_kl(patch_with_kl: Callable) -> None:
         if not math.isclose(got_kl, ref["kl"], abs_tol=ATOL):
             hint = next((f" Your value matches {why}." for wrong, why in ref["wrong kl"]
                          if math.isclose(got_kl, wrong, abs_tol=ATOL)), "")
-            raise GradingError(f"{name}: {where}: expected kl = KL(source || patched) = {ref['kl']:.4f}, "
+            raise GradingError(f"{name}: {where}: expected kl = KL(clean || patched) = {ref['kl']:.4f}, "
                                f"got {got_kl:.4f}.{hint}")
     report_pass(name, "signed effect and KL on the negative-component and AND circuits")
 

@@ -52,6 +52,91 @@ def check_patch_position(patch_position: Callable) -> None:
     report_pass(name, "copies one position of the source activation and leaves the rest alone")
 
 
+def _patched_by_hand(model: Any, tokens: torch.Tensor, source: torch.Tensor, hook_name: str,
+                     positions: Any) -> torch.Tensor:
+    """``tokens`` run with ``source`` pasted at ``positions`` of ``hook_name``."""
+    def paste(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+        activation[:, positions] = source[:, positions]
+        return activation
+
+    with torch.no_grad():
+        return model.run_with_hooks(tokens, fwd_hooks=[(hook_name, paste)])
+
+
+def _canonical_name(model: Any, tokens: torch.Tensor, hook_name: str) -> str:
+    """What ``hook.name`` says inside a hook registered on ``hook_name`` (TransformerLens 4 trap)."""
+    seen: list[str] = []
+
+    def remember(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+        seen.append(hook.name)
+        return activation
+
+    with torch.no_grad():
+        model.run_with_hooks(tokens[:1], fwd_hooks=[(hook_name, remember)])
+    return seen[0] if seen else hook_name
+
+
+def check_patched_run(patched_run: Callable, model: Any = None) -> None:
+    """``patched_run(model, corrupted_tokens, source_cache, name, position) -> logits [batch, pos, vocab]``.
+
+    The corrupted run with the source cache's activation at hook point ``name`` pasted at
+    ``position``. The check passes a clean-run cache made with ``names_filter`` that keeps only
+    ``name`` (a large model's cache keeps only what is patched), then a full one. Inside a hook,
+    TransformerLens 4's ``hook.name`` is the canonical name (``blocks.1.hook_in`` for
+    ``blocks.1.hook_resid_pre``), which the filtered cache does not hold: the hook must index
+    the cache with ``name``.
+    """
+    name = "patched_run"
+    setup = sweep_setup(model)
+    m, b = setup.model, setup.batch
+    s2 = int((b.clean_tokens[0] != b.corrupted_tokens[0]).nonzero()[0])
+    end = b.clean_tokens.shape[1] - 1
+    for hook_name, position in [("blocks.1.hook_resid_pre", s2), ("blocks.0.hook_attn_out", end),
+                                ("blocks.2.hook_mlp_out", end)]:
+        source = setup.clean_cache[hook_name]
+        expected = _patched_by_hand(m, b.corrupted_tokens, source, hook_name, position)
+        canonical = _canonical_name(m, b.corrupted_tokens, hook_name)
+        for filtered in (True, False):
+            if filtered:
+                with torch.no_grad():
+                    _, cache = m.run_with_cache(b.clean_tokens, names_filter=lambda n, keep=hook_name: n == keep)
+                what = f"a cache filtered to {hook_name!r}"
+            else:
+                cache, what = copy_cache(setup.clean_cache), "a full cache"
+            try:
+                with torch.no_grad(), setup.guard(name):
+                    out = call_learner(name, patched_run, m, b.corrupted_tokens.clone(), cache, hook_name, position)
+            except GradingError as err:
+                if "KeyError" in str(err) and canonical != hook_name and canonical in str(err):
+                    raise GradingError(
+                        f"{name}: with {what}, your hook looked up {canonical!r}: inside a hook, hook.name is "
+                        f"TransformerLens 4's canonical name, not the {hook_name!r} you registered, and a cache "
+                        f"made with names_filter keeps only the names the filter matched. Index the cache with "
+                        f"`name`, the hook point your function was given.\n{err}") from None
+                raise
+            got = to_tensor(name, out)
+            where = f"{hook_name} at position {position}, with {what}"
+            if got.shape != expected.shape:
+                raise GradingError(f"{name}: return the patched run's logits, shape {tuple(expected.shape)} "
+                                   f"[batch, pos, vocab]; got {tuple(got.shape)} ({where})")
+            if torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
+                continue
+            known = [
+                (setup.corrupted_logits, "that is the unpatched corrupted run: the hook changed nothing. Write "
+                 "into the activation (or a copy of it) and return it from the hook"),
+                (_patched_by_hand(m, b.corrupted_tokens, source, hook_name, slice(None)),
+                 "that pastes every position: copy only activation[:, position]"),
+                (_patched_by_hand(m, b.clean_tokens, source, hook_name, position),
+                 "that runs the clean tokens: run the corrupted tokens, with the source's value pasted in"),
+            ]
+            matches = [why for wrong, why in known if torch.allclose(got, wrong.to(got.dtype), atol=1e-4, rtol=1e-4)]
+            hint = f" Your logits match {'; or '.join(matches)}." if matches else ""
+            worst = (got - expected).abs().max()
+            raise GradingError(f"{name}: {where}: your logits differ from the expected patched run by up to "
+                               f"{float(worst):.4f}.{hint}")
+    report_pass(name, "pastes one position at the hook point it was given, with a filtered or a full cache")
+
+
 def check_get_act_patch_resid_pre(get_act_patch_resid_pre: Callable, model: Any = None) -> None:
     """``get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, metric) -> [layer, pos]``."""
     run_sweep_check("get_act_patch_resid_pre", get_act_patch_resid_pre, model, "resid_pre", ("layer", "pos"), [
