@@ -186,6 +186,46 @@ def test_right_answer_passes_among_the_cheats(cheats):
     assert cheats.passed == 1 and not cheats.all_passed
 
 
+@pytest.fixture(scope="module")
+def nnsight_answers(tmp_path_factory):
+    """09_nnsight: the exercises take an nnsight model, which the grader names and the learner's
+    kernel rebuilds (it cannot travel by pickle). One right answer, two classic mistakes, one
+    exercise left out."""
+    pytest.importorskip("nnsight")
+    path = write_notebook(
+        tmp_path_factory.mktemp("nnsight") / "mine.ipynb", "09_nnsight",
+        "import torch",
+        """
+        def record_resid_pre(lm, tokens):
+            with lm.trace(tokens):
+                resid = torch.stack([lm.transformer.h[layer].input for layer in range(len(lm.transformer.h))]).save()
+            return resid
+        """,
+        """
+        def patch_resid_pre(lm, corrupted_tokens, clean_resid, layer, position):
+            with lm.trace(corrupted_tokens):
+                lm.transformer.h[layer].output[:, position] = clean_resid[layer][:, position]
+                logits = lm.lm_head.output[:, -1].save()
+            return logits
+        """,
+        """
+        def last_logits(lm, tokens):
+            with lm.trace(tokens):
+                logits = lm.lm_head.output.save()
+            return logits
+        """,
+    )
+    return grade_notebook(path, exercise_timeout=300)
+
+
+def test_nnsight_exercises_are_graded_in_the_learners_kernel(nnsight_answers):
+    assert statuses(nnsight_answers) == {"record_resid_pre": "passed", "patch_resid_pre": "failed",
+                                         "resid_pre_sweep": "missing", "last_logits": "failed"}
+    assert "resid_post" in row(nnsight_answers, "patch_resid_pre").detail
+    assert "logits_to_keep=1" in row(nnsight_answers, "last_logits").detail
+    assert nnsight_answers.other_errors == []
+
+
 # ------------------------------------------------------------------------------- a learner's copy
 
 @pytest.fixture(scope="module")
@@ -347,6 +387,12 @@ def test_shipped_exercise_notebook_runs_and_grades_not_attempted(path, capsys):
     assert {e["name"]: e["status"] for e in report["exercises"]} == {
         name: "not attempted" for name in grading.EXERCISES[path.stem]}
     assert report["other_errors"] == [] and report["aborted"] == ""
+
+
+def test_nnsight_solution_notebook_grades_all_passed(capsys):
+    pytest.importorskip("nnsight")
+    assert cli.main(["grade", str(ROOT / "solutions" / "09_nnsight.ipynb")]) == 0
+    assert "Score: 4/4 passed" in capsys.readouterr().out
 
 
 def test_solution_notebook_grades_all_passed(capsys):

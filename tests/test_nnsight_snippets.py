@@ -180,11 +180,12 @@ SNIPPETS = all_snippets()
 
 def test_snippets_are_found():
     """The README's nnsight section has a snippet, and it is the one that runs on NDIF; the
-    notebooks were read (today none of them builds an nnsight model)."""
+    notebooks were read, and 09_nnsight's solution and exercise copies are among the snippets."""
     readme = [s for s in SNIPPETS if s.where.startswith("README.md")]
     assert readme, "no README snippet builds an nnsight model"
     assert any(s.says_ndif for s in readme), "no README snippet runs on NDIF (remote=True)"
     assert len(notebook_paths()) >= 10
+    assert {"solutions/09_nnsight.ipynb", "exercises/09_nnsight.ipynb"} <= {s.where for s in SNIPPETS}
     # The extraction itself: a block without the marker is not taken, one with it is.
     text = "```python\nimport patchwidgets as pw\n```\n\n```python\nm = pw.load_model('x', backend='nnsight')\n```\n"
     assert [s.where for s in readme_snippets(text, "x.md")] == ["x.md:5"]

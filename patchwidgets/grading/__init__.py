@@ -87,6 +87,13 @@ from .check_advanced import (  # noqa: F401  (the private ones are used by tests
     _library_path,
     _library_attribution,
 )
+from .check_nnsight import (  # noqa: F401  (nnsight itself is imported only when a check runs)
+    check_record_resid_pre,
+    check_patch_resid_pre,
+    check_resid_pre_sweep,
+    check_last_logits,
+    nnsight_model,
+)
 
 #: ``exercise name -> its check``, captured when this package is imported: the grader calls
 #: these objects, never whatever ``grading.check_...`` names at the time.
@@ -112,4 +119,7 @@ __all__ = [
     "check_path_patch_to_logits", "check_path_patch_to_queries", "check_circuit_edges", "reference_circuit_edges",
     # 08_attribution_patching
     "check_attribution_head_out", "check_attribution_resid_pre",
+    # 09_nnsight
+    "check_record_resid_pre", "check_patch_resid_pre", "check_resid_pre_sweep", "check_last_logits",
+    "nnsight_model",
 ]

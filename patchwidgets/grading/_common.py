@@ -29,6 +29,7 @@ EXERCISES: dict[str, list[str]] = {
     "06_corrupted_prompts": ["swap_names", "abc_corruption"],
     "07_path_patching": ["path_patch_to_logits", "path_patch_to_queries", "circuit_edges"],
     "08_attribution_patching": ["attribution_head_out", "attribution_resid_pre"],
+    "09_nnsight": ["record_resid_pre", "patch_resid_pre", "resid_pre_sweep", "last_logits"],
 }
 
 #: The IOI template the course's datasets use: all its prompts have the same number of tokens

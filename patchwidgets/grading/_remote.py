@@ -47,11 +47,14 @@ class LearnerError(Exception):
 
 class _RequestPickler(pickle.Pickler):
     def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, torch.nn.Module):
+        try:  # a model the grader named (an nnsight model is no torch Module, but is named too)
             ref = model_ref(obj)
-            if ref is None:
-                raise pickle.PicklingError(f"the grader cannot name this {type(obj).__name__} for the kernel")
+        except TypeError:  # not weak-referenceable: plain data
+            ref = None
+        if ref is not None:
             return ref
+        if isinstance(obj, torch.nn.Module):
+            raise pickle.PicklingError(f"the grader cannot name this {type(obj).__name__} for the kernel")
         return None
 
 

@@ -13,7 +13,8 @@ is trusted: the learner's code may have replaced any of it, and all that can cha
 answer the grader then judges.
 
 Models cannot travel by pickle (they hold hooks and closures) and need not: a request names
-them (``("bundled_model",)``, ``("gate_model", "and", 0.0)``), and the kernel builds its own.
+them (``("bundled_model",)``, ``("gate_model", "and", 0.0)``, ``("nnsight_model",)``), and the
+kernel builds its own.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def resolve_model(ref: tuple) -> Any:
             _MODELS[ref] = _common.bundled_model()
         elif ref[0] == "gate_model":
             _MODELS[ref] = check_gates.gate_model(*ref[1:])
+        elif ref[0] == "nnsight_model":
+            from . import check_nnsight
+
+            _MODELS[ref] = check_nnsight.nnsight_model()
         else:
             raise pickle.UnpicklingError(f"unknown model reference {ref!r}")
     return _MODELS[ref]
@@ -89,13 +94,20 @@ def _versions(args: list, kwargs: dict) -> dict:
     return seen
 
 
+def _reset_hooks() -> None:
+    """Remove hooks a learner's function left on the kernel's TransformerLens models (an nnsight
+    model keeps no hooks between traces)."""
+    for model in _MODELS.values():
+        if hasattr(model, "reset_hooks"):
+            model.reset_hooks()
+
+
 def _call(namespace: dict, request: dict, encoder: Encoder) -> dict:
     import torch
 
     fn = namespace.get(request["name"])
     args, kwargs = list(request["args"]), dict(request["kwargs"])
-    for model in _MODELS.values():
-        model.reset_hooks()
+    _reset_hooks()
     before = _versions(args, kwargs)
     try:
         with torch.set_grad_enabled(bool(request["grad"])):
@@ -105,8 +117,7 @@ def _call(namespace: dict, request: dict, encoder: Encoder) -> dict:
                 "where": where_raised(err, fn),
                 "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__)[-6:])}
     finally:
-        for model in _MODELS.values():
-            model.reset_hooks()
+        _reset_hooks()
     after = _versions(args, kwargs)
     changed = []
     for (where, key), stamp in after.items():
