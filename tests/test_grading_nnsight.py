@@ -3,7 +3,6 @@ naming the mistake where it is a common one. (The grader that runs them on a not
 nnsight model rebuilt in the learner's kernel, is tested in tests/test_grader.py.)"""
 
 import functools
-import re
 
 import pytest
 import torch
@@ -11,25 +10,9 @@ import torch
 pytest.importorskip("nnsight")
 
 from patchwidgets import grading  # noqa: E402
-from patchwidgets.grading import GradingError  # noqa: E402
 
 
-def passes(check, fn, capsys):
-    check(fn)
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(grading.PASS_MARK), lines
-
-
-def fails(check, fn, *patterns):
-    with pytest.raises(GradingError) as err:
-        check(fn)
-    for p in patterns:
-        assert re.search(p, str(err.value)), f"{p!r} not in:\n{err.value}"
-    return str(err.value)
-
-
-def stub(*args, **kwargs):
-    raise NotImplementedError()
+from grading_helpers import fails, passes, stub  # noqa: E402
 
 
 def n_layers(lm):
