@@ -255,8 +255,38 @@ def test_faithfulness(capsys, deep):
         check(stub)
 
 
+# ------------------------------------------------------------------------------- 6. minimality
+
+def minimal(model, items, circuit, v, K, from_model=False, forget_k=False, signed=False, divide=False, **ablation):
+    """A hand-written minimality; the keywords make the usual mistakes (``ablation`` goes to :func:`ablated`)."""
+    every = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    base = set(every) if from_model else set(circuit)
+    removed = set() if forget_k else set(K)
+
+    def f(kept):
+        return float(ablated(model, items, [h for h in every if h not in kept], **ablation).mean())
+
+    a, b = f(base - removed - {v}), f(base - removed)
+    if divide:
+        return a / b
+    return a - b if signed else abs(a - b)
+
+
+def test_minimality(capsys, deep):
+    check = grading.check_minimality
+    passes(check, minimal, capsys)
+    fails(check, functools.partial(minimal, from_model=True), "whole model instead of from the circuit")
+    fails(check, functools.partial(minimal, forget_k=True), "forget K")
+    fails(check, functools.partial(minimal, signed=True), "keep the sign")
+    fails(check, functools.partial(minimal, divide=True), "divide instead of subtracting")
+    fails(check, functools.partial(minimal, zero=True), "zero-ablate")
+    fails(check, functools.partial(minimal, per="everything"), "one mean over every prompt")
+    with pytest.raises(NotImplementedError):
+        check(stub)
+
+
 def test_the_checks_are_registered():
     assert grading.EXERCISES["10_ioi_circuit"] == ["direct_logit_attribution", "end_attention", "copy_scores",
-                                                    "mean_ablated_logit_diff", "faithfulness"]
+                                                    "mean_ablated_logit_diff", "faithfulness", "minimality"]
     for name in grading.EXERCISES["10_ioi_circuit"]:
         assert grading.CHECKS[name] is getattr(check_circuit, f"check_{name}")

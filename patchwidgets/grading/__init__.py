@@ -100,6 +100,7 @@ from .check_circuit import (  # noqa: F401  (toy-ioi-deep is loaded only when a 
     check_copy_scores,
     check_mean_ablated_logit_diff,
     check_faithfulness,
+    check_minimality,
     deep_model,
 )
 
@@ -132,5 +133,5 @@ __all__ = [
     "nnsight_model",
     # 10_ioi_circuit
     "check_direct_logit_attribution", "check_end_attention", "check_copy_scores",
-    "check_mean_ablated_logit_diff", "check_faithfulness", "deep_model",
+    "check_mean_ablated_logit_diff", "check_faithfulness", "check_minimality", "deep_model",
 ]

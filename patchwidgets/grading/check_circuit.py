@@ -385,3 +385,72 @@ def check_faithfulness(faithfulness: Callable) -> None:
         except GradingError as err:
             raise GradingError(f"{err}\n(with circuit={circuit})") from None
     report_pass(name, "matches patchwidgets.ioi_circuit.faithfulness")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 6: minimality
+# ---------------------------------------------------------------------------------------------
+
+#: (circuit, v, K) cases the minimality check asks about.
+MINIMALITY_CASES: list[tuple[list[Head], Head, list[Head]]] = [
+    (CHECK_CIRCUITS[0], (3, 2), [(3, 7)]),
+    (CHECK_CIRCUITS[0], (3, 6), []),
+    (CHECK_CIRCUITS[0], (0, 6), [(0, 1)]),
+]
+
+
+def variant_minimality(model: Any, items: Sequence[dict], circuit: Sequence[Head], v: Head, k: Sequence[Head], *,
+                       whole_model: bool = False, keep_k: bool = False, signed: bool = False, ratio: bool = False,
+                       **ablation: Any) -> float:
+    """|F(C \\ (K + v)) - F(C \\ K)| with switches for the usual mistakes: ``whole_model`` removes
+    from the model instead of the circuit, ``keep_k`` forgets to remove K, ``signed`` keeps the
+    sign, ``ratio`` divides instead of subtracting (``ablation`` goes to :func:`variant_ablated_ld`)."""
+    base = list(_every_head(model)) if whole_model else [tuple(h) for h in circuit]
+
+    def f(removed: Sequence[Head]) -> float:
+        kept = set(base) - set(map(tuple, removed))
+        outside = [h for h in _every_head(model) if h not in kept]
+        return float(variant_ablated_ld(model, items, outside, **ablation).mean())
+
+    k = [] if keep_k else list(k)
+    without_v, with_v = f(k + [tuple(v)]), f(k)
+    if ratio:
+        return without_v / with_v
+    return without_v - with_v if signed else abs(without_v - with_v)
+
+
+def check_minimality(minimality: Callable) -> None:
+    """``minimality(model, items, circuit, v, K) -> float``: |F(C \\ (K ∪ {v})) - F(C \\ K)|, where
+    F(H) is the mean logit difference with every head outside H mean-ablated (per-template ABC
+    mean), as Wang et al. score a head's place in the circuit."""
+    from .. import ioi_circuit
+
+    name = "minimality"
+    model, items = deep_model(), circuit_items()
+    means = ioi_circuit.abc_means(model, items)
+
+    def F(kept: set) -> float:
+        outside = [h for h in _every_head(model) if h not in kept]
+        return float(ioi_circuit.logit_diff(model, items, outside, means).mean())
+
+    for circuit, v, k in MINIMALITY_CASES:
+        c_minus_k = set(circuit) - set(k)
+        expected = torch.tensor(abs(F(c_minus_k - {v}) - F(c_minus_k)))
+        got = to_tensor(name, _call(name, minimality, model, [dict(it) for it in items], list(circuit), v,
+                                    list(k))).reshape(())
+        alt = functools.partial(_later, variant_minimality, model, items, circuit, v, k)
+        try:
+            compare(name, got, expected, (), alternatives=[
+                ("remove K and v from the whole model instead of from the circuit: minimality asks whether v "
+                 "matters *to the circuit*, F(C \\ (K ∪ {v})) against F(C \\ K)", alt(whole_model=True)),
+                ("forget K: remove K from both sides (F(C \\ K) and F(C \\ (K ∪ {v}))); K is there so that "
+                 "a partner that does v's job does not hide it", alt(keep_k=True)),
+                ("keep the sign: Wang et al. score the size of the change, |F(C \\ (K ∪ {v})) - F(C \\ K)|",
+                 alt(signed=True)),
+                ("divide instead of subtracting: the score is a difference of logit differences", alt(ratio=True)),
+                ("zero-ablate instead of mean-ablating", alt(zero=True)),
+                ("take one mean over every prompt instead of one per template", alt(grouping="all")),
+            ], atol=2e-3, rtol=1e-3)
+        except GradingError as err:
+            raise GradingError(f"{err}\n(with v={v}, K={k})") from None
+    report_pass(name, "matches |F(C \\ (K + v)) - F(C \\ K)| from patchwidgets.ioi_circuit.logit_diff")
