@@ -220,9 +220,12 @@ def direct_logit_attribution(model: Any, items: Sequence[dict], ablate: Iterable
                              means: torch.Tensor | None = None) -> torch.Tensor:
     """Each head's direct contribution to the logit difference at END, ``[layer, head]``.
 
-    The head's output at END, through the final LayerNorm's scale of that run (frozen), on
-    ``W_U[IO] - W_U[S]``. ``ablate`` heads are replaced by their ABC mean (``means`` from
-    :func:`abc_means`) first, so the other heads' values show who takes over.
+    The head's output at END, through the final LayerNorm of that run with its scale frozen
+    (centred, divided by the scale, times the LayerNorm's weight), on ``W_U[IO] - W_U[S]``. The
+    same for every other component (embeddings, each MLP, the attention biases) plus the
+    LayerNorm's bias and ``b_U`` on that direction sums to the logit difference exactly.
+    ``ablate`` heads are replaced by their ABC mean (``means`` from :func:`abc_means`) first,
+    so the other heads' values show who takes over.
     """
     r = roles(model, items)
     ablate = list(ablate)
@@ -236,6 +239,9 @@ def direct_logit_attribution(model: Any, items: Sequence[dict], ablate: Iterable
     rows = torch.arange(r.n)
     scale = cache["ln_final.hook_scale"][rows, r.end]  # [n, 1]
     direction = (model.W_U[:, r.io_id] - model.W_U[:, r.s_id]).T  # [n, d_model]
+    weight = getattr(model.ln_final, "w", None)  # absent where the weight is folded into W_U
+    if weight is not None:
+        direction = direction * weight
     out = []
     for layer, name in enumerate(z_names):
         z = cache[name][rows, r.end]  # [n, head, d_head]

@@ -395,6 +395,13 @@ def test_nnsight_solution_notebook_grades_all_passed(capsys):
     assert "Score: 4/4 passed" in capsys.readouterr().out
 
 
+def test_circuit_solution_notebook_grades_all_passed(capsys):
+    """10_ioi_circuit's checks hand the learner's functions toy-ioi-deep (and Roles, prompt dicts):
+    the grader names the model and the learner's kernel builds its own (``("deep_model",)``)."""
+    assert cli.main(["grade", str(ROOT / "solutions" / "10_ioi_circuit.ipynb")]) == 0
+    assert "Score: 6/6 passed" in capsys.readouterr().out
+
+
 def test_solution_notebook_grades_all_passed(capsys):
     assert cli.main(["grade", str(ROOT / "solutions" / "03_residual_stream.ipynb")]) == 0
     out = capsys.readouterr().out

@@ -2,10 +2,10 @@
 
 Every exercise in ``exercises/*.ipynb`` is a function stub; the cell after it calls one of the
 ``check_*`` functions below with the learner's function. A check runs that function on the
-bundled ``toy-ioi`` model (whatever model the notebook itself uses), with its own four-prompt
-batch, cache and metric (copies, so a wrong answer cannot change what the next check sees),
-and compares what comes back with the library's own answer (:func:`patchwidgets.patch` or
-:mod:`patchwidgets.metrics`):
+bundled ``toy-ioi`` model (whatever model the notebook itself uses; 10_ioi_circuit's checks use
+``toy-ioi-deep``), with its own four-prompt batch, cache and metric (copies, so a wrong answer
+cannot change what the next check sees), and compares what comes back with the library's own
+answer (:func:`patchwidgets.patch`, :mod:`patchwidgets.metrics`, :mod:`patchwidgets.ioi_circuit`):
 
 * on success it prints exactly one line, ``✅ <exercise>: passed (...)``;
 * on a wrong answer it raises :class:`GradingError` (an ``AssertionError``) that says what was
@@ -94,6 +94,15 @@ from .check_nnsight import (  # noqa: F401  (nnsight itself is imported only whe
     check_last_logits,
     nnsight_model,
 )
+from .check_circuit import (  # noqa: F401  (toy-ioi-deep is loaded only when a check runs)
+    check_direct_logit_attribution,
+    check_end_attention,
+    check_copy_scores,
+    check_mean_ablated_logit_diff,
+    check_faithfulness,
+    check_minimality,
+    deep_model,
+)
 
 #: ``exercise name -> its check``, captured when this package is imported: the grader calls
 #: these objects, never whatever ``grading.check_...`` names at the time.
@@ -122,4 +131,7 @@ __all__ = [
     # 09_nnsight
     "check_record_resid_pre", "check_patch_resid_pre", "check_resid_pre_sweep", "check_last_logits",
     "nnsight_model",
+    # 10_ioi_circuit
+    "check_direct_logit_attribution", "check_end_attention", "check_copy_scores",
+    "check_mean_ablated_logit_diff", "check_faithfulness", "check_minimality", "deep_model",
 ]

@@ -13,8 +13,8 @@ is trusted: the learner's code may have replaced any of it, and all that can cha
 answer the grader then judges.
 
 Models cannot travel by pickle (they hold hooks and closures) and need not: a request names
-them (``("bundled_model",)``, ``("gate_model", "and", 0.0)``, ``("nnsight_model",)``), and the
-kernel builds its own.
+them (``("bundled_model",)``, ``("gate_model", "and", 0.0)``, ``("nnsight_model",)``,
+``("deep_model",)``), and the kernel builds its own.
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ def resolve_model(ref: tuple) -> Any:
             from . import check_nnsight
 
             _MODELS[ref] = check_nnsight.nnsight_model()
+        elif ref[0] == "deep_model":
+            from . import check_circuit
+
+            _MODELS[ref] = check_circuit.deep_model()
         else:
             raise pickle.UnpicklingError(f"unknown model reference {ref!r}")
     return _MODELS[ref]
