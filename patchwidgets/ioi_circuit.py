@@ -239,9 +239,11 @@ def direct_logit_attribution(model: Any, items: Sequence[dict], ablate: Iterable
     rows = torch.arange(r.n)
     scale = cache["ln_final.hook_scale"][rows, r.end]  # [n, 1]
     direction = (model.W_U[:, r.io_id] - model.W_U[:, r.s_id]).T  # [n, d_model]
-    weight = getattr(model.ln_final, "w", None)  # absent where the weight is folded into W_U
-    if weight is not None:
-        direction = direction * weight
+    # The LayerNorm's weight multiplies every component on its way to W_U. Only a model whose
+    # weight was folded into W_U ("LNPre") has none; any other model without one is an error,
+    # not a reason to leave the weight out silently.
+    if model.cfg.normalization_type != "LNPre":
+        direction = direction * model.ln_final.w
     out = []
     for layer, name in enumerate(z_names):
         z = cache[name][rows, r.end]  # [n, head, d_head]
