@@ -100,6 +100,12 @@ _SLOTS: dict[str, Sequence[str]] = {
 
 #: Share of each kind of document in the corpus.
 MIX = {"ioi": 0.45, "copy": 0.20, "list": 0.12, "filler": 0.15, "fact": 0.08}
+
+#: Asides that name a third person right after S2 ("Eric, who had seen Henry, handed a flower
+#: to"), so that the last name before the answer is not S and "push down the last name read"
+#: stops answering. Off (share 0) in the shipped model; attempts 4 and 5 of its model card used
+#: a share of 0.4 (``training_documents(..., aside=0.4)``).
+ASIDES = (", who had seen {NAME},", ", tired after talking to {NAME},", ", after a call from {NAME},")
 #: Share of IOI documents that end with the subject (calibration).
 SUBJECT_ENDING = 0.05
 #: Probability of one or two unrelated sentences before an IOI document.
@@ -142,7 +148,7 @@ def _filler(rng: random.Random, names: Sequence[str] = ()) -> str:
     return _fill(template, rng, fixed)
 
 
-def _ioi_document(rng: random.Random, heldout: set[frozenset[str]]) -> str:
+def _ioi_document(rng: random.Random, heldout: set[frozenset[str]], aside: float = 0.0) -> str:
     io, s = _training_pair(rng, heldout)
     a, b = (io, s) if rng.random() < 0.5 else (s, io)
     if rng.random() < 0.6:
@@ -155,6 +161,14 @@ def _ioi_document(rng: random.Random, heldout: set[frozenset[str]]) -> str:
         gap = " " + _filler(rng, [distractors[1]])
     answer = s if rng.random() < SUBJECT_ENDING else io
     text = _fill(template, rng, {"A": a, "B": b, "S": s, "IO": answer, "GAP": gap})
+    if aside:
+        if rng.random() < aside:
+            head, tail = text.rsplit(" " + s + " ", 1)  # after the last " S ": S2
+            text = f"{head} {s}{rng.choice(ASIDES).format(NAME=distractors[1])} {tail}"
+        else:
+            # The attempts' recipe drew once more here (for a change that turned out to be a
+            # no-op); the draw is kept so that their corpus rebuilds exactly.
+            rng.random()
     prefix = [_filler(rng, [distractors[0], distractors[1]])
               for _ in range(rng.choice([1, 1, 2]))] if rng.random() < PREFIX_PROBABILITY else []
     return " ".join(prefix + [text])
@@ -171,11 +185,12 @@ def _list_document(rng: random.Random) -> str:
     return f"They said{listed}. Then they said{listed}."
 
 
-def document(rng: random.Random, heldout: set[frozenset[str]], facts: Sequence[str]) -> str:
-    """One training document, its kind drawn from :data:`MIX`."""
+def document(rng: random.Random, heldout: set[frozenset[str]], facts: Sequence[str],
+             aside: float = 0.0) -> str:
+    """One training document, its kind drawn from :data:`MIX` (``aside``: see :data:`ASIDES`)."""
     u = rng.random()
     if u < MIX["ioi"]:
-        return _ioi_document(rng, heldout)
+        return _ioi_document(rng, heldout, aside)
     u -= MIX["ioi"]
     if u < MIX["copy"]:
         return _copy_document(rng)
@@ -188,22 +203,26 @@ def document(rng: random.Random, heldout: set[frozenset[str]], facts: Sequence[s
     return rng.choice(facts)
 
 
-def training_documents(n: int, seed: int = 0) -> list[str]:
-    """``n`` training documents (reproducible from ``seed``)."""
+def training_documents(n: int, seed: int = 0, aside: float = 0.0) -> list[str]:
+    """``n`` training documents (reproducible from ``seed``); ``aside``: the share of IOI
+    documents with a third name after S2 (:data:`ASIDES`)."""
     rng = random.Random(f"deep-corpus-{seed}")
     heldout = datasets.heldout_name_pairs()
     facts = datasets.fact_sentences("train")
-    return [document(rng, heldout, facts) for _ in range(n)]
+    return [document(rng, heldout, facts, aside) for _ in range(n)]
 
 
-def coverage_sentences() -> list[str]:
-    """Every word form of the deep corpus (the toy corpus's included)."""
+def coverage_sentences(asides: bool = False) -> list[str]:
+    """Every word form of the deep corpus (the toy corpus's included; ``asides``: and of
+    :data:`ASIDES`, whose words are in no other sentence)."""
     out = list(datasets.coverage_sentences())
     choices = {**_SLOTS, "A": NAMES, "B": NAMES, "S": NAMES, "IO": NAMES, "X": NAMES, "Y": NAMES,
                "GAP": [""]}
     for template in DEEP_IOI_TEMPLATES + COPY_TEMPLATES:
         out.extend(datasets.coverage_for(template, choices))
     out.append("They said" + "".join(" " + word for word in LIST_WORDS) + ". Then they said.")
+    if asides:
+        out.extend(f"Tom{aside.format(NAME=name)} gave" for name in NAMES for aside in ASIDES)
     # Documents are joined by spaces, so every sentence also starts after one.
     out.extend([" " + sentence for sentence in out])
     return list(dict.fromkeys(out))

@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--head-dropout", type=float, default=0.1)
     parser.add_argument("--resid-dropout", type=float, default=0.05)
+    parser.add_argument("--aside", type=float, default=0.0,
+                        help="share of IOI documents with a third name after S2 (deep_world.ASIDES; "
+                             "0 for the shipped model, 0.4 in the card's attempts 4 and 5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-prompts", type=int, default=2000)
@@ -123,10 +126,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     start = time.time()
 
-    tokenizer = build_tokenizer(deep_world.coverage_sentences(), model_max_length=args.context)
+    tokenizer = build_tokenizer(deep_world.coverage_sentences(asides=args.aside > 0),
+                                model_max_length=args.context)
     # About 6 documents fit a 128-token row; generate with a margin and pack once.
     documents = deep_world.training_documents(
-        int(args.steps * args.rows * args.context / 18), seed=args.seed)
+        int(args.steps * args.rows * args.context / 18), seed=args.seed, aside=args.aside)
     all_ids, all_labels = pack(tokenizer, documents, args.context)
     if len(all_ids) < args.steps * args.rows:
         raise SystemExit(f"corpus too small: {len(all_ids)} rows for {args.steps * args.rows}")
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["training"] = {
         "steps": args.steps, "rows": args.rows, "context": args.context, "lr": args.lr,
         "layers": args.layers, "heads": args.heads, "d_model": args.d_model,
-        "head_dropout": args.head_dropout, "resid_dropout": args.resid_dropout,
+        "head_dropout": args.head_dropout, "resid_dropout": args.resid_dropout, "aside": args.aside,
         "seed": args.seed, "threads": args.threads, "parameters": n_params,
         "vocab_size": len(tokenizer), "seconds": round(train_seconds, 1),
         "final_loss": loss.item(),

@@ -186,3 +186,46 @@ def test_training_script_smoke(tmp_path):
     assert results["training"]["parameters"] == 4_877_312
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["n_positions"] == 128 and config["dtype"] == "float16"
+
+
+# ------------------------------------------------------------------ the corpus and its asides
+#: sha256 of the shipped model's first 3,000 documents and of its coverage sentences, as the
+#: code that trained it (commit 6dc8813) produces them: an option added to the corpus must not
+#: change the recipe of the checkpoint in the package.
+SHIPPED_CORPUS = "30defa5d7b5769d15635fd234b339b855d5d8771879b7f41de5114792e41f54a"
+SHIPPED_COVERAGE = "50cb8da40c4a504d470c27f3b7ab71dff453e1648b3cbb39773f4877d562f426"
+
+
+def _sha(lines):
+    import hashlib
+
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def test_shipped_corpus_is_unchanged():
+    from patchwidgets import deep_world
+
+    assert _sha(deep_world.training_documents(3000, seed=0)) == SHIPPED_CORPUS
+    assert _sha(deep_world.coverage_sentences()) == SHIPPED_COVERAGE
+
+
+def test_asides_name_a_third_person_after_s2():
+    """``aside=0.4`` (the card's attempts 4 and 5): about 0.4 of the IOI documents (0.45 of all)
+    get an aside right after S2, naming someone who is not S; S2 repeats a name said before."""
+    import re
+
+    from patchwidgets import deep_world
+
+    openings = [aside.split("{NAME}")[0] for aside in deep_world.ASIDES]
+    docs = deep_world.training_documents(3000, seed=0, aside=0.4)
+    with_aside = [doc for doc in docs if any(o in doc for o in openings)]
+    assert 0.14 < len(with_aside) / len(docs) < 0.22  # 0.45 x 0.4 = 0.18
+    for doc in with_aside:
+        s2, third = re.search(r" (\w+)(?:, who had seen|, tired after talking to|, after a call from) (\w+),",
+                              doc).groups()
+        assert s2 != third and s2 in NAMES_SET and third in NAMES_SET
+        assert len(re.findall(rf"\b{s2}\b", doc)) >= 2, doc  # S was said before S2
+    assert not any(o in doc for doc in deep_world.training_documents(3000, seed=0) for o in openings)
+
+
+NAMES_SET = set(datasets.NAMES)
