@@ -44,7 +44,7 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from patchwidgets import deep_world  # noqa: E402
 from patchwidgets.tokenizer import build_tokenizer  # noqa: E402
-from train_toy_models import evaluate, learning_rate, save  # noqa: E402
+from train_toy_models import evaluate, save, train  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "patchwidgets" / "models" / "toy-ioi-deep"
 
@@ -142,24 +142,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01,
                                   betas=(0.9, 0.98))
-    model.train()
-    running = 0.0
-    for step in range(args.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr)
+
+    def batch_at(step: int) -> dict:
         rows = slice(step * args.rows, (step + 1) * args.rows)
-        loss = model(input_ids=all_ids[rows], labels=all_labels[rows]).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        running += loss.item()
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-            count = (step % args.log_every) + 1
-            print(f"step {step + 1:5d}  loss {running / count:.4f}  "
-                  f"lr {optimizer.param_groups[0]['lr']:.2e}  "
-                  f"{time.time() - start:6.1f}s", flush=True)
-            running = 0.0
+        return {"input_ids": all_ids[rows], "labels": all_labels[rows]}
+
+    final_loss = train(model, optimizer, batch_at, args.steps, args.lr, args.log_every, start)
     train_seconds = time.time() - start
 
     model.eval()
@@ -172,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         "head_dropout": args.head_dropout, "resid_dropout": args.resid_dropout, "aside": args.aside,
         "seed": args.seed, "threads": args.threads, "parameters": n_params,
         "vocab_size": len(tokenizer), "seconds": round(train_seconds, 1),
-        "final_loss": loss.item(),
+        "final_loss": final_loss,
     }
     print(json.dumps({k: v for k, v in results.items() if k != "reference_prompts"}, indent=1),
           flush=True)

@@ -33,6 +33,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -169,6 +170,35 @@ def save(model, tokenizer, results: dict, out: Path) -> None:
             path.chmod(0o644)
 
 
+def train(model, optimizer, batch_at: Callable[[int], dict], steps: int, peak_lr: float, log_every: int,
+          start: float) -> float:
+    """The training loop both bundled models use; returns the last step's loss.
+
+    ``batch_at(step)`` gives the model's keyword arguments for that step (``input_ids``,
+    ``labels`` and what else the model needs). Learning rate from :func:`learning_rate`,
+    gradients clipped to norm 1, the mean loss printed every ``log_every`` steps with the time
+    since ``start``.
+    """
+    model.train()
+    running = 0.0
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, peak_lr)
+        loss = model(**batch_at(step)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        running += loss.item()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            count = (step % log_every) + 1
+            print(f"step {step + 1:5d}  loss {running / count:.4f}  "
+                  f"lr {optimizer.param_groups[0]['lr']:.2e}  "
+                  f"{time.time() - start:6.1f}s", flush=True)
+            running = 0.0
+    return loss.item()
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -183,26 +213,12 @@ def main(argv: list[str] | None = None) -> dict:
           f"{len(corpus):,} training sentences, {args.steps} steps", flush=True)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    model.train()
-    running = 0.0
-    for step in range(args.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr)
-        batch = corpus[step * args.batch_size : (step + 1) * args.batch_size]
-        input_ids, labels = encode_batch(tokenizer, batch)
-        loss = model(input_ids=input_ids, attention_mask=(labels != -100).long(),
-                     labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        running += loss.item()
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-            count = (step % args.log_every) + 1
-            print(f"step {step + 1:5d}  loss {running / count:.4f}  "
-                  f"lr {optimizer.param_groups[0]['lr']:.2e}  "
-                  f"{time.time() - start:6.1f}s", flush=True)
-            running = 0.0
+
+    def batch_at(step: int) -> dict:
+        input_ids, labels = encode_batch(tokenizer, corpus[step * args.batch_size : (step + 1) * args.batch_size])
+        return {"input_ids": input_ids, "attention_mask": (labels != -100).long(), "labels": labels}
+
+    final_loss = train(model, optimizer, batch_at, args.steps, args.lr, args.log_every, start)
     train_seconds = time.time() - start
 
     results = evaluate(model, tokenizer, args.eval_prompts)
@@ -210,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
         "seed": args.seed, "threads": args.threads, "parameters": n_params,
         "vocab_size": len(tokenizer), "seconds": round(train_seconds, 1),
-        "final_loss": loss.item(),
+        "final_loss": final_loss,
     }
     print(json.dumps(results, indent=2), flush=True)
 
