@@ -37,7 +37,7 @@ import torch
 from .path_patching import path_patch
 
 __all__ = ["Roles", "roles", "attention", "direct_effects", "path_effects", "copy_scores",
-           "direct_logit_attribution", "direct_effects_ablated", "abc_means", "faithfulness",
+           "direct_logit_attribution", "direct_effects_ablated", "abc_means", "ablation_hooks", "faithfulness",
            "IOICircuit", "find_circuit"]
 
 Head = tuple[int, int]
@@ -196,7 +196,10 @@ def abc_means(model: Any, items: Sequence[dict]) -> torch.Tensor:
     return means
 
 
-def _ablation_hooks(model: Any, heads: Iterable[Head], means: torch.Tensor | None) -> list:
+def ablation_hooks(model: Any, heads: Iterable[Head], means: torch.Tensor | None) -> list:
+    """``(hook name, hook)`` pairs that replace each of ``heads``' output (``hook_z``, every
+    position) by ``means[:, :pos, layer, head]`` (``[n, pos, layer, head, d_head]``, e.g. from
+    :func:`abc_means`), for ``model.hooks(fwd_hooks=...)``."""
     heads = list(heads)
     if not heads:
         return []
@@ -232,7 +235,7 @@ def direct_logit_attribution(model: Any, items: Sequence[dict], ablate: Iterable
     if ablate and means is None:
         means = abc_means(model, items)
     z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
-    hooks = _ablation_hooks(model, ablate, means)
+    hooks = ablation_hooks(model, ablate, means)
     with model.hooks(fwd_hooks=hooks):
         _, cache = model.run_with_cache(
             r.tokens, names_filter=lambda name: name in z_names or name == "ln_final.hook_scale")
@@ -261,7 +264,7 @@ def logit_diff(model: Any, items: Sequence[dict], ablate: Iterable[Head] = (),
     ablate = list(ablate)
     if ablate and means is None:
         means = abc_means(model, items)
-    hooks = _ablation_hooks(model, ablate, means)
+    hooks = ablation_hooks(model, ablate, means)
     with model.hooks(fwd_hooks=hooks):
         logits = model(r.tokens)
     rows = torch.arange(r.n)
@@ -285,7 +288,7 @@ def direct_effects_ablated(model: Any, items: Sequence[dict], ablate: Iterable[H
         means = abc_means(model, items)
     clean_r, abc_r = roles(model, items), roles(model, items, "abc")
     names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
-    hooks = _ablation_hooks(model, ablate, means)
+    hooks = ablation_hooks(model, ablate, means)
     with model.hooks(fwd_hooks=hooks):
         _, clean_cache = model.run_with_cache(clean_r.tokens, names_filter=lambda n: n in names)
         _, abc_cache = model.run_with_cache(abc_r.tokens, names_filter=lambda n: n in names)

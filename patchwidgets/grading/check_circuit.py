@@ -278,18 +278,7 @@ def variant_ablated_ld(model: Any, items: Sequence[dict], heads: Sequence[Head],
     if over_positions:
         w = real.float()[:, :, None, None, None]
         means = ((means * w).sum(1, keepdim=True) / w.sum(1, keepdim=True)).expand_as(means)
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in heads:
-        by_layer.setdefault(layer, []).append(head)
-
-    def hook_for(layer: int, chosen: list[int]) -> Callable:
-        def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
-            act = act.clone()
-            act[:, :, chosen] = means[:, : act.shape[1], layer, chosen]
-            return act
-        return hook
-
-    hooks = [(names[layer], hook_for(layer, chosen)) for layer, chosen in by_layer.items()]
+    hooks = ioi_circuit.ablation_hooks(model, heads, means)
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         logits = model(r.tokens)
     rows = torch.arange(r.n)
