@@ -94,6 +94,8 @@ def test_dla_decomposes_the_logit_difference(deep):
     total = sum(through_ln(v) for v in parts) + head_part + bias
     assert torch.allclose(total, logit_diff, atol=1e-3), (total, logit_diff)
     library = ic.direct_logit_attribution(model, items)
+    by_head = torch.stack([through_ln(v).mean() for v in heads]).reshape(model.cfg.n_layers, model.cfg.n_heads)
+    assert torch.allclose(library, by_head.float(), atol=1e-4), (library - by_head).abs().max()
     assert abs(float(library.sum()) - float(head_part.mean())) < 1e-3
 
 
