@@ -30,6 +30,7 @@ is missing. CI installs all three, so it runs there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -41,7 +42,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -222,6 +223,25 @@ def open_widget(page, lab: JupyterLab, timeout_ms: int = 120_000) -> None:
     run_first_cell(page, LAB_KERNEL_IDLE, timeout_ms)
 
 
+@contextlib.contextmanager
+def widget_page(playwright, cells: list[str], notebook: str = "widget_e2e.ipynb", height: int = 1400,
+                before_open: Callable[[Any], None] | None = None) -> Iterator[Any]:
+    """A notebook of ``cells`` served by JupyterLab, open in headless Chromium with its first
+    cell run and the widget drawn: the page (``page.lab`` is the server). ``before_open`` is
+    called on the page before anything loads (dialog handlers)."""
+    with JupyterLab(cells, notebook=notebook) as lab:
+        browser = launch_browser(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": height})
+            page.lab = lab
+            if before_open is not None:
+                before_open(page)
+            open_widget(page, lab)
+            yield page
+        finally:
+            browser.close()
+
+
 def run_first_cell(page, kernel_idle: tuple[str, ...], timeout_ms: int = 120_000) -> None:
     """In an open notebook (JupyterLab or Notebook 7: the same cell components), wait for the
     kernel (each selector of ``kernel_idle`` in turn), run the first cell and wait until the
@@ -312,16 +332,14 @@ def playwright_session():
 @pytest.fixture(scope="module")
 def page(playwright_session):
     dialogs: list[str] = []
-    with JupyterLab([WIDGET_CELL, SLOW_CELL, FAST_CELL]) as lab:
-        browser = launch_browser(playwright_session)
-        try:
-            pg = browser.new_page(viewport={"width": 1400, "height": 1600})
-            pg.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-            pg.dialogs, pg.lab = dialogs, lab
-            open_widget(pg, lab)
-            yield pg
-        finally:
-            browser.close()
+
+    def record_dialogs(pg) -> None:
+        pg.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        pg.dialogs = dialogs
+
+    with widget_page(playwright_session, [WIDGET_CELL, SLOW_CELL, FAST_CELL], height=1600,
+                     before_open=record_dialogs) as pg:
+        yield pg
 
 
 def test_run_fills_heatmap_with_ioi_pattern(page):
@@ -750,15 +768,8 @@ GPT2_CELL = gpt2_shaped_cell(site="head_out_by_pos")
 
 @pytest.fixture(scope="module")
 def gpt2_page(playwright_session):
-    with JupyterLab([GPT2_CELL], notebook="widget_gpt2.ipynb") as lab:
-        browser = launch_browser(playwright_session)
-        try:
-            pg = browser.new_page(viewport={"width": 1400, "height": 1400})
-            pg.lab = lab
-            open_widget(pg, lab)
-            yield pg
-        finally:
-            browser.close()
+    with widget_page(playwright_session, [GPT2_CELL], notebook="widget_gpt2.ipynb") as pg:
+        yield pg
 
 
 def test_gpt2_size_heads_by_position_readable(gpt2_page):
@@ -1005,15 +1016,8 @@ w"""
 
 @pytest.fixture(scope="module")
 def deep_page(playwright_session):
-    with JupyterLab([DEEP_CELL], notebook="widget_deep.ipynb") as lab:
-        browser = launch_browser(playwright_session)
-        try:
-            pg = browser.new_page(viewport={"width": 1400, "height": 1400})
-            pg.lab = lab
-            open_widget(pg, lab)
-            yield pg
-        finally:
-            browser.close()
+    with widget_page(playwright_session, [DEEP_CELL], notebook="widget_deep.ipynb") as pg:
+        yield pg
 
 
 def test_toy_ioi_deep_copy_heads_in_the_path_view(deep_page):

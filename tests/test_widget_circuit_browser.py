@@ -24,8 +24,8 @@ import subprocess
 import sys
 
 import pytest
-from test_widget_browser import (ARTIFACTS, REPO, WIDGET_CELL, JupyterLab, gpt2_shaped_cell,  # noqa: F401
-                                 launch_browser, missing_requirement, open_widget, playwright_session)
+from test_widget_browser import (ARTIFACTS, REPO, WIDGET_CELL, gpt2_shaped_cell, widget_page,  # noqa: F401
+                                 launch_browser, missing_requirement, playwright_session)
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(missing_requirement() is not None, reason=str(missing_requirement()))]
@@ -35,14 +35,8 @@ METRIC = "normalized"  # the widget's default metric
 
 @pytest.fixture(scope="module")
 def page(playwright_session):  # noqa: F811
-    with JupyterLab([WIDGET_CELL], notebook="circuit_e2e.ipynb") as lab:
-        browser = launch_browser(playwright_session)
-        try:
-            pg = browser.new_page(viewport={"width": 1400, "height": 1800})
-            open_widget(pg, lab)
-            yield pg
-        finally:
-            browser.close()
+    with widget_page(playwright_session, [WIDGET_CELL], notebook="circuit_e2e.ipynb", height=1800) as pg:
+        yield pg
 
 
 @pytest.fixture(scope="module")
@@ -286,35 +280,29 @@ def test_exported_notebook_shows_the_circuit_offline(tmp_path, playwright_sessio
 
 def test_gpt2_size_circuit_is_readable(playwright_session):  # noqa: F811
     cell = gpt2_shaped_cell(site="circuit", circuit_method="eap")
-    with JupyterLab([cell], notebook="circuit_gpt2.ipynb") as lab:
-        browser = launch_browser(playwright_session)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1800})
-            open_widget(page, lab)
-            run_circuit(page)
-            assert "32491 edges" in page.inner_text(".pw-circuit-panel .pw-caption")
-            assert len(drawn_edges(page)) == 20 and page.locator(".pw-root g.pw-node").count() == 1 + 12 * 13 + 1
-            boxes = page.eval_on_selector_all(".pw-root g.pw-node rect", """els => els.map(e => {
-                const b = e.getBoundingClientRect(); return [b.left, b.top, b.right, b.bottom]; })""")
-            for i, a in enumerate(boxes):
-                assert a[2] - a[0] >= 30 and a[3] - a[1] >= 12, "nodes big enough to read their labels"
-                for b in boxes[i + 1:]:
-                    assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], "nodes overlap"
-            assert page.locator(".pw-root text.pw-node-label").count() == len(boxes), "every node labelled"
-            wait_faithfulness(page)
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.locator(".pw-circuit-panel").screenshot(path=str(ARTIFACTS / "23-circuit-gpt2-size.png"))
-            slider = page.locator("input[data-control='circuit_k']")
-            slider.focus()
-            page.keyboard.press("End")  # every edge: the 1000 strongest are drawn, and the faithfulness is 1
-            k, value = wait_faithfulness(page)
-            assert k == 32491 and value == pytest.approx(1.0, abs=1e-4)
-            assert int(root_data(page, "circuit-drawn")) == 1000
-            assert "the 1000 strongest drawn" in page.inner_text(".pw-k-readout")
-            page.keyboard.press("Home")
-            for _ in range(21):  # stops 1..10, 12, 15, 20, 25, 30, 40, 50, 60, 80, 100, 120, 150: the 22nd
-                page.keyboard.press("ArrowRight")
-            k, _ = wait_faithfulness(page)
-            assert k == 150 and int(root_data(page, "circuit-drawn")) == 150
-        finally:
-            browser.close()
+    with widget_page(playwright_session, [cell], notebook="circuit_gpt2.ipynb", height=1800) as page:
+        run_circuit(page)
+        assert "32491 edges" in page.inner_text(".pw-circuit-panel .pw-caption")
+        assert len(drawn_edges(page)) == 20 and page.locator(".pw-root g.pw-node").count() == 1 + 12 * 13 + 1
+        boxes = page.eval_on_selector_all(".pw-root g.pw-node rect", """els => els.map(e => {
+            const b = e.getBoundingClientRect(); return [b.left, b.top, b.right, b.bottom]; })""")
+        for i, a in enumerate(boxes):
+            assert a[2] - a[0] >= 30 and a[3] - a[1] >= 12, "nodes big enough to read their labels"
+            for b in boxes[i + 1:]:
+                assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], "nodes overlap"
+        assert page.locator(".pw-root text.pw-node-label").count() == len(boxes), "every node labelled"
+        wait_faithfulness(page)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.locator(".pw-circuit-panel").screenshot(path=str(ARTIFACTS / "23-circuit-gpt2-size.png"))
+        slider = page.locator("input[data-control='circuit_k']")
+        slider.focus()
+        page.keyboard.press("End")  # every edge: the 1000 strongest are drawn, and the faithfulness is 1
+        k, value = wait_faithfulness(page)
+        assert k == 32491 and value == pytest.approx(1.0, abs=1e-4)
+        assert int(root_data(page, "circuit-drawn")) == 1000
+        assert "the 1000 strongest drawn" in page.inner_text(".pw-k-readout")
+        page.keyboard.press("Home")
+        for _ in range(21):  # stops 1..10, 12, 15, 20, 25, 30, 40, 50, 60, 80, 100, 120, 150: the 22nd
+            page.keyboard.press("ArrowRight")
+        k, _ = wait_faithfulness(page)
+        assert k == 150 and int(root_data(page, "circuit-drawn")) == 150

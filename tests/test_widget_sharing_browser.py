@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from test_widget_browser import (CLEAN, CORRUPTED, JupyterLab, cpu_load, launch_browser,  # noqa: F401
-                                 playwright_session,
-                                 missing_requirement, open_widget)
+from test_widget_browser import (CLEAN, CORRUPTED, cpu_load, missing_requirement,  # noqa: F401
+                                 playwright_session, widget_page)
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(missing_requirement() is not None, reason=str(missing_requirement()))]
@@ -53,30 +52,24 @@ def test_two_widgets_run_at_once_match_patch_alone(playwright_session, cpu_load)
         0: pw.patch(model, CLEAN, CORRUPTED, answers, site="head_out_by_pos").grid("normalized"),  # [layer, pos, head]
         1: pw.patch(model, CLEAN, CORRUPTED, answers, site="resid_pre").grid("normalized"),        # [layer, pos]
     }
-    with JupyterLab([TWO_WIDGETS_CELL], notebook="two_widgets.ipynb") as lab:
-        browser = launch_browser(playwright_session)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 2400})
-            open_widget(page, lab)
-            page.wait_for_function("() => document.querySelectorAll('.pw-root[data-status]').length === 2",
-                                   timeout=60_000)
-            for round_ in range(ROUNDS):
-                before = [int(s["run"] or -1) for s in _roots_state(page)]
-                buttons = page.locator("button[data-action='run']")
-                # Both at once: one script clicks both buttons in the same task.
-                buttons.first.evaluate("""() => document.querySelectorAll("button[data-action='run']")
-                                                 .forEach(b => b.click())""")
-                page.wait_for_function(
-                    """(before) => [...document.querySelectorAll('.pw-root')].every((r, i) =>
-                        r.dataset.requestedRun !== undefined && r.dataset.runId === r.dataset.requestedRun
-                        && r.dataset.runState === 'done' && r.dataset.complete === 'true'
-                        && Number(r.dataset.runId) > before[i])""", arg=before, timeout=120_000)
-                for index, grid in expected.items():
-                    cells = _cells(page, index)
-                    assert len(cells) == grid.numel(), f"round {round_}, widget {index}"
-                    for c in cells:
-                        where = (c["layer"], c["pos"]) if c["head"] is None else (c["layer"], c["pos"], c["head"])
-                        assert c["value"] == pytest.approx(float(grid[where]), abs=1e-6), \
-                            f"round {round_}, widget {index}, cell {where}"
-        finally:
-            browser.close()
+    with widget_page(playwright_session, [TWO_WIDGETS_CELL], notebook="two_widgets.ipynb", height=2400) as page:
+        page.wait_for_function("() => document.querySelectorAll('.pw-root[data-status]').length === 2",
+                               timeout=60_000)
+        for round_ in range(ROUNDS):
+            before = [int(s["run"] or -1) for s in _roots_state(page)]
+            buttons = page.locator("button[data-action='run']")
+            # Both at once: one script clicks both buttons in the same task.
+            buttons.first.evaluate("""() => document.querySelectorAll("button[data-action='run']")
+                                             .forEach(b => b.click())""")
+            page.wait_for_function(
+                """(before) => [...document.querySelectorAll('.pw-root')].every((r, i) =>
+                    r.dataset.requestedRun !== undefined && r.dataset.runId === r.dataset.requestedRun
+                    && r.dataset.runState === 'done' && r.dataset.complete === 'true'
+                    && Number(r.dataset.runId) > before[i])""", arg=before, timeout=120_000)
+            for index, grid in expected.items():
+                cells = _cells(page, index)
+                assert len(cells) == grid.numel(), f"round {round_}, widget {index}"
+                for c in cells:
+                    where = (c["layer"], c["pos"]) if c["head"] is None else (c["layer"], c["pos"], c["head"])
+                    assert c["value"] == pytest.approx(float(grid[where]), abs=1e-6), \
+                        f"round {round_}, widget {index}, cell {where}"
