@@ -40,11 +40,11 @@ for path in (REPO_ROOT, REPO_ROOT / "scripts"):
     if str(path) not in sys.path:  # run as a script without installing the package
         sys.path.insert(0, str(path))
 
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers import GPT2LMHeadModel  # noqa: E402
 
 from patchwidgets import deep_world  # noqa: E402
 from patchwidgets.tokenizer import build_tokenizer  # noqa: E402
-from train_toy_models import evaluate, save, train  # noqa: E402
+from train_toy_models import evaluate, make_model, save, train  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "patchwidgets" / "models" / "toy-ioi-deep"
 
@@ -70,15 +70,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--float32", action="store_true", help="save float32 weights")
     return parser.parse_args(argv)
-
-
-def make_model(args: argparse.Namespace, vocab_size: int) -> GPT2LMHeadModel:
-    config = GPT2Config(
-        vocab_size=vocab_size, n_positions=args.context, n_embd=args.d_model,
-        n_layer=args.layers, n_head=args.heads,
-        resid_pdrop=args.resid_dropout, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)
-    return GPT2LMHeadModel(config)
 
 
 def add_head_dropout(model: GPT2LMHeadModel, p: float) -> None:
@@ -134,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     all_ids, all_labels = pack(tokenizer, documents, args.context)
     if len(all_ids) < args.steps * args.rows:
         raise SystemExit(f"corpus too small: {len(all_ids)} rows for {args.steps * args.rows}")
-    model = make_model(args, len(tokenizer))
+    model = make_model(len(tokenizer), n_positions=args.context, n_embd=args.d_model, n_layer=args.layers,
+                       n_head=args.heads, resid_pdrop=args.resid_dropout)
     add_head_dropout(model, args.head_dropout)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"vocab {len(tokenizer)}, {n_params:,} parameters, {len(documents):,} documents "

@@ -64,11 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def make_model(vocab_size: int) -> GPT2LMHeadModel:
-    """A freshly initialised toy-ioi-shaped GPT-2 (uses the torch RNG)."""
+def make_model(vocab_size: int, n_positions: int = 64, n_embd: int = 128, n_layer: int = 4, n_head: int = 8,
+               resid_pdrop: float = 0.0) -> GPT2LMHeadModel:
+    """A freshly initialised GPT-2, toy-ioi's shape by default (uses the torch RNG)."""
     config = GPT2Config(
-        vocab_size=vocab_size, n_positions=64, n_embd=128, n_layer=4, n_head=8,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        resid_pdrop=resid_pdrop, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)
     return GPT2LMHeadModel(config)
 
