@@ -595,8 +595,8 @@ class PatchingWidget(anywidget.AnyWidget):
                 with self.hold_sync():
                     for name in RUN_FIELDS:
                         if name in state and state[name] != getattr(self, name):
-                            try:
-                                setattr(self, name, state[name])
+                            try:  # (as a state update: a dataset row is taken as typed, see _valid_dataset)
+                                self.set_state({name: state[name]})
                             except t.TraitError:  # (refused, as the same value in a state update would be)
                                 pass
             self.run()

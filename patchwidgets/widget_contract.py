@@ -56,8 +56,10 @@ SWEEP_FIELDS = (*INPUT_FIELDS, *CONTROL_FIELDS, "dataset")
 #: direction, the metric the edges are scored on and the scoring method; the ``circuit`` payload's
 #: ``inputs``. (Not sweep fields: a heatmap does not go stale when the method changes.)
 CIRCUIT_FIELDS = (*INPUT_FIELDS, "direction", "metric", "dataset", "circuit_method")
-#: What a Run message from the page may set (each value checked by its traitlet; others are ignored).
-RUN_FIELDS = (*INPUT_FIELDS, *CONTROL_FIELDS, "metric", "circuit_method", "circuit_k")
+#: What a Run message from the page may set (each applied as the page's state update would be;
+#: others are ignored). Every field a sweep or the circuit view reads is one: a pair added to the
+#: dataset just before Run must reach the sweep even when its state update is still held back.
+RUN_FIELDS = (*INPUT_FIELDS, *CONTROL_FIELDS, "dataset", "metric", "circuit_method", "circuit_k")
 #: Every traitlet the page may set: the sweep's inputs, then choices no sweep reads (the metric
 #: shown, the cell clicked, the head whose pattern is shown, the pair shown, two checkboxes), then
 #: the circuit view's (its scoring method, the number of edges kept, the edge clicked).

@@ -312,6 +312,15 @@ def test_widget_dataset_row_emptied_on_the_page_is_refused_at_run(widget):
     assert "clean[1] (prompt 2 of 2) is empty" in widget.errors["clean"], widget.errors
 
 
+def test_widget_dataset_row_in_a_run_message_is_taken_as_typed(widget):
+    """The same edit arriving with the Run click (a state update the page's widget manager
+    still holds back) is applied as the state update would be: taken, and the Run refused."""
+    widget._handle_custom_msg({"type": "run", "state": {
+        "dataset": [list(GOOD_ROW), ["", CORRUPTED, " John", " Mary"]]}}, [])
+    assert widget.wait(60) and widget.dataset[1][0] == ""
+    assert widget.status == "error" and "clean[1] (prompt 2 of 2) is empty" in widget.errors["clean"], widget.errors
+
+
 # ------------------------------------------------------------------------ normalisation
 def _logit_diffs(model, prompts, answers):
     """Per-prompt logit differences from plain forward passes (independent of the sweep)."""

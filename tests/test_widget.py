@@ -873,7 +873,14 @@ def test_sweep_reads_and_payload_records_exactly_the_sweep_fields(widget):
 #: view's method and k go with it, for when the circuit component is chosen).
 RUN_VALUES = {"clean": DEFAULT_CORRUPTED, "corrupted": DEFAULT_CLEAN, "correct": " John", "incorrect": " Mary",
               "direction": "noising", "site": "path", "receivers": "3.1", "receiver_input": "k", "metric": "logit_diff",
-              "circuit_method": "eap", "circuit_k": 7}
+              "circuit_method": "eap", "circuit_k": 7, "dataset": [list(p) for p in IOI_PAIRS[:2]]}
+
+
+def test_a_run_carries_every_field_a_job_reads():
+    """A custom message overtakes a state update that the page's widget manager holds back while
+    the kernel is busy: a field a sweep or the circuit view reads but a Run cannot carry (as the
+    dataset once was) makes a Run clicked right after its edit sweep the old value."""
+    assert set(contract.SWEEP_FIELDS) | set(contract.CIRCUIT_FIELDS) <= set(contract.RUN_FIELDS)
 
 
 def test_run_message_sets_exactly_the_run_fields(widget):
@@ -890,6 +897,7 @@ def test_run_message_sets_exactly_the_run_fields(widget):
     assert {k: inputs[k] for k in contract.SWEEP_FIELDS if k in RUN_VALUES} == {
         k: v for k, v in RUN_VALUES.items() if k in contract.SWEEP_FIELDS}
     assert widget.heatmap["path"]["receivers"] == [[3, 1]] and widget.heatmap["metric"] == "logit_diff"
+    assert widget.heatmap["n_pairs"] == 2, "the sweep ran on the dataset the message carried"
 
 
 def test_run_message_refuses_values_its_traitlets_refuse(widget):
