@@ -357,7 +357,10 @@ class IOICircuit:
     duplicate_token: list[Head]
     induction: list[Head]
     backup: list[Head]
-    unclassified: list[Head]  # a direct effect of >= 5% of the logit difference, in no class
+    #: In no class, yet moving the logit difference by >= 5%: directly, or through the queries of
+    #: heads that attend the IO in both orders but fail the copy score (so that S-inhibition,
+    #: whose receivers are name movers by definition, cannot name what steers them).
+    unclassified: list[Head]
     measurements: dict[str, torch.Tensor]
 
     @property
@@ -396,17 +399,24 @@ def find_circuit(model: Any, items: Sequence[dict], names: Iterable[str]) -> IOI
         "direct": direct_effects(model, items),
         "copy": copy_scores(model, names),
     }
-    movers = _where((m["end_io"] >= NAME_MOVER_ATTENTION) & (m["direct"] >= NAME_MOVER_EFFECT * ld)
-                    & (m["copy"] >= COPY))
+    attends_io = (m["end_io"] >= NAME_MOVER_ATTENTION) & (m["direct"] >= NAME_MOVER_EFFECT * ld)
+    movers = _where(attends_io & (m["copy"] >= COPY))
     negative = _where((m["end_io"] >= NEGATIVE_ATTENTION) & (m["direct"] <= NEGATIVE_EFFECT * ld)
                       & (m["copy"] <= -COPY))
-    s_inhibition: list[Head] = []
-    if movers:
-        m["into_movers_q"] = path_effects(model, items, movers, "q")
-        late = torch.tensor([[layer < min(mv[0] for mv in movers)] * model.cfg.n_heads
-                             for layer in range(model.cfg.n_layers)])
-        s_inhibition = _where(late & (m["into_movers_q"] >= S_INHIBITION_EFFECT * ld)
-                              & (m["end_s2"] >= S_INHIBITION_ATTENTION))
+
+    def steering(receivers: list[Head], key: str) -> list[Head]:
+        """Heads before the receivers that read S2 from END and move the logit difference
+        through the receivers' queries (Wang et al.'s S-inhibition test)."""
+        m[key] = path_effects(model, items, receivers, "q")
+        earlier = torch.tensor([[layer < min(h[0] for h in receivers)] * model.cfg.n_heads
+                                for layer in range(model.cfg.n_layers)])
+        return _where(earlier & (m[key] >= S_INHIBITION_EFFECT * ld) & (m["end_s2"] >= S_INHIBITION_ATTENTION))
+
+    s_inhibition = steering(movers, "into_movers_q") if movers else []
+    # Heads that attend the IO like name movers but do not copy names: whatever steers them
+    # matters as much, but is not S-inhibition by definition; it joins the unclassified heads.
+    io_attenders = [h for h in _where(attends_io) if h not in movers]
+    steers_attenders = steering(io_attenders, "into_io_attenders_q") if io_attenders else []
     duplicate: list[Head] = []
     induction: list[Head] = []
     if s_inhibition:
@@ -428,5 +438,6 @@ def find_circuit(model: Any, items: Sequence[dict], names: Iterable[str]) -> IOI
     # A head that moves the answer this much but fits no class must still be in the circuit
     # (and named as unexplained), or faithfulness would measure a circuit with a hole.
     named = set(movers + negative + s_inhibition + duplicate + induction + backup)
-    unclassified = [h for h in _where(m["direct"].abs() >= NAME_MOVER_EFFECT * ld) if h not in named]
+    direct = _where(m["direct"].abs() >= NAME_MOVER_EFFECT * ld)
+    unclassified = [h for h in sorted(set(direct + steers_attenders)) if h not in named]
     return IOICircuit(ld, movers, negative, s_inhibition, duplicate, induction, backup, unclassified, m)

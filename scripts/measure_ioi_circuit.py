@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (1 beside another busy job)")
     return parser.parse_args(argv)
 
 
@@ -48,7 +49,7 @@ def _row(circuit: ioi_circuit.IOICircuit, head: tuple[int, int]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     start = time.time()
     model = load_model(args.model, device="cpu")
     items = datasets.ioi_prompts(args.prompts, split="test", seed=args.seed)
