@@ -17,8 +17,8 @@ Pearson correlation of the estimates with the exact values (logit difference, me
 Random weights say little about accuracy (every head does about the same small thing, so a
 linear estimate is nearly exact). The bundled trained models are the real test: ``toy-ioi``
 (4 layers, its circuit one layer-0 head, a few layer-1 heads and the MLPs) and ``toy-ioi-deep``
-(6 layers x 8 heads, positional name-copying heads 3.2 and 3.7, an IO-copying head 3.6 and
-a large layer-0 END->S2 head, see its model card). On ``--prompts`` held-out IOI prompts
+(6 layers x 8 heads: layer-3 heads that attend the IO or copy a name by position, and END->S2
+heads in layers 1 and 2 that steer their queries; see its model card). On ``--prompts`` held-out IOI prompts
 (``datasets.ioi_prompts(split="test")``, S2-flip corruption, denoising) the script compares
 AtP* with exact patching for head outputs (``head_out``, ``head_out_by_pos``) and whole-residual
 patches (``resid_pre``, where the linear estimate is known to break), and prints the models side

@@ -13,7 +13,7 @@ Model: random weights with GPT-2 small's shape (12 layers, 12 heads, d_model 768
 (or ``toy-ioi``) runs the same sweeps on a bundled trained model instead: the bridge is
 ``pw.load_model(name)`` (float32), nnsight loads the model's folder itself
 (``nnsight.TransformersModel(path, dtype=torch.float32)``, as a user would), and the prompts are
-real IOI sentences (below). On ``toy-ioi-deep`` (6 layers x 8 heads, d_model 256, vocab 412,
+real IOI sentences (below). On ``toy-ioi-deep`` (6 layers x 8 heads, d_model 256, vocab 416,
 128 positions) the sweeps are 6 x 15, 6 x 8 and 6 x 15 x 8 patches.
 
 Cases (``--cases``): ``1x15`` is one prompt pair of 15 tokens, ``8x15`` is 8 pairs; clean and
