@@ -25,8 +25,9 @@ Head = tuple[int, int]
 
 #: The checks' prompts: held-out names and templates, a seed no notebook uses, several lengths.
 CHECK_PROMPTS = {"n": 12, "split": "test", "seed": 11}
-#: Circuits the faithfulness check asks about (the card's five heads, and smaller ones).
-CHECK_CIRCUITS: list[list[Head]] = [[(0, 1), (0, 6), (3, 2), (3, 6), (3, 7)], [(0, 1), (3, 6)]]
+#: Circuits the faithfulness check asks about: the notebook's seven heads (END -> S2 heads 1.6 and 2.5,
+#: positional copiers 3.3 and 3.4, IO finders 3.5-3.7), and a smaller one.
+CHECK_CIRCUITS: list[list[Head]] = [[(1, 6), (2, 5), (3, 3), (3, 4), (3, 5), (3, 6), (3, 7)], [(2, 5), (3, 5)]]
 
 
 def deep_model() -> Any:
@@ -287,7 +288,8 @@ def variant_ablated_ld(model: Any, items: Sequence[dict], heads: Sequence[Head],
     return (last[rows, r.io_id] - last[rows, r.s_id]).float().cpu()
 
 
-ABLATION_HEADS: list[list[Head]] = [[(3, 2), (3, 7)], [(0, 1), (3, 6), (4, 3)]]
+#: Heads the mean-ablation check removes: the positional copiers, and heads of three layers.
+ABLATION_HEADS: list[list[Head]] = [[(3, 3), (3, 4)], [(1, 6), (3, 5), (4, 1)]]
 
 
 def check_mean_ablated_logit_diff(mean_ablated_logit_diff: Callable) -> None:
@@ -382,9 +384,9 @@ def check_faithfulness(faithfulness: Callable) -> None:
 
 #: (circuit, v, K) cases the minimality check asks about.
 MINIMALITY_CASES: list[tuple[list[Head], Head, list[Head]]] = [
-    (CHECK_CIRCUITS[0], (3, 2), [(3, 7)]),
+    (CHECK_CIRCUITS[0], (3, 3), [(3, 4)]),
     (CHECK_CIRCUITS[0], (3, 6), []),
-    (CHECK_CIRCUITS[0], (0, 6), [(0, 1)]),
+    (CHECK_CIRCUITS[0], (1, 6), [(2, 5)]),
 ]
 
 
