@@ -198,6 +198,19 @@ def test_no_head_takes_over(model, items, circuit, means):
     assert kept < 0.5 * circuit.logit_diff, kept
 
 
+def test_io_heads_make_up_for_the_positional_pair(model, items, circuit, means):
+    """Mean-ablate 3.3 and 3.4: the logit difference falls by well under half of the direct
+    effect removed, and each IO head's direct effect rises by over a tenth of it (same layer, so
+    through how the later MLPs read them; the card says why that is not backup)."""
+    before = circuit.measurements["direct"]
+    after = ioi_circuit.direct_effects_ablated(model, items, list(POSITIONAL), means)
+    lost = float(sum(before[h] - after[h] for h in POSITIONAL))
+    fall = circuit.logit_diff - float(ioi_circuit.logit_diff(model, items, list(POSITIONAL), means).mean())
+    assert 0 < fall < 0.5 * lost, (fall, lost)
+    for head in IO_HEADS:
+        assert after[head] - before[head] > 0.1 * lost, (head, after[head], before[head])
+
+
 def test_faithfulness(model, items, circuit, card, means):
     """The circuit's heads alone (every other head mean-ablated over ABC prompts of the same
     template) keep at least 80% of the logit difference; none of them keep almost nothing;
