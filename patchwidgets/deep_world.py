@@ -103,8 +103,8 @@ MIX = {"ioi": 0.45, "copy": 0.20, "list": 0.12, "filler": 0.15, "fact": 0.08}
 
 #: Asides that name a third person right after S2 ("Eric, who had seen Henry, handed a flower
 #: to"), so that the last name before the answer is not S and "push down the last name read"
-#: stops answering. Off (share 0) in the shipped model; attempts 4 and 5 of its model card used
-#: a share of 0.4 (``training_documents(..., aside=0.4)``).
+#: stops answering. The shipped model (its card's attempt 5) was trained with a share of 0.4
+#: (``training_documents(..., aside=0.4)``); attempt 3 had none.
 ASIDES = (", who had seen {NAME},", ", tired after talking to {NAME},", ", after a call from {NAME},")
 #: Share of IOI documents that end with the subject (calibration).
 SUBJECT_ENDING = 0.05
@@ -166,8 +166,8 @@ def _ioi_document(rng: random.Random, heldout: set[frozenset[str]], aside: float
             head, tail = text.rsplit(" " + s + " ", 1)  # after the last " S ": S2
             text = f"{head} {s}{rng.choice(ASIDES).format(NAME=distractors[1])} {tail}"
         else:
-            # The attempts' recipe drew once more here (for a change that turned out to be a
-            # no-op); the draw is kept so that their corpus rebuilds exactly.
+            # The experiment that trained the shipped model drew once more here (for a change
+            # that turned out to be a no-op); the draw is kept so that its corpus rebuilds exactly.
             rng.random()
     prefix = [_filler(rng, [distractors[0], distractors[1]])
               for _ in range(rng.choice([1, 1, 2]))] if rng.random() < PREFIX_PROBABILITY else []
