@@ -404,12 +404,13 @@ def test_circuit_solution_notebook_grades_all_passed(tmp_path, capsys):
     solution = nbformat.read(ROOT / "solutions" / "10_ioi_circuit.ipynb", as_version=4)
     code = [cell for cell in solution.cells if cell.cell_type == "code"]
     keep = code[:2] + [cell for cell in code if "# BEGIN SOLUTION" in cell.source or "grading.check_" in cell.source]
-    assert sum("grading.check_" in cell.source for cell in keep) == 6
+    n = len(grading.EXERCISES["10_ioi_circuit"])
+    assert n == 7 and sum("grading.check_" in cell.source for cell in keep) == n
     solution.cells = keep
     path = tmp_path / "10_ioi_circuit.ipynb"
     nbformat.write(solution, path)
     assert cli.main(["grade", str(path)]) == 0
-    assert "Score: 6/6 passed" in capsys.readouterr().out
+    assert f"Score: {n}/{n} passed" in capsys.readouterr().out
 
 
 def test_solution_notebook_grades_all_passed(capsys):

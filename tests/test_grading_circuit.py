@@ -170,7 +170,107 @@ def test_copy_scores(capsys, deep):
         check(stub)
 
 
-# ------------------------------------------------------------------------------- 4. mean ablation
+# ------------------------------------------------------------------------------- 4. path patching at a position
+
+def path_at(model, items, sender, role, receivers=(), end_last=False, unfrozen=False, everywhere=False,
+            from_abc=False, frozen_logits=False, mlps_frozen=False, layer_queries=False, flip=False):
+    """A hand-written position-specific path patch; the keywords make the usual mistakes."""
+    r = ic.roles(model, items)
+    base_tokens, source_tokens = r.tokens, ic.roles(model, items, "abc").tokens
+    if from_abc:
+        base_tokens, source_tokens = source_tokens, base_tokens
+    rows, end = torch.arange(r.n), _at(r, end_last)
+    with torch.no_grad():
+        base_logits, base = model.run_with_cache(base_tokens)
+        _, source = model.run_with_cache(source_tokens)
+    positions = {"end": end, "s2": r.s2, "io": r.io, "s1": r.s1}
+
+    def ld(logits):
+        return (logits[rows, end, r.io_id] - logits[rows, end, r.s_id]).mean().item()
+
+    def z_hook(z, hook, layer):  # (hook.name is the bridge's own name, not the cache's: pass the layer)
+        name = f"blocks.{layer}.attn.hook_z"
+        if not unfrozen:
+            z[:] = base[name]
+        if layer == sender[0]:
+            if role is None or everywhere:
+                z[:, :, sender[1]] = source[name][:, :, sender[1]]
+            else:
+                at = positions[role]
+                z[rows, at, sender[1]] = source[name][rows, at, sender[1]]
+        return z
+
+    hooks = [(f"blocks.{layer}.attn.hook_z", functools.partial(z_hook, layer=layer))
+             for layer in range(model.cfg.n_layers)]
+    if mlps_frozen:
+        hooks += [(f"blocks.{layer}.hook_mlp_out", lambda x, hook, layer=layer: base[f"blocks.{layer}.hook_mlp_out"])
+                  for layer in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        if receivers and not frozen_logits:
+            q_names = [f"blocks.{layer}.attn.hook_q" for layer, _ in receivers]
+            with model.hooks(fwd_hooks=hooks):
+                _, frozen = model.run_with_cache(base_tokens, names_filter=lambda n: n in q_names)
+
+            def q_hook(q, hook, layer):
+                name = f"blocks.{layer}.attn.hook_q"
+                for l, h in receivers:
+                    if l == layer:
+                        if layer_queries:
+                            q[:] = frozen[name]
+                        else:
+                            q[:, :, h] = frozen[name][:, :, h]
+                return q
+
+            logits = model.run_with_hooks(base_tokens, fwd_hooks=[
+                (f"blocks.{layer}.attn.hook_q", functools.partial(q_hook, layer=layer))
+                for layer in sorted({l for l, _ in receivers})])
+        else:
+            logits = model.run_with_hooks(base_tokens, fwd_hooks=hooks)
+    drop = ld(logits) - ld(base_logits) if from_abc else ld(base_logits) - ld(logits)
+    return -drop if flip else drop
+
+
+def test_path_at(capsys, deep):
+    check = grading.check_path_at
+    passes(check, path_at, capsys)
+    fails(check, functools.partial(path_at, end_last=True), r"position -1", "right-padded")
+    fails(check, functools.partial(path_at, unfrozen=True), "let the other heads recompute")
+    fails(check, functools.partial(path_at, everywhere=True), "at every position")
+    fails(check, functools.partial(path_at, from_abc=True), "other way round", "noising")
+    fails(check, functools.partial(path_at, frozen_logits=True), "frozen run's own logits")
+    fails(check, functools.partial(path_at, mlps_frozen=True), "freeze the MLPs")
+    fails(check, functools.partial(path_at, layer_queries=True), "every head in the receivers' layers")
+    fails(check, functools.partial(path_at, flip=True), "opposite sign")
+    with pytest.raises(NotImplementedError):
+        check(stub)
+
+
+@torch.no_grad()
+def test_path_effect_at_agrees_with_the_engine_and_with_causality(deep):
+    """The check's reference, ``ic.path_effect_at``, is written with hooks. At every position it
+    equals the engine's ``direct_effects`` / ``path_effects`` (``pw.path_patch``, checked against a
+    slow reference in test_path_patching.py). Patched at one position, a path to the logits at END
+    can only start at END: attention is causal and every other head is frozen, so only the
+    residual stream at END reaches END's logits. So it equals the every-position value at END and is
+    exactly zero at S2 and the IO, whatever the model."""
+    items = ioi_prompts(10, split="test", seed=3)
+    receivers = [(3, 5), (3, 6), (3, 7)]
+    direct = ic.direct_effects(deep, items)
+    into_q = ic.path_effects(deep, items, receivers, "q")
+    into_k = ic.path_effects(deep, items, [(3, 5)], "k")
+    for sender in [(3, 5), (2, 5), (0, 3)]:
+        assert ic.path_effect_at(deep, items, sender) == pytest.approx(float(direct[sender]), abs=1e-4)
+        assert ic.path_effect_at(deep, items, sender, "end") == pytest.approx(float(direct[sender]), abs=1e-4)
+        assert ic.path_effect_at(deep, items, sender, "s2") == 0.0
+        assert ic.path_effect_at(deep, items, sender, "io") == 0.0
+    for sender in [(2, 5), (1, 6)]:
+        assert ic.path_effect_at(deep, items, sender, None, receivers) == pytest.approx(float(into_q[sender]), abs=1e-4)
+        assert ic.path_effect_at(deep, items, sender, None, [(3, 5)], "k") == pytest.approx(float(into_k[sender]),
+                                                                                             abs=1e-4)
+    assert abs(float(into_q[(2, 5)])) > 0.1  # the agreement above is about a path that exists
+
+
+# ------------------------------------------------------------------------------- 5. mean ablation
 
 def ablated(model, items, heads, source="abc", per="shape", zero=False, flat=False, end_last=False):
     """A hand-written mean_ablated_logit_diff; the keywords make the usual mistakes: ``per`` is
@@ -225,7 +325,7 @@ def test_mean_ablated_logit_diff(capsys, deep):
         check(stub)
 
 
-# ------------------------------------------------------------------------------- 5. faithfulness
+# ------------------------------------------------------------------------------- 6. faithfulness
 
 def faith(model, items, circuit, inside=False, inverted=False, raw=False, mean_of_ratios=False, lost=False,
           **ablation):
@@ -257,7 +357,7 @@ def test_faithfulness(capsys, deep):
         check(stub)
 
 
-# ------------------------------------------------------------------------------- 6. minimality
+# ------------------------------------------------------------------------------- 7. minimality
 
 def minimal(model, items, circuit, v, K, from_model=False, forget_k=False, signed=False, divide=False, **ablation):
     """A hand-written minimality; the keywords make the usual mistakes (``ablation`` goes to :func:`ablated`)."""
@@ -289,6 +389,6 @@ def test_minimality(capsys, deep):
 
 def test_the_checks_are_registered():
     assert grading.EXERCISES["10_ioi_circuit"] == ["direct_logit_attribution", "end_attention", "copy_scores",
-                                                    "mean_ablated_logit_diff", "faithfulness", "minimality"]
+                                                    "path_at", "mean_ablated_logit_diff", "faithfulness", "minimality"]
     for name in grading.EXERCISES["10_ioi_circuit"]:
         assert grading.CHECKS[name] is getattr(check_circuit, f"check_{name}")

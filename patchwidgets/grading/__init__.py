@@ -98,6 +98,7 @@ from .check_circuit import (  # noqa: F401  (toy-ioi-deep is loaded only when a 
     check_direct_logit_attribution,
     check_end_attention,
     check_copy_scores,
+    check_path_at,
     check_mean_ablated_logit_diff,
     check_faithfulness,
     check_minimality,
@@ -132,6 +133,6 @@ __all__ = [
     "check_record_resid_pre", "check_patch_resid_pre", "check_resid_pre_sweep", "check_last_logits",
     "nnsight_model",
     # 10_ioi_circuit
-    "check_direct_logit_attribution", "check_end_attention", "check_copy_scores",
+    "check_direct_logit_attribution", "check_end_attention", "check_copy_scores", "check_path_at",
     "check_mean_ablated_logit_diff", "check_faithfulness", "check_minimality", "deep_model",
 ]

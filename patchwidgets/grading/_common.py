@@ -30,8 +30,8 @@ EXERCISES: dict[str, list[str]] = {
     "07_path_patching": ["path_patch_to_logits", "path_patch_to_queries", "circuit_edges"],
     "08_attribution_patching": ["attribution_head_out", "attribution_resid_pre"],
     "09_nnsight": ["record_resid_pre", "patch_resid_pre", "resid_pre_sweep", "last_logits"],
-    "10_ioi_circuit": ["direct_logit_attribution", "end_attention", "copy_scores", "mean_ablated_logit_diff",
-                       "faithfulness", "minimality"],
+    "10_ioi_circuit": ["direct_logit_attribution", "end_attention", "copy_scores", "path_at",
+                       "mean_ablated_logit_diff", "faithfulness", "minimality"],
 }
 
 #: The IOI template the course's datasets use: all its prompts have the same number of tokens

@@ -242,7 +242,128 @@ def check_copy_scores(copy_scores: Callable) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Exercise 4: mean ablation with the per-template ABC mean
+# Exercise 4: position-specific path patching
+# ---------------------------------------------------------------------------------------------
+
+#: (sender, role, receivers) cases: 3.5's path to the logits at END; 2.5's path into the IO finders'
+#: queries at END, at S2 (nothing there), and at every position.
+PATH_CASES: list[tuple[Head, str | None, list[Head]]] = [
+    ((3, 5), "end", []),
+    ((2, 5), "end", [(3, 5), (3, 6), (3, 7)]),
+    ((2, 5), "s2", [(3, 5), (3, 6), (3, 7)]),
+    ((1, 6), None, [(3, 5), (3, 6), (3, 7)]),
+]
+
+
+def variant_path_at(model: Any, items: Sequence[dict], sender: Head, role: str | None, receivers: Sequence[Head],
+                    *, end_last: bool = False, freeze: bool = True, every_position: bool = False,
+                    denoise: bool = False, frozen_logits: bool = False, freeze_mlps: bool = False,
+                    whole_layer: bool = False) -> float:
+    """The drop in mean logit difference, position-specific path patching written out here, with
+    switches for the usual mistakes: ``end_last`` (END read as position -1), ``freeze`` (other heads
+    frozen to the base run), ``every_position`` (role ignored), ``denoise`` (the ABC run with the
+    sender's clean value, rise over the ABC run), ``frozen_logits`` (with receivers: the frozen run's
+    own logits), ``freeze_mlps`` (the MLPs frozen too), ``whole_layer`` (every head of a receiver's
+    layer gets the frozen run's queries)."""
+    from .. import ioi_circuit
+
+    clean_r, abc_r = ioi_circuit.roles(model, items), ioi_circuit.roles(model, items, "abc")
+    base_r, other_r = (abc_r, clean_r) if denoise else (clean_r, abc_r)
+    rows = torch.arange(clean_r.n)
+    end = torch.full_like(clean_r.end, clean_r.tokens.shape[1] - 1) if end_last else clean_r.end
+    where = None if role is None or every_position else (end if role == "end" else getattr(clean_r, role))
+    z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
+    mlp_names = [f"blocks.{layer}.hook_mlp_out" for layer in range(model.cfg.n_layers)]
+    keep = set(z_names) | (set(mlp_names) if freeze_mlps else set())
+    with torch.no_grad():
+        _, base = model.run_with_cache(base_r.tokens, names_filter=lambda n: n in keep)
+        _, other = model.run_with_cache(other_r.tokens, names_filter=lambda n: n in keep)
+
+    def z_hook(layer: int):
+        def hook(z: torch.Tensor, hook: Any) -> torch.Tensor:
+            if freeze:
+                z = base[z_names[layer]].clone()
+            if layer == sender[0]:
+                src = other[z_names[layer]][:, :, sender[1]]
+                if where is None:
+                    z[:, :, sender[1]] = src
+                else:
+                    z[rows, where, sender[1]] = src[rows, where]
+            return z
+        return hook
+
+    hooks = [(n, z_hook(k)) for k, n in enumerate(z_names)]
+    if freeze_mlps:
+        hooks += [(n, lambda act, hook, n=n: base[n]) for n in mlp_names]
+
+    def ld(logits: torch.Tensor) -> float:
+        last = logits[rows, end]
+        return float((last[rows, clean_r.io_id] - last[rows, clean_r.s_id]).float().mean())
+
+    with torch.no_grad():
+        base_ld = ld(model(base_r.tokens))
+        if not receivers or frozen_logits:
+            with model.hooks(fwd_hooks=hooks):
+                patched = ld(model(base_r.tokens))
+        else:
+            q_names = {layer: f"blocks.{layer}.attn.hook_q" for layer, _ in receivers}
+            with model.hooks(fwd_hooks=hooks):
+                _, moved = model.run_with_cache(base_r.tokens, names_filter=lambda n: n in q_names.values())
+
+            def paste(layer: int):
+                heads = slice(None) if whole_layer else [h for l, h in receivers if l == layer]
+
+                def hook(q: torch.Tensor, hook: Any) -> torch.Tensor:
+                    q[:, :, heads] = moved[q_names[layer]][:, :, heads]
+                    return q
+                return hook
+
+            with model.hooks(fwd_hooks=[(n, paste(layer)) for layer, n in q_names.items()]):
+                patched = ld(model(base_r.tokens))
+    return patched - base_ld if denoise else base_ld - patched
+
+
+def check_path_at(path_at: Callable) -> None:
+    """``path_at(model, items, sender, role, receivers=()) -> float``: the drop in mean logit
+    difference when ``sender``'s output takes its ABC value only at ``role``'s position (``None``:
+    every position), every other head frozen to its clean output, MLPs recomputed; the path ends at
+    the logits (no ``receivers``) or at the ``receivers``' queries, pasted into a clean run."""
+    from .. import ioi_circuit
+
+    name = "path_at"
+    model, items = deep_model(), circuit_items()
+    for sender, role, receivers in PATH_CASES:
+        expected = torch.tensor(ioi_circuit.path_effect_at(model, items, sender, role, receivers))
+        got = to_tensor(name, _call(name, path_at, model, [dict(it) for it in items], sender, role,
+                                    list(receivers))).reshape(())
+        v = functools.partial(_later, variant_path_at, model, items, sender, role, receivers)
+        try:
+            compare(name, got, expected, (), alternatives=[
+                ("read END as the last column (position -1): the prompts are right-padded, so for the shorter "
+                 "ones -1 is padding; patch and read the logits at r.end", v(end_last=True)),
+                ("let the other heads recompute: path patching freezes every head except the sender to its clean "
+                 "output, so the sender's effect cannot travel through them (what you measured is the total "
+                 "effect of patching the sender at that position)", v(freeze=False)),
+                ("patch the sender at every position: only the role's position takes the ABC value, the others "
+                 "keep the clean one", v(every_position=True)),
+                ("patch the other way round: start from the *clean* run and give the sender its ABC value "
+                 "(noising), and report how much the clean logit difference drops", v(denoise=True)),
+                ("read the frozen run's own logits: with receivers, take their queries from the frozen run and "
+                 "paste them into a fresh clean run, in which everything after them is recomputed",
+                 v(frozen_logits=True)),
+                ("freeze the MLPs as well: Wang et al.'s path patching recomputes them (only heads are frozen)",
+                 v(freeze_mlps=True)),
+                ("paste the queries of every head in the receivers' layers: only the receiver heads' queries move",
+                 v(whole_layer=True)),
+            ], atol=2e-3, rtol=1e-3)
+        except GradingError as err:
+            where = "every position" if role is None else role
+            raise GradingError(f"{err}\n(with sender={sender}, role={where}, receivers={receivers})") from None
+    report_pass(name, "matches patchwidgets.ioi_circuit.path_effect_at (to the logits, and into the queries)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 5: mean ablation with the per-template ABC mean
 # ---------------------------------------------------------------------------------------------
 
 def variant_ablated_ld(model: Any, items: Sequence[dict], heads: Sequence[Head], *, source: str = "abc",
@@ -325,7 +446,7 @@ def check_mean_ablated_logit_diff(mean_ablated_logit_diff: Callable) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Exercise 5: faithfulness
+# Exercise 6: faithfulness
 # ---------------------------------------------------------------------------------------------
 
 def _every_head(model: Any) -> list[Head]:
@@ -379,7 +500,7 @@ def check_faithfulness(faithfulness: Callable) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Exercise 6: minimality
+# Exercise 7: minimality
 # ---------------------------------------------------------------------------------------------
 
 #: (circuit, v, K) cases the minimality check asks about.
