@@ -324,7 +324,10 @@ def ioi_prompts(n: int, *, split: str = "test", seed: int = 0,
         split: ``"test"`` (default) uses held-out name pairs, and alternates
             held-out templates with training templates; ``"train"`` uses
             training templates and training pairs (the distribution the
-            model was trained on).
+            model was trained on). The templates alternate on the same step
+            as the name order, so with ``split="test"`` the held-out templates
+            are all ABBA prompts: to compare the orders on unseen templates,
+            pass ``templates=IOI_HELDOUT_TEMPLATES``.
         seed: RNG seed; the same arguments always give the same prompts.
         templates: optionally restrict to these templates (strings from
             :data:`IOI_TEMPLATES`), e.g. to get prompts of equal length.

@@ -147,29 +147,37 @@ def path_effects(model: Any, items: Sequence[dict], receivers: Sequence[Head], r
 
 
 @torch.no_grad()
-def copy_scores(model: Any, names: Iterable[str]) -> torch.Tensor:
+def copy_scores(model: Any, names: Iterable[str], top: int = 1, whole_vocab: bool = False) -> torch.Tensor:
     """How each head's OV circuit treats a name it attends to, ``[layer, head]`` in [-1, 1].
 
     For every name (``" Mary"``), its embedding plus the first MLP's output on it (the first
     MLP acts as part of the embedding in GPT-2, so Wang et al. include it) goes through the
     head's value and output weights and the unembedding. Positive: the fraction of names
-    whose own logit is the largest of all the names' (a copying head); negative: minus the
-    fraction whose own logit is the smallest (a copy-suppressing head); whichever is larger.
+    whose own logit is among the ``top`` largest (a copying head); negative: minus the
+    fraction whose own logit is among the ``top`` smallest (a copy-suppressing head);
+    whichever is larger in size.
+
+    The default compares a name with the other *names* and asks for the largest (``top=1``),
+    a strict test. Wang et al. count a name among the 5 largest logits of the whole vocabulary
+    (``top=5, whole_vocab=True``), which is looser the smaller the vocabulary: 5 of GPT-2's
+    50,257 tokens, but 5 of a toy model's few hundred.
     """
     ids = torch.tensor([_single_token(model, name) for name in names])
     block0 = model.blocks[0]
     embed = model.W_E[ids]  # [n, d_model]
     resid = embed + block0.mlp(block0.ln2(embed[:, None]))[:, 0]
+    own = ids if whole_vocab else torch.arange(len(ids))  # each name's own column
+    unembed = model.W_U if whole_vocab else model.W_U[:, ids]  # [d_model, vocab or names]
     out = []
     for layer in range(model.cfg.n_layers):
         block = model.blocks[layer]
         x = block.ln1(resid[:, None])[:, 0]  # [n, d_model]
         ov = torch.einsum("nm,hmd,hde->hne", x, model.W_V[layer], model.W_O[layer])
-        logits = model.ln_final(ov) @ model.W_U[:, ids]  # [head, n, n]
-        own = torch.arange(len(ids))
-        top = (logits.argmax(-1) == own).float().mean(-1)
-        bottom = (logits.argmin(-1) == own).float().mean(-1)
-        out.append(torch.where(top >= bottom, top, -bottom))
+        logits = model.ln_final(ov) @ unembed  # [head, n, vocab or names]
+        own_col = own[:, None].to(logits.device)  # [n, 1]
+        highest = (logits.topk(top, -1).indices == own_col).any(-1).float().mean(-1)  # [head]
+        lowest = (logits.topk(top, -1, largest=False).indices == own_col).any(-1).float().mean(-1)
+        out.append(torch.where(highest >= lowest, highest, -lowest))
     return torch.stack(out).cpu()
 
 

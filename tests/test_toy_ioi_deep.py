@@ -120,10 +120,11 @@ def test_where_end_looks(model, items):
 
 
 @torch.no_grad()
-def test_copy_scores_from_the_weights(card):
+def test_copy_scores_from_the_weights(card, model):
     """Copy scores written out on the Hugging Face weights: the positional heads copy (>= 0.8);
     the heads that find the IO do not (below 0.5, far from the definition's 0.8), as the card
-    says: they are not name movers."""
+    says: they are not name movers. The same verdict under Wang et al.'s own counting (the name
+    among the 5 largest logits of the whole vocabulary): the IO heads reach about 0.6."""
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     path = model_path(NAME)
@@ -135,13 +136,20 @@ def test_copy_scores_from_the_weights(card):
     embed = hf.transformer.wte.weight[ids]
     resid = embed + blocks[0].mlp(blocks[0].ln_2(embed))
 
-    def copy_score(layer, head):
+    def ov_logits(layer, head, unembed):
         x = blocks[layer].ln_1(resid)
         cols = slice(2 * width + head * d_head, 2 * width + (head + 1) * d_head)
         v = x @ blocks[layer].attn.c_attn.weight[:, cols] + blocks[layer].attn.c_attn.bias[cols]
         out = v @ blocks[layer].attn.c_proj.weight[head * d_head:(head + 1) * d_head]
-        logits = hf.transformer.ln_f(out) @ hf.transformer.wte.weight[ids].T  # [names, names]
+        return hf.transformer.ln_f(out) @ unembed.T  # [names, names or vocab]
+
+    def copy_score(layer, head):
+        logits = ov_logits(layer, head, hf.transformer.wte.weight[ids])
         return (logits.argmax(-1) == torch.arange(len(ids))).float().mean().item()
+
+    def wang_copy_score(layer, head):
+        top5 = ov_logits(layer, head, hf.transformer.wte.weight).topk(5, -1).indices  # [names, 5] token ids
+        return (top5 == ids[:, None]).any(-1).float().mean().item()
 
     scores = {h: copy_score(*h) for h in [*POSITIONAL, *IO_HEADS]}
     assert all(scores[h] >= 0.9 for h in POSITIONAL), scores
@@ -149,6 +157,13 @@ def test_copy_scores_from_the_weights(card):
     recorded = {row["head"]: row["copy"] for row in card["heads"]["unclassified"]}
     for (layer, head), score in scores.items():
         assert abs(score - recorded[f"{layer}.{head}"]) < 1e-3
+
+    wang = {h: wang_copy_score(*h) for h in [*POSITIONAL, *IO_HEADS]}
+    assert all(wang[h] >= 0.9 for h in POSITIONAL), wang
+    assert all(0.5 < wang[h] < 0.7 for h in IO_HEADS), wang  # the card: 0.60-0.62, far from 0.8 still
+    library = ioi_circuit.copy_scores(model, NAMES, top=5, whole_vocab=True)
+    for head, score in wang.items():
+        assert abs(float(library[head]) - score) < 1e-3, (head, float(library[head]), score)
 
 
 def test_direct_effects_two_ways(model, items):
