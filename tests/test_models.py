@@ -147,6 +147,21 @@ def test_ioi_held_out_accuracy(model):
     assert (corrupted[rows, io] - corrupted[rows, s]).mean().item() <= -3.0
 
 
+def test_toy_ioi_has_none_of_wang_et_al_s_classes(model):
+    """Notebooks 04, 05 and 07 say that toy-ioi has no name movers, negative name movers,
+    S-inhibition, duplicate-token, induction or backup heads by Wang et al.'s definitions (its
+    layer-1 heads are "name-mover-like"): ``find_circuit``'s thresholds, on held-out prompts."""
+    from patchwidgets import ioi_circuit
+
+    items = datasets.ioi_prompts(40, split="test", seed=5)
+    circuit = ioi_circuit.find_circuit(model, items, [" " + name for name in datasets.NAMES])
+    named = {"name movers": circuit.name_movers, "negative name movers": circuit.negative_name_movers,
+             "S-inhibition": circuit.s_inhibition, "duplicate-token": circuit.duplicate_token,
+             "induction": circuit.induction, "backup": circuit.backup}
+    assert all(not heads for heads in named.values()), named
+    assert (0, 0) in circuit.unclassified  # the measurement ran: L0H0 carries the task (notebooks 03-07)
+
+
 def test_fact_held_out_accuracy(model):
     items = datasets.fact_prompts("test")
     answers = torch.tensor([single_token(model, it["answer"]) for it in items])
