@@ -80,3 +80,15 @@ def toy_model():
     from patchwidgets import load_model
 
     return load_model("toy-ioi")
+
+
+@pytest.fixture(scope="session")
+def lab_server():
+    """One JupyterLab server for every browser test of the session (starting one costs seconds,
+    and six fixtures open notebooks): each writes its notebook into the server's root and shuts
+    that notebook's kernel down when it ends (``test_widget_browser.widget_page``). The server
+    stops, with any kernel left, when the session ends."""
+    from test_widget_browser import JupyterLab
+
+    with JupyterLab() as lab:
+        yield lab

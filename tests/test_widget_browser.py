@@ -2,8 +2,9 @@
 
 What it does, like a learner would:
 
-1. start JupyterLab on 127.0.0.1 (free port, no token, no browser) in a temporary root
-   holding a one-cell notebook that displays ``patchwidgets.PatchingWidget()``;
+1. write a notebook whose first cell displays ``patchwidgets.PatchingWidget()`` into the root
+   of the session's JupyterLab server (127.0.0.1, free port, no token, no browser; one server
+   for every browser test, the ``lab_server`` fixture of ``conftest.py``);
 2. open it in headless Chromium (Python playwright), click into the cell editor and press
    Shift+Enter;
 3. type a clean and a corrupted prompt, press Run, wait for the heatmap and check it: one
@@ -20,9 +21,10 @@ What it does, like a learner would:
    its error in place;
 7. enter bad inputs and see the errors in place, and check that markup in a prompt stays text.
 
-Screenshots go to ``test-artifacts/`` at the repository root (gitignored). The server is
-always stopped, even when a step fails. :class:`JupyterLab` and :func:`open_widget` are
-reused by ``benchmarks/bench_widget_latency.py``.
+Screenshots go to ``test-artifacts/`` at the repository root (gitignored). Each notebook's
+kernel is shut down when its fixture ends and the server when the session does, even when a
+step fails. :class:`JupyterLab` and :func:`open_widget` are reused by
+``benchmarks/bench_widget_latency.py``.
 
 Skipped, with the reason, when Chromium (``/usr/bin/chromium``), playwright or JupyterLab
 is missing. CI installs all three, so it runs there.
@@ -92,17 +94,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_notebook_root(root: Path, cells: list[str], notebook: str) -> None:
-    """Write ``root/nb/notebook`` (one code cell per string, Python 3 kernel) and the user
-    settings in ``root/settings``. Notebook 7 is built from the same JupyterLab plugins, so
-    ``tests/test_widget_hosts.py`` serves it the same root."""
+def write_notebook(path: Path, cells: list[str]) -> None:
+    """Write a notebook of one code cell per string, on the Python 3 kernel, to ``path``."""
     import nbformat
 
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    (root / "nb").mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, root / "nb" / notebook)
-    # User settings: no news/update toasts (there is no internet) and save widget state.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+
+
+def write_settings(root: Path) -> None:
+    """The user settings in ``root/settings``: no news/update toasts (there is no internet)
+    and save widget state."""
     settings = root / "settings"
     for plugin, values in {
         "@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
@@ -113,21 +117,45 @@ def write_notebook_root(root: Path, cells: list[str], notebook: str) -> None:
         path.write_text(json.dumps(values))
 
 
-class JupyterLab:
-    """A throw-away JupyterLab server serving one notebook; use as a context manager."""
+def write_notebook_root(root: Path, cells: list[str], notebook: str) -> None:
+    """Write ``root/nb/notebook`` (one code cell per string, Python 3 kernel) and the user
+    settings in ``root/settings``. Notebook 7 is built from the same JupyterLab plugins, so
+    ``tests/test_widget_hosts.py`` serves it the same root."""
+    write_notebook(root / "nb" / notebook, cells)
+    write_settings(root)
 
-    def __init__(self, cells: list[str], notebook: str = "widget_e2e.ipynb"):
+
+class JupyterLab:
+    """A throw-away JupyterLab server on a temporary root; use as a context manager.
+
+    Given ``cells``, it serves one notebook of them at :attr:`url` (what the benchmark opens).
+    The tests share one server for the whole session instead (``lab_server`` in conftest.py:
+    starting one costs seconds, and the fixtures would each start their own): each fixture
+    adds its notebook (:meth:`add_notebook`), opens it in a workspace of its own
+    (:meth:`notebook_url`) and ends its kernel when done (:meth:`close_notebook`).
+    """
+
+    def __init__(self, cells: list[str] | None = None, notebook: str = "widget_e2e.ipynb"):
         self.cells, self.notebook = cells, notebook
         self.root: Path | None = None
         self.proc: subprocess.Popen | None = None
         self.port = 0
+        self._opener: urllib.request.OpenerDirector | None = None
+        self._xsrf = ""
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/lab/tree/{self.notebook}"
+        return f"{self.base}/lab/tree/{self.notebook}"
 
     def _write_files(self) -> None:
-        write_notebook_root(self.root, self.cells, self.notebook)
+        assert self.root is not None
+        write_settings(self.root)
+        if self.cells is not None:
+            write_notebook(self.root / "nb" / self.notebook, self.cells)
 
     def __enter__(self) -> "JupyterLab":
         self.root = Path(tempfile.mkdtemp(prefix="pw-lab-"))
@@ -154,11 +182,59 @@ class JupyterLab:
         return self
 
     def _wait_ready(self, timeout: float = 60) -> None:
-        wait_for_server(self.proc, f"http://127.0.0.1:{self.port}/api/status", timeout, "JupyterLab",
-                        self.server_log)
+        assert self.proc is not None
+        wait_for_server(self.proc, f"{self.base}/api/status", timeout, "JupyterLab", self.server_log)
 
     def server_log(self) -> str:
+        assert self.root is not None
         return log_tail(self.root / "server.log")
+
+    # ----------------------------------------------------------------- one notebook per fixture
+    def notebook_path(self, notebook: str) -> Path:
+        """Where ``notebook`` is on disk (what Ctrl+S in the page writes)."""
+        assert self.root is not None
+        return self.root / "nb" / notebook
+
+    def add_notebook(self, cells: list[str], notebook: str) -> Path:
+        """Write ``notebook`` (one code cell per string) into the served root. Two fixtures
+        alive at once with the same name would share a file and a kernel: refused."""
+        path = self.notebook_path(notebook)
+        if path.exists():
+            raise ValueError(f"{notebook} is already served by this JupyterLab: give each fixture its own name")
+        write_notebook(path, cells)
+        return path
+
+    def notebook_url(self, notebook: str) -> str:
+        """``notebook`` opened in a workspace named after it. In the default workspace, JupyterLab
+        would reopen every notebook an earlier fixture left in its layout, and start kernels
+        for them again."""
+        workspace = "".join(c if c.isalnum() else "-" for c in Path(notebook).stem)
+        return f"{self.base}/lab/workspaces/{workspace}/tree/{notebook}"
+
+    def close_notebook(self, notebook: str) -> None:
+        """End ``notebook``'s sessions, which shuts their kernels down (``DELETE
+        /api/sessions/<id>``), and remove the file, so that the name can be used again."""
+        for session in self.api("GET", "/api/sessions"):
+            if session.get("path") == notebook:
+                self.api("DELETE", f"/api/sessions/{session['id']}")
+        self.notebook_path(notebook).unlink(missing_ok=True)
+
+    def api(self, method: str, path: str) -> Any:
+        """Call the server's REST API; the JSON it answers (None when empty). A request that
+        changes something must carry the ``_xsrf`` cookie's value in a header (XSRF protection);
+        the server sets that cookie with the first page it renders."""
+        import http.cookiejar
+
+        if self._opener is None:
+            jar = http.cookiejar.CookieJar()
+            self._opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+            with self._opener.open(f"{self.base}/lab", timeout=60) as r:
+                r.read()
+            self._xsrf = next(c.value for c in jar if c.name == "_xsrf")
+        request = urllib.request.Request(self.base + path, method=method, headers={"X-XSRFToken": self._xsrf})
+        with self._opener.open(request, timeout=60) as r:
+            body = r.read()
+        return json.loads(body) if body else None
 
     def __exit__(self, *exc) -> None:
         stop_process_group(self.proc)
@@ -224,22 +300,28 @@ def open_widget(page, lab: JupyterLab, timeout_ms: int = 120_000) -> None:
 
 
 @contextlib.contextmanager
-def widget_page(playwright, cells: list[str], notebook: str = "widget_e2e.ipynb", height: int = 1400,
-                before_open: Callable[[Any], None] | None = None) -> Iterator[Any]:
-    """A notebook of ``cells`` served by JupyterLab, open in headless Chromium with its first
-    cell run and the widget drawn: the page (``page.lab`` is the server). ``before_open`` is
-    called on the page before anything loads (dialog handlers)."""
-    with JupyterLab(cells, notebook=notebook) as lab:
+def widget_page(playwright, lab: JupyterLab, cells: list[str], notebook: str = "widget_e2e.ipynb",
+                height: int = 1400, before_open: Callable[[Any], None] | None = None) -> Iterator[Any]:
+    """A notebook of ``cells`` served by ``lab`` (the session's server), open in headless
+    Chromium with its first cell run and the widget drawn: the page (``page.lab`` is the server,
+    ``page.notebook`` the notebook's name, ``page.notebook_path`` its file). ``before_open`` is
+    called on the page before anything loads (dialog handlers). The notebook's kernel is shut
+    down at the end: the server outlives the fixture."""
+    lab.add_notebook(cells, notebook)
+    try:
         browser = launch_browser(playwright)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": height})
-            page.lab = lab
+            page.lab, page.notebook, page.notebook_path = lab, notebook, lab.notebook_path(notebook)
             if before_open is not None:
                 before_open(page)
-            open_widget(page, lab)
+            page.goto(lab.notebook_url(notebook))
+            run_first_cell(page, LAB_KERNEL_IDLE)
             yield page
         finally:
             browser.close()
+    finally:
+        lab.close_notebook(notebook)
 
 
 def run_first_cell(page, kernel_idle: tuple[str, ...], timeout_ms: int = 120_000) -> None:
@@ -330,14 +412,14 @@ def playwright_session():
 
 
 @pytest.fixture(scope="module")
-def page(playwright_session):
+def page(playwright_session, lab_server):
     dialogs: list[str] = []
 
     def record_dialogs(pg) -> None:
         pg.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
         pg.dialogs = dialogs
 
-    with widget_page(playwright_session, [WIDGET_CELL, SLOW_CELL, FAST_CELL], height=1600,
+    with widget_page(playwright_session, lab_server, [WIDGET_CELL, SLOW_CELL, FAST_CELL], height=1600,
                      before_open=record_dialogs) as pg:
         yield pg
 
@@ -622,7 +704,7 @@ def test_saved_notebook_stores_last_heatmap(page):
     shown = [c["value"] for c in cell_values(page)]
     page.click("input[data-field='incorrect']")  # Ctrl+S works with the focus in the widget
     page.keyboard.press("Control+s")
-    path = page.lab.root / "nb" / page.lab.notebook
+    path = page.notebook_path
     deadline = time.monotonic() + 20
     state = None
     while state is None and time.monotonic() < deadline:
@@ -767,8 +849,8 @@ GPT2_CELL = gpt2_shaped_cell(site="head_out_by_pos")
 
 
 @pytest.fixture(scope="module")
-def gpt2_page(playwright_session):
-    with widget_page(playwright_session, [GPT2_CELL], notebook="widget_gpt2.ipynb") as pg:
+def gpt2_page(playwright_session, lab_server):
+    with widget_page(playwright_session, lab_server, [GPT2_CELL], notebook="widget_gpt2.ipynb") as pg:
         yield pg
 
 
@@ -933,14 +1015,16 @@ def test_reopened_notebook_without_python_widget_says_so(page):
     page.click("input[data-field='incorrect']")
     page.keyboard.press("Control+s")
     page.wait_for_function("() => !document.querySelector('.jp-mod-dirty')", timeout=20_000)
-    restarted = page.evaluate("""async () => {
+    # This notebook's kernel: the server is the session's, and other fixtures' notebooks may be open.
+    restarted = page.evaluate("""async (notebook) => {
         const xsrf = (document.cookie.match(/_xsrf=([^;]+)/) || [])[1];
-        const kernels = await (await fetch('/api/kernels')).json();
-        for (const k of kernels) {
-            const r = await fetch(`/api/kernels/${k.id}/restart`, {method: 'POST', headers: xsrf ? {'X-XSRFToken': xsrf} : {}});
+        const sessions = (await (await fetch('/api/sessions')).json()).filter(s => s.path === notebook);
+        for (const s of sessions) {
+            const r = await fetch(`/api/kernels/${s.kernel.id}/restart`,
+                                  {method: 'POST', headers: xsrf ? {'X-XSRFToken': xsrf} : {}});
             if (!r.ok) throw new Error(`restart: ${r.status}`);
         }
-        return kernels.length; }""")
+        return sessions.length; }""", page.notebook)
     assert restarted == 1
     page.reload()
     page.wait_for_selector(".pw-root rect.pw-cell", timeout=120_000)
@@ -1016,8 +1100,8 @@ w"""
 
 
 @pytest.fixture(scope="module")
-def deep_page(playwright_session):
-    with widget_page(playwright_session, [DEEP_CELL], notebook="widget_deep.ipynb") as pg:
+def deep_page(playwright_session, lab_server):
+    with widget_page(playwright_session, lab_server, [DEEP_CELL], notebook="widget_deep.ipynb") as pg:
         yield pg
 
 

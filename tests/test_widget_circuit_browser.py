@@ -13,8 +13,8 @@ the core called in this process on the same prompts:
 6. at GPT-2 size (a random 12-layer, 12-head model: 32,491 edges) only the top k are drawn, on
    158 nodes that do not overlap.
 
-The JupyterLab server, browser and helpers are ``tests/test_widget_browser.py``'s. Screenshots go
-to ``test-artifacts/``.
+The JupyterLab server is the session's (``lab_server`` in ``conftest.py``); the browser and helpers
+are ``tests/test_widget_browser.py``'s. Screenshots go to ``test-artifacts/``.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ METRIC = "normalized"  # the widget's default metric
 
 
 @pytest.fixture(scope="module")
-def page(playwright_session):  # noqa: F811
-    with widget_page(playwright_session, [WIDGET_CELL], notebook="circuit_e2e.ipynb", height=1800) as pg:
+def page(playwright_session, lab_server):  # noqa: F811
+    with widget_page(playwright_session, lab_server, [WIDGET_CELL], notebook="circuit_e2e.ipynb", height=1800) as pg:
         yield pg
 
 
@@ -278,9 +278,9 @@ def test_exported_notebook_shows_the_circuit_offline(tmp_path, playwright_sessio
         browser.close()
 
 
-def test_gpt2_size_circuit_is_readable(playwright_session):  # noqa: F811
+def test_gpt2_size_circuit_is_readable(playwright_session, lab_server):  # noqa: F811
     cell = gpt2_shaped_cell(site="circuit", circuit_method="eap")
-    with widget_page(playwright_session, [cell], notebook="circuit_gpt2.ipynb", height=1800) as page:
+    with widget_page(playwright_session, lab_server, [cell], notebook="circuit_gpt2.ipynb", height=1800) as page:
         run_circuit(page)
         assert "32491 edges" in page.inner_text(".pw-circuit-panel .pw-caption")
         assert len(drawn_edges(page)) == 20 and page.locator(".pw-root g.pw-node").count() == 1 + 12 * 13 + 1

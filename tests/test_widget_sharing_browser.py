@@ -43,7 +43,7 @@ def _cells(page, index: int) -> list[dict]:
                     value: e.dataset.value === undefined ? null : Number(e.dataset.value)}))""", index)
 
 
-def test_two_widgets_run_at_once_match_patch_alone(playwright_session, cpu_load):  # noqa: F811
+def test_two_widgets_run_at_once_match_patch_alone(playwright_session, lab_server, cpu_load):  # noqa: F811
     import patchwidgets as pw
 
     model = pw.load_model("toy-ioi")
@@ -52,7 +52,8 @@ def test_two_widgets_run_at_once_match_patch_alone(playwright_session, cpu_load)
         0: pw.patch(model, CLEAN, CORRUPTED, answers, site="head_out_by_pos").grid("normalized"),  # [layer, pos, head]
         1: pw.patch(model, CLEAN, CORRUPTED, answers, site="resid_pre").grid("normalized"),        # [layer, pos]
     }
-    with widget_page(playwright_session, [TWO_WIDGETS_CELL], notebook="two_widgets.ipynb", height=2400) as page:
+    with widget_page(playwright_session, lab_server, [TWO_WIDGETS_CELL], notebook="two_widgets.ipynb",
+                     height=2400) as page:
         page.wait_for_function("() => document.querySelectorAll('.pw-root[data-status]').length === 2",
                                timeout=60_000)
         for round_ in range(ROUNDS):

@@ -457,6 +457,20 @@ class SweepSetup:
     def guard(self, name: str) -> "_WeightGuard":
         return _WeightGuard(name, self.model, self.weights)
 
+    def changed_weights(self) -> list[str]:
+        """The parameters that are no longer those the setup was built with (their values, dtype
+        or device). A result computed on this setup and kept for later may be reused only while
+        this is empty: the model is then the one it was computed on (:meth:`guard` puts back
+        what a learner's function changes; this also sees a model changed between two checks)."""
+        changed = []
+        for n, p in self.model.named_parameters():
+            if p.device.type == "meta":  # offloaded by accelerate between calls: nothing to compare
+                continue
+            w = self.weights.get(n)
+            if w is None or (p.dtype, p.device) != (w.dtype, w.device) or not torch.equal(p.detach(), w):
+                changed.append(n)
+        return changed
+
 
 def copy_cache(cache: Any) -> Any:
     """A copy of an ActivationCache (or dict) whose tensors the learner may write into."""

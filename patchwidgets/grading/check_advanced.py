@@ -210,19 +210,48 @@ def _same_edges(a: dict, b: dict) -> bool:
     return set(a) == set(b) and all(math.isclose(a[e], b[e], abs_tol=ATOL) for e in a)
 
 
+def _circuit_args(setup: SweepSetup) -> tuple:
+    """``(clean_tokens, corrupted_tokens, answers, heads)``: what the check passes, before the threshold."""
+    b = setup.batch
+    return b.clean_tokens, b.corrupted_tokens, _answers(setup), list(CIRCUIT_HEADS)
+
+
+#: The check's own reference edges, per setup and per keyword arguments of
+#: :func:`reference_circuit_edges` (the right answer and each known wrong one): six ``path_patch``
+#: calls each, which every run of the check would otherwise repeat. The key holds the setup's id
+#: and the value the setup itself: an id can be reused once its object is gone, the object cannot.
+_REFERENCE_EDGES: dict[tuple, tuple[SweepSetup, dict]] = {}
+
+
+def _reference_edges(setup: SweepSetup, threshold: float = CIRCUIT_THRESHOLD, **kwargs) -> dict:
+    """``{(sender, receiver): value}`` from :func:`reference_circuit_edges` on the setup's batch,
+    memoised. A memo serves only the setup it was computed on, and only while the model's
+    weights are still the setup's (:meth:`SweepSetup.changed_weights`): a model changed since is
+    computed afresh, and not memoised."""
+    key = (id(setup), threshold, tuple(sorted(kwargs.items())))
+    unchanged = not setup.changed_weights()
+    memo = _REFERENCE_EDGES.get(key)
+    if unchanged and memo is not None and memo[0] is setup:
+        return dict(memo[1])
+    edges = {(s, r): v for s, r, v in reference_circuit_edges(setup.model, *_circuit_args(setup), threshold, **kwargs)}
+    if unchanged:
+        _REFERENCE_EDGES[key] = (setup, dict(edges))
+    return edges
+
+
 def check_circuit_edges(circuit_edges: Callable, model: Any = None) -> None:
     """``circuit_edges(model, clean_tokens, corrupted_tokens, answers, heads, threshold) -> list of
     (sender, receiver, value)``: see :func:`reference_circuit_edges`."""
     name = "circuit_edges"
     setup = sweep_setup(model)
-    b = setup.batch
-    args = (b.clean_tokens, b.corrupted_tokens, _answers(setup), list(CIRCUIT_HEADS), CIRCUIT_THRESHOLD)
+    args = (*_circuit_args(setup), CIRCUIT_THRESHOLD)
     with torch.no_grad(), setup.guard(name):
+        # (Never memoised: the learner's function runs on every check.)
         got = _as_edges(name, call_learner(name, circuit_edges, setup.model, *(a.clone() if isinstance(a, torch.Tensor)
                                                                              else a for a in args)))
 
     def edges(threshold: float = CIRCUIT_THRESHOLD, **kwargs) -> dict:
-        return {(s, r): v for s, r, v in reference_circuit_edges(setup.model, *args[:-1], threshold, **kwargs)}
+        return _reference_edges(setup, threshold, **kwargs)
 
     expected = edges()
     if _same_edges(got, expected):
