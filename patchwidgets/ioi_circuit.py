@@ -100,6 +100,14 @@ def roles(model: Any, items: Sequence[dict], key: str = "clean") -> Roles:
     return Roles(tokens, as_t(io), as_t(s1), as_t(s2), as_t(end), as_t(io_id), as_t(s_id))
 
 
+def _end_logit_diff(logits: torch.Tensor, r: Roles) -> torch.Tensor:
+    """``logit(IO) - logit(S)`` at each prompt's END, ``[n]`` (the batch is right-padded, so END
+    is ``r.end``, not position -1)."""
+    rows = torch.arange(r.n)
+    last = logits[rows, r.end]  # [n, vocab]
+    return last[rows, r.io_id] - last[rows, r.s_id]
+
+
 @torch.no_grad()
 def attention(model: Any, r: Roles, query: str, key: str, offset: int = 0) -> torch.Tensor:
     """Mean attention ``[layer, head]`` from role ``query`` to role ``key`` (+ ``offset``).
@@ -166,17 +174,16 @@ def copy_scores(model: Any, names: Iterable[str], top: int = 1, whole_vocab: boo
     block0 = model.blocks[0]
     embed = model.W_E[ids]  # [n, d_model]
     resid = embed + block0.mlp(block0.ln2(embed[:, None]))[:, 0]
-    own = ids if whole_vocab else torch.arange(len(ids))  # each name's own column
     unembed = model.W_U if whole_vocab else model.W_U[:, ids]  # [d_model, vocab or names]
+    own = (ids if whole_vocab else torch.arange(len(ids)))[:, None].to(unembed.device)  # [n, 1]: each name's column
     out = []
     for layer in range(model.cfg.n_layers):
         block = model.blocks[layer]
         x = block.ln1(resid[:, None])[:, 0]  # [n, d_model]
         ov = torch.einsum("nm,hmd,hde->hne", x, model.W_V[layer], model.W_O[layer])
         logits = model.ln_final(ov) @ unembed  # [head, n, vocab or names]
-        own_col = own[:, None].to(logits.device)  # [n, 1]
-        highest = (logits.topk(top, -1).indices == own_col).any(-1).float().mean(-1)  # [head]
-        lowest = (logits.topk(top, -1, largest=False).indices == own_col).any(-1).float().mean(-1)
+        highest = (logits.topk(top, -1).indices == own).any(-1).float().mean(-1)  # [head]
+        lowest = (logits.topk(top, -1, largest=False).indices == own).any(-1).float().mean(-1)
         out.append(torch.where(highest >= lowest, highest, -lowest))
     return torch.stack(out).cpu()
 
@@ -275,9 +282,7 @@ def logit_diff(model: Any, items: Sequence[dict], ablate: Iterable[Head] = (),
     hooks = ablation_hooks(model, ablate, means)
     with model.hooks(fwd_hooks=hooks):
         logits = model(r.tokens)
-    rows = torch.arange(r.n)
-    last = logits[rows, r.end]
-    return (last[rows, r.io_id] - last[rows, r.s_id]).float().cpu()
+    return _end_logit_diff(logits, r).float().cpu()
 
 
 @torch.no_grad()
@@ -298,13 +303,11 @@ def direct_effects_ablated(model: Any, items: Sequence[dict], ablate: Iterable[H
     names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
     hooks = ablation_hooks(model, ablate, means)
     with model.hooks(fwd_hooks=hooks):
-        _, clean_cache = model.run_with_cache(clean_r.tokens, names_filter=lambda n: n in names)
+        clean_logits, clean_cache = model.run_with_cache(clean_r.tokens, names_filter=lambda n: n in names)
         _, abc_cache = model.run_with_cache(abc_r.tokens, names_filter=lambda n: n in names)
-    rows = torch.arange(clean_r.n)
 
     def ld(logits: torch.Tensor) -> torch.Tensor:
-        last = logits[rows, clean_r.end]
-        return (last[rows, clean_r.io_id] - last[rows, clean_r.s_id]).float().mean()
+        return _end_logit_diff(logits, clean_r).float().mean()
 
     def freeze(layer: int, head: int | None):
         def hook(z: torch.Tensor, hook: Any) -> torch.Tensor:  # [batch, pos, head, d_head]
@@ -314,8 +317,7 @@ def direct_effects_ablated(model: Any, items: Sequence[dict], ablate: Iterable[H
             return z
         return hook
 
-    with model.hooks(fwd_hooks=hooks):
-        base = ld(model(clean_r.tokens))
+    base = ld(clean_logits)  # the ablated clean run
     out = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
     for layer in range(model.cfg.n_layers):
         for head in range(model.cfg.n_heads):
@@ -349,7 +351,7 @@ def path_effect_at(model: Any, items: Sequence[dict], sender: Head, role: str | 
     else:
         at = torch.arange(width)[None] == getattr(clean_r, role)[:, None]  # [n, pos]: one True per prompt
     z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
-    _, clean_z = model.run_with_cache(clean_r.tokens, names_filter=lambda name: name in z_names)
+    clean_logits, clean_z = model.run_with_cache(clean_r.tokens, names_filter=lambda name: name in z_names)
     _, abc_z = model.run_with_cache(abc_r.tokens, names_filter=lambda name: name in z_names)
     layer_s, head_s = sender
     sent = torch.where(at[:, :, None].to(clean_z[z_names[layer_s]].device),
@@ -364,11 +366,9 @@ def path_effect_at(model: Any, items: Sequence[dict], sender: Head, role: str | 
         return hook
 
     freeze_heads = [(name, frozen(layer)) for layer, name in enumerate(z_names)]
-    rows = torch.arange(n)
 
     def mean_ld(logits: torch.Tensor) -> float:
-        last = logits[rows, clean_r.end]
-        return float((last[rows, clean_r.io_id] - last[rows, clean_r.s_id]).float().mean())
+        return float(_end_logit_diff(logits, clean_r).float().mean())
 
     if not receivers:
         with model.hooks(fwd_hooks=freeze_heads):
@@ -388,7 +388,7 @@ def path_effect_at(model: Any, items: Sequence[dict], sender: Head, role: str | 
 
         with model.hooks(fwd_hooks=[(name, paste(layer)) for layer, name in inputs.items()]):
             patched = mean_ld(model(clean_r.tokens))
-    return mean_ld(model(clean_r.tokens)) - patched
+    return mean_ld(clean_logits) - patched
 
 
 def faithfulness(model: Any, items: Sequence[dict], circuit: Iterable[Head],

@@ -454,19 +454,16 @@ def test_circuit_edges_reference_is_memoised_per_setup_and_weights(monkeypatch):
     reference = check_advanced.reference_circuit_edges
     monkeypatch.setattr(check_advanced, "reference_circuit_edges",
                         lambda *a, **kw: calls.append(kw) or reference(*a, **kw))
-    monkeypatch.setattr(check_advanced, "_REFERENCE_EDGES", {})  # (not the memos of the tests before)
-    setup = grading.sweep_setup()
+    setup = dataclasses.replace(grading.sweep_setup())  # a setup of its own: no memos of the tests before
+    assert setup.memos == {}
     edges = functools.partial(check_advanced._reference_edges, freeze_mlps=True)
 
     first = edges(setup)
     assert edges(setup) == first and len(calls) == 1, "the second time comes from the memo"
     assert edges(setup, receiver_input="k") != first and len(calls) == 2, "other arguments, other edges"
-    other = dataclasses.replace(setup)  # the same model and batch, another setup
+    other = dataclasses.replace(setup)  # the same model and batch, another setup: its memos start empty
+    assert other.memos == {} and setup.memos != {}
     assert edges(other) == first and len(calls) == 3
-    # A memo found under a setup's id but made for another setup (as when an id is reused) is not used.
-    check_advanced._REFERENCE_EDGES[next(k for k in check_advanced._REFERENCE_EDGES if k[0] == id(other))] = \
-        (setup, {"stale": 0.0})
-    assert edges(other) == first and len(calls) == 4
 
     name, embed = next(iter(setup.model.named_parameters()))  # the token embedding
     try:
@@ -474,13 +471,13 @@ def test_circuit_edges_reference_is_memoised_per_setup_and_weights(monkeypatch):
             embed.add_(0.1 * embed.std() * torch.randn(embed.shape, generator=torch.Generator().manual_seed(0)))
         assert setup.changed_weights() == [name]
         changed = edges(setup)
-        assert changed != first and len(calls) == 5, "not the memo made before the weights changed"
-        assert edges(setup) == changed and len(calls) == 6, "nor one made after"
+        assert changed != first and len(calls) == 4, "not the memo made before the weights changed"
+        assert edges(setup) == changed and len(calls) == 5, "nor one made after"
     finally:
         with torch.no_grad():
             embed.copy_(setup.weights[name])
     assert setup.changed_weights() == []
-    assert edges(setup) == first and len(calls) == 6, "the weights are back: so is the memo"
+    assert edges(setup) == first and len(calls) == 5, "the weights are back: so is the memo"
 
 
 # ------------------------------------------------------------------------------- no poisoning

@@ -449,6 +449,9 @@ class SweepSetup:
     metric: NormalizedLDMetric
     labels: dict[str, list[str]]
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: Results the checks computed on this setup and keep (a check's own reference answers), by key.
+    #: Valid only while :meth:`changed_weights` is empty; never copied to another setup.
+    memos: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def learner_args(self) -> tuple[Any, torch.Tensor, Any, NormalizedLDMetric]:
         """``(model, corrupted_tokens, clean_cache, metric)``, all but the model copies."""
@@ -458,18 +461,24 @@ class SweepSetup:
         return _WeightGuard(name, self.model, self.weights)
 
     def changed_weights(self) -> list[str]:
-        """The parameters that are no longer those the setup was built with (their values, dtype
-        or device). A result computed on this setup and kept for later may be reused only while
-        this is empty: the model is then the one it was computed on (:meth:`guard` puts back
-        what a learner's function changes; this also sees a model changed between two checks)."""
-        changed = []
-        for n, p in self.model.named_parameters():
-            if p.device.type == "meta":  # offloaded by accelerate between calls: nothing to compare
-                continue
-            w = self.weights.get(n)
-            if w is None or (p.dtype, p.device) != (w.dtype, w.device) or not torch.equal(p.detach(), w):
-                changed.append(n)
-        return changed
+        """The parameters that are no longer those the setup was built with. A memo (:attr:`memos`)
+        may be reused only while this is empty: the model is then the one it was computed on
+        (:meth:`guard` puts back what a learner's function changes; this also sees a model
+        changed between two checks)."""
+        return _changed_parameters(self.model, self.weights)
+
+
+def _changed_parameters(model: Any, weights: dict[str, torch.Tensor]) -> list[str]:
+    """Names of ``model``'s parameters that differ from ``weights`` (values, dtype or device).
+    Weights offloaded by accelerate sit on the ``meta`` device between calls: nothing to compare."""
+    changed = []
+    for n, p in model.named_parameters():
+        if p.device.type == "meta":
+            continue
+        w = weights.get(n)
+        if w is None or (p.dtype, p.device) != (w.dtype, w.device) or not torch.equal(p.detach(), w):
+            changed.append(n)
+    return changed
 
 
 def copy_cache(cache: Any) -> Any:
@@ -493,9 +502,7 @@ class _WeightGuard:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.model.reset_hooks()
-        # (Weights offloaded by accelerate sit on the `meta` device between calls: nothing to compare.)
-        changed = [n for n, p in self.model.named_parameters()
-                   if p.device.type != "meta" and not torch.equal(p.detach(), self.weights[n])]
+        changed = _changed_parameters(self.model, self.weights)
         if changed:
             with torch.no_grad():
                 for n, p in self.model.named_parameters():

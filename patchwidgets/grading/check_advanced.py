@@ -216,26 +216,20 @@ def _circuit_args(setup: SweepSetup) -> tuple:
     return b.clean_tokens, b.corrupted_tokens, _answers(setup), list(CIRCUIT_HEADS)
 
 
-#: The check's own reference edges, per setup and per keyword arguments of
-#: :func:`reference_circuit_edges` (the right answer and each known wrong one): six ``path_patch``
-#: calls each, which every run of the check would otherwise repeat. The key holds the setup's id
-#: and the value the setup itself: an id can be reused once its object is gone, the object cannot.
-_REFERENCE_EDGES: dict[tuple, tuple[SweepSetup, dict]] = {}
-
-
 def _reference_edges(setup: SweepSetup, threshold: float = CIRCUIT_THRESHOLD, **kwargs) -> dict:
-    """``{(sender, receiver): value}`` from :func:`reference_circuit_edges` on the setup's batch,
-    memoised. A memo serves only the setup it was computed on, and only while the model's
-    weights are still the setup's (:meth:`SweepSetup.changed_weights`): a model changed since is
-    computed afresh, and not memoised."""
-    key = (id(setup), threshold, tuple(sorted(kwargs.items())))
+    """``{(sender, receiver): value}`` from :func:`reference_circuit_edges` on the setup's batch.
+
+    Six ``path_patch`` calls for each set of arguments (the right answer and each known wrong
+    one), which every run of the check would otherwise repeat: kept in the setup's
+    :attr:`~SweepSetup.memos` while the model's weights are the setup's; a model changed since
+    has them computed afresh, and not kept."""
+    key = ("circuit_edges", threshold, tuple(sorted(kwargs.items())))
     unchanged = not setup.changed_weights()
-    memo = _REFERENCE_EDGES.get(key)
-    if unchanged and memo is not None and memo[0] is setup:
-        return dict(memo[1])
+    if unchanged and key in setup.memos:
+        return dict(setup.memos[key])
     edges = {(s, r): v for s, r, v in reference_circuit_edges(setup.model, *_circuit_args(setup), threshold, **kwargs)}
     if unchanged:
-        _REFERENCE_EDGES[key] = (setup, dict(edges))
+        setup.memos[key] = dict(edges)
     return edges
 
 
